@@ -64,3 +64,10 @@ class ModelOutOfMemory(ServiceError):
 
     code = "out_of_memory"
     http_status = 507
+
+
+class JobCanceled(ServiceError):
+    """The job was canceled (by its owner or its deadline) before it finished."""
+
+    code = "canceled"
+    http_status = 409

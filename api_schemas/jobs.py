@@ -1,0 +1,199 @@
+"""What a job asks for, the limits it is checked against, and the rule that picks its adapter."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from api_schemas.common import AdapterChoice, Task
+from api_schemas.errors import InvalidInput
+from api_schemas.images import ImageLimits
+
+
+class JobParameters(BaseModel):
+    """The user's request, less the images. Unset numbers take the deployment's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str = Field(
+        description="What to do, in plain words; images are referred to as image 1, 2, ..."
+    )
+    task: Task | None = Field(
+        default=None,
+        description="`edit` or `generate`; left out: `edit` with at least one image, else `generate`.",
+    )
+    seed: int | None = Field(default=None, description="Random seed; left out: a random one, reported back.")
+    steps: int | None = Field(default=None, description="Denoising steps.")
+    guidance: float | None = Field(default=None, description="Distilled guidance scale.")
+    width: int | None = Field(
+        default=None,
+        description="Generation only: output width; sets the aspect ratio, the area stays ~1 MP.",
+    )
+    height: int | None = Field(default=None, description="Generation only: output height (see width).")
+    translate: bool = Field(
+        default=True, description="Rewrite the instruction with the VLM translator first."
+    )
+
+
+class JobLimits(BaseSettings):
+    """Deployment limits and defaults (`DREAMOMNI2_MAX_IMAGES`, ...), read from the environment.
+
+    The gateway and the engine check every request against the same ones.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DREAMOMNI2_", extra="ignore")
+
+    max_images: int = 5
+    max_instruction_chars: int = 2000
+    min_steps: int = 1
+    max_steps: int = 100
+    default_steps: int = 30
+    min_guidance: float = 0.0
+    max_guidance: float = 30.0
+    default_guidance: float = 3.5
+    min_size: int = 64
+    max_size: int = 4096
+    max_aspect_ratio: float = 4.0
+    default_size: int = 1024
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    min_image_side: int = 16
+    max_image_aspect_ratio: float = 4.0
+
+    def image_limits(self) -> ImageLimits:
+        """The per-image limits uploads are decoded under."""
+        return ImageLimits(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            min_side=self.min_image_side,
+            max_aspect_ratio=self.max_image_aspect_ratio,
+        )
+
+
+class ResolvedJob(BaseModel):
+    """A checked job with every default filled in (seed excepted: the engine draws one)."""
+
+    instruction: str
+    task: Task
+    seed: int | None
+    steps: int
+    guidance: float
+    width: int | None
+    height: int | None
+    translate: bool
+    image_count: int
+    adapter: AdapterChoice
+
+
+def choose_adapter(task: Task, image_count: int) -> AdapterChoice:
+    """The method's rule: a LoRA runs only when reference images are present.
+
+    For editing, image 1 is the image to edit and references are images 2..n; for generation every
+    input image is a reference.
+    """
+    references = image_count - 1 if task is Task.EDIT else image_count
+    if references <= 0:
+        return AdapterChoice.BASE
+    return AdapterChoice.EDIT if task is Task.EDIT else AdapterChoice.GENERATION
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InvalidInput(
+            f"{name} must be between {low} and {high}; got {value}.",
+            code=f"invalid_{name}",
+            details={"field": name, "value": value, "min": low, "max": high},
+        )
+
+
+def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> ResolvedJob:
+    """Check a request against the limits and fill in defaults; raises `InvalidInput` naming the limit."""
+    if image_count > limits.max_images:
+        raise InvalidInput(
+            f"{image_count} images were sent; at most {limits.max_images} are allowed "
+            "(image 1 plus references).",
+            code="too_many_images",
+            details={"images": image_count, "max": limits.max_images},
+        )
+    task = params.task or (Task.EDIT if image_count else Task.GENERATE)
+    if task is Task.EDIT and image_count == 0:
+        raise InvalidInput(
+            "An edit needs the image to edit as image 1; send at least one image, or use task=generate.",
+            code="edit_needs_image",
+        )
+    instruction = params.instruction.strip()
+    if not instruction:
+        raise InvalidInput(
+            "The instruction is empty; say what to do with the images.", code="empty_instruction"
+        )
+    if len(instruction) > limits.max_instruction_chars:
+        raise InvalidInput(
+            f"The instruction has {len(instruction)} characters; "
+            f"the limit is {limits.max_instruction_chars}.",
+            code="instruction_too_long",
+            details={"length": len(instruction), "max": limits.max_instruction_chars},
+        )
+    steps = params.steps if params.steps is not None else limits.default_steps
+    _check_range("steps", steps, limits.min_steps, limits.max_steps)
+    guidance = params.guidance if params.guidance is not None else limits.default_guidance
+    _check_range("guidance", guidance, limits.min_guidance, limits.max_guidance)
+    if params.seed is not None:
+        _check_range("seed", params.seed, 0, 2**63 - 1)
+
+    width, height = params.width, params.height
+    if task is Task.EDIT and (width is not None or height is not None):
+        raise InvalidInput(
+            "width and height apply to generation only; an edit keeps the aspect ratio of image 1.",
+            code="size_with_edit",
+        )
+    if task is Task.GENERATE:
+        width = width if width is not None else (height if height is not None else limits.default_size)
+        height = height if height is not None else width
+        _check_range("width", width, limits.min_size, limits.max_size)
+        _check_range("height", height, limits.min_size, limits.max_size)
+        ratio = max(width, height) / min(width, height)
+        if ratio > limits.max_aspect_ratio:
+            raise InvalidInput(
+                f"A {width}x{height} output has an aspect ratio of {ratio:.2f}:1; "
+                f"the limit is {limits.max_aspect_ratio}:1.",
+                code="invalid_size",
+                details={"width": width, "height": height, "max_aspect_ratio": limits.max_aspect_ratio},
+            )
+    return ResolvedJob(
+        instruction=instruction,
+        task=task,
+        seed=params.seed,
+        steps=steps,
+        guidance=guidance,
+        width=width,
+        height=height,
+        translate=params.translate,
+        image_count=image_count,
+        adapter=choose_adapter(task, image_count),
+    )
+
+
+class JobMetadata(BaseModel):
+    """What the engine did for a job: the prompt it sampled with, the adapter, the seed, timings."""
+
+    prompt: str = Field(description="The prompt the image was sampled with (translated, or the instruction).")
+    translated: bool = Field(
+        description="True: the translator's answer was used; false: the instruction itself."
+    )
+    translation_raw: str | None = Field(default=None, description="The translator's raw answer, when it ran.")
+    fallback_reason: str | None = Field(
+        default=None,
+        description="Why the instruction was used as is: disabled_by_request, disabled_by_deployment, "
+        "unparseable, empty.",
+    )
+    adapter: AdapterChoice
+    task: Task
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    image_count: int
+    timings: dict[str, float] = Field(
+        description="Seconds per stage: translate, encode, denoise, decode, and total."
+    )

@@ -1,0 +1,389 @@
+"""DreamOmni2 on diffusers: FLUX.1 Kontext conditioned on any number of input images.
+
+Each input image is encoded on its own and its packed tokens get RoPE ids ``(n, row, col + offset_n)``:
+``n`` is the image's 1-based position in the request (the *index encoding*) and ``offset_n`` the
+cumulative packed width of the images before it (the *position offset*). Image 1 therefore gets the
+ids stock Kontext gives its single conditioning image, so one image and no LoRA is stock Kontext.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import FluxKontextPipeline
+from diffusers.pipelines.flux.pipeline_flux_kontext import (
+    PREFERRED_KONTEXT_RESOLUTIONS,
+    calculate_shift,
+    retrieve_timesteps,
+)
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from api_schemas.images import normalize_image
+
+#: The 17 Kontext training resolutions, as (width, height), about 1 MP each.
+KONTEXT_BUCKETS: tuple[tuple[int, int], ...] = tuple(PREFERRED_KONTEXT_RESOLUTIONS)
+#: Output area the method targets (about 1 MP).
+DEFAULT_MAX_AREA = 1024 * 1024
+#: Pixels per packed latent token side: 8x VAE downsampling times the 2x2 packing.
+TOKEN_PIXELS = 16
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest to ``width / height`` (ties go to the smaller bucket)."""
+    aspect_ratio = width / height
+    _, bucket_w, bucket_h = min((abs(aspect_ratio - w / h), w, h) for w, h in buckets)
+    return bucket_w, bucket_h
+
+
+def scale_buckets(buckets: Sequence[tuple[int, int]], scale: float) -> tuple[tuple[int, int], ...]:
+    """Buckets shrunk by ``scale``, floored to whole tokens (the tiny preset's smaller resolutions)."""
+    scaled = []
+    for w, h in buckets:
+        sw = max(TOKEN_PIXELS, int(w * scale) // TOKEN_PIXELS * TOKEN_PIXELS)
+        sh = max(TOKEN_PIXELS, int(h * scale) // TOKEN_PIXELS * TOKEN_PIXELS)
+        scaled.append((sw, sh))
+    return tuple(scaled)
+
+
+def output_size(width: int, height: int, max_area: int, multiple_of: int = TOKEN_PIXELS) -> tuple[int, int]:
+    """The method's output-size rule: rescale to ``max_area`` at the same aspect, floor to ``multiple_of``."""
+    aspect_ratio = width / height
+    out_w = round((max_area * aspect_ratio) ** 0.5) // multiple_of * multiple_of
+    out_h = round((max_area / aspect_ratio) ** 0.5) // multiple_of * multiple_of
+    return out_w, out_h
+
+
+def encode_reference_ids(
+    token_sizes: Sequence[tuple[int, int]],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """RoPE position ids of the input images' packed tokens, concatenated in input order.
+
+    ``token_sizes`` holds each image's ``(rows, cols)`` in packed tokens. Image n (1-based) gets
+    ``(n, r, c + sum of cols of images before it)``, row-major, exactly as its tokens are packed.
+    """
+    ids = []
+    col_offset = 0
+    for index, (rows, cols) in enumerate(token_sizes, start=1):
+        grid = torch.zeros(rows, cols, 3)
+        grid[..., 0] = index
+        grid[..., 1] = torch.arange(rows)[:, None]
+        grid[..., 2] = torch.arange(cols)[None, :] + col_offset
+        ids.append(grid.reshape(rows * cols, 3))
+        col_offset += cols
+    if not ids:
+        return torch.zeros(0, 3, device=device, dtype=dtype)
+    return torch.cat(ids).to(device=device, dtype=dtype)
+
+
+@dataclass
+class DreamOmni2PipelineOutput(FluxPipelineOutput):
+    """Images plus the wall time of each stage of the call, in seconds."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class DreamOmni2Pipeline(FluxKontextPipeline):
+    r"""FLUX.1 Kontext with DreamOmni2's multi-image index + position-offset encoding.
+
+    Loads like its parent (``DreamOmni2Pipeline.from_pretrained("black-forest-labs/FLUX.1-Kontext-dev")``
+    or any folder in that layout) and takes LoRAs through ``load_lora_weights``. ``__call__`` takes
+    ``images=[PIL.Image, ...]`` (zero or more, in the user's order) instead of the parent's single
+    ``image``; everything else works as in ``FluxKontextPipeline``. IP-adapters are not supported.
+    """
+
+    def _sync(self, device: torch.device) -> float:
+        # Asynchronous CUDA kernels would make stage timings meaningless without a sync.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def preprocess_images(
+        self, images: Sequence[PIL.Image.Image], buckets: Sequence[tuple[int, int]] | None
+    ) -> list[torch.Tensor]:
+        """Each image on its own: RGB over white, EXIF-oriented, resized to its nearest bucket, to [-1, 1]."""
+        multiple_of = self.vae_scale_factor * 2
+        tensors = []
+        for image in images:
+            image = normalize_image(image)
+            # Like FluxKontextPipeline, take the aspect ratio of the size floored to whole tokens.
+            height, width = self.image_processor.get_default_height_width(image)
+            if buckets:
+                width, height = nearest_bucket(width, height, buckets)
+            width = width // multiple_of * multiple_of
+            height = height // multiple_of * multiple_of
+            image = self.image_processor.resize(image, height, width)
+            tensors.append(self.image_processor.preprocess(image, height, width))
+        return tensors
+
+    def prepare_image_latents(
+        self,
+        images: Sequence[torch.Tensor],
+        batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Packed latents of all input images, concatenated along the sequence, and their position ids."""
+        if not images:
+            return None, None
+        num_channels_latents = self.transformer.config.in_channels // 4
+        packed, token_sizes = [], []
+        for image in images:
+            latents = self._encode_vae_image(image.to(device=device, dtype=dtype), generator=generator)
+            if batch_size % latents.shape[0] != 0:
+                raise ValueError(
+                    f"Cannot repeat an image batch of {latents.shape[0]} to {batch_size} prompts."
+                )
+            latents = latents.repeat(batch_size // latents.shape[0], 1, 1, 1)
+            latent_h, latent_w = latents.shape[2:]
+            packed.append(self._pack_latents(latents, batch_size, num_channels_latents, latent_h, latent_w))
+            token_sizes.append((latent_h // 2, latent_w // 2))
+        return torch.cat(packed, dim=1), encode_reference_ids(token_sizes, device=device, dtype=dtype)
+
+    def prepare_noise_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed initial noise for the output (or the caller's latents) and its ids ``(0, r, c)``."""
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"You passed {len(generator)} generators for an effective batch size of {batch_size}; "
+                "pass one generator or exactly one per image."
+            )
+        num_channels_latents = self.transformer.config.in_channels // 4
+        latent_h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        latent_w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        latent_ids = self._prepare_latent_image_ids(batch_size, latent_h // 2, latent_w // 2, device, dtype)
+        if latents is None:
+            shape = (batch_size, num_channels_latents, latent_h, latent_w)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = self._pack_latents(latents, batch_size, num_channels_latents, latent_h, latent_w)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents, latent_ids
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: Sequence[PIL.Image.Image] | None = None,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 28,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int = 512,
+        max_area: int = DEFAULT_MAX_AREA,
+        resolution_buckets: Sequence[tuple[int, int]] | None = KONTEXT_BUCKETS,
+    ) -> DreamOmni2PipelineOutput | tuple:
+        r"""Generate one image per prompt from the prompt and the input images.
+
+        Args:
+            images: input images in the user's order; image 1 is the one to edit. Zero images is
+                text-to-image. Each is converted to RGB (alpha over white, EXIF orientation applied)
+                and resized to its nearest resolution bucket independently.
+            height, width: requested output size. Left out: the bucketed size of image 1, or
+                1024x1024 without images. Either way the size is rescaled to about ``max_area``
+                pixels at the same aspect ratio and floored to multiples of 16.
+            resolution_buckets: ``(width, height)`` buckets the inputs are resized to (the 17
+                Kontext resolutions by default); ``None`` keeps each input's size, floored to 16.
+            max_area: output area in pixels (default 1024*1024).
+            callback_on_step_end: called as ``fn(pipe, step, timestep, tensors)`` after every
+                denoising step, as in diffusers; setting ``pipe._interrupt`` stops the loop.
+
+        The other arguments mean what they mean in ``FluxKontextPipeline``.
+
+        Returns:
+            ``DreamOmni2PipelineOutput`` (images and per-stage ``timings``: encode, denoise,
+            decode) or a tuple ``(images,)`` when ``return_dict=False``.
+        """
+        images = list(images or [])
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        device = self._execution_device
+        timings: dict[str, float] = {}
+        started = self._sync(device)
+
+        # 1. Preprocess the inputs and settle the output size.
+        image_tensors = self.preprocess_images(images, resolution_buckets)
+        if height is None and width is None and image_tensors:
+            height, width = image_tensors[0].shape[-2:]
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        width, height = output_size(width, height, max_area, self.vae_scale_factor * 2)
+
+        self.check_inputs(
+            prompt,
+            prompt_2,
+            height,
+            width,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+        )
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = joint_attention_kwargs or {}
+        self._current_timestep = None
+        self._interrupt = False
+
+        if isinstance(prompt, str):
+            batch_size = 1
+        elif isinstance(prompt, list):
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        lora_scale = self._joint_attention_kwargs.get("scale")
+
+        # 2. Encode the prompt (and the negative prompt for true CFG).
+        has_neg_prompt = negative_prompt is not None or (
+            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
+        )
+        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale,
+        )
+        if do_true_cfg:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_prompt(
+                prompt=negative_prompt,
+                prompt_2=negative_prompt_2,
+                prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                device=device,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale,
+            )
+
+        # 3. Encode the input images (VAE mode, shift and scale, pack) and give them their ids.
+        # Images are encoded before the noise is drawn, as in FluxKontextPipeline, so that one seed
+        # gives the same noise in both pipelines.
+        total = batch_size * num_images_per_prompt
+        dtype = prompt_embeds.dtype
+        image_latents, image_ids = self.prepare_image_latents(image_tensors, total, dtype, device, generator)
+        latents, latent_ids = self.prepare_noise_latents(
+            total, height, width, dtype, device, generator, latents
+        )
+        if image_ids is not None:
+            latent_ids = torch.cat([latent_ids, image_ids], dim=0)
+
+        # 4. Timesteps: the shift `mu` depends on the output's length only, not on the inputs.
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        mu = calculate_shift(
+            latents.shape[1],
+            self.scheduler.config.get("base_image_seq_len", 256),
+            self.scheduler.config.get("max_image_seq_len", 4096),
+            self.scheduler.config.get("base_shift", 0.5),
+            self.scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
+        )
+        self._num_timesteps = len(timesteps)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+            guidance = guidance.expand(latents.shape[0])
+        timings["encode"] = (now := self._sync(device)) - started
+
+        # 5. Denoise: noisy tokens first, then every input image's tokens; keep the noisy part.
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                self._current_timestep = t
+                model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
+                timestep = t.expand(latents.shape[0]).to(latents.dtype)
+                noise_pred = self.transformer(
+                    hidden_states=model_input,
+                    timestep=timestep / 1000,
+                    guidance=guidance,
+                    pooled_projections=pooled_prompt_embeds,
+                    encoder_hidden_states=prompt_embeds,
+                    txt_ids=text_ids,
+                    img_ids=latent_ids,
+                    joint_attention_kwargs=self._joint_attention_kwargs,
+                    return_dict=False,
+                )[0][:, : latents.size(1)]
+                if do_true_cfg:
+                    neg_noise_pred = self.transformer(
+                        hidden_states=model_input,
+                        timestep=timestep / 1000,
+                        guidance=guidance,
+                        pooled_projections=negative_pooled_prompt_embeds,
+                        encoder_hidden_states=negative_prompt_embeds,
+                        txt_ids=negative_text_ids,
+                        img_ids=latent_ids,
+                        joint_attention_kwargs=self._joint_attention_kwargs,
+                        return_dict=False,
+                    )[0][:, : latents.size(1)]
+                    noise_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
+
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+        self._current_timestep = None
+        timings["denoise"] = (now2 := self._sync(device)) - now
+
+        # 6. Decode.
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+            image = self.vae.decode(latents, return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        timings["decode"] = self._sync(device) - now2
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return DreamOmni2PipelineOutput(images=image, timings=timings)
