@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from diffusers import FluxKontextPipeline
@@ -31,10 +32,13 @@ class AdapterSet:
     @classmethod
     def load(cls, pipeline: FluxKontextPipeline, *, edit: Path, generation: Path) -> AdapterSet:
         """Load both LoRAs from the published layout: folders holding `LORA_WEIGHT_NAME`."""
-        for choice, folder in ((AdapterChoice.EDIT, edit), (AdapterChoice.GENERATION, generation)):
-            pipeline.load_lora_weights(
-                str(folder), weight_name=LORA_WEIGHT_NAME, adapter_name=cls.names[choice]
-            )
+        with warnings.catch_warnings():
+            # peft warns that a second adapter joins the first: exactly what we want here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for choice, folder in ((AdapterChoice.EDIT, edit), (AdapterChoice.GENERATION, generation)):
+                pipeline.load_lora_weights(
+                    str(folder), weight_name=LORA_WEIGHT_NAME, adapter_name=cls.names[choice]
+                )
         return cls(pipeline)
 
     def activate(self, choice: AdapterChoice) -> None:

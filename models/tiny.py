@@ -142,7 +142,7 @@ def _build_t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _build_qwen_tokenizer() -> Qwen2Tokenizer:
+def build_qwen_tokenizer() -> Qwen2Tokenizer:
     # Byte-level BPE with no merges plus the chat / vision special tokens the template and the
     # processor rely on. The chat template goes to chat_template.json (see _save_vlm).
     vocab = {token: i for i, token in enumerate(_byte_alphabet())}
@@ -218,7 +218,7 @@ def _build_t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
     return T5EncoderModel(config).eval()
 
 
-def _build_kontext_pipeline() -> FluxKontextPipeline:
+def build_kontext_pipeline() -> FluxKontextPipeline:
     clip_tokenizer = _build_clip_tokenizer()
     t5_tokenizer = _build_t5_tokenizer()
     return FluxKontextPipeline(
@@ -255,7 +255,7 @@ def _save_random_lora(transformer: FluxTransformer2DModel, out: Path, seed: int)
     )
 
 
-def _build_vlm(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
+def build_vlm(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLForConditionalGeneration:
     torch.manual_seed(4)
     eos_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     text_config = {
@@ -314,8 +314,8 @@ def _save_vlm(out: Path) -> None:
     `processor.save_pretrained` writes today) keeps the tiny preset on the same loading path as the
     real `vlm-model/` folder.
     """
-    tokenizer = _build_qwen_tokenizer()
-    _build_vlm(tokenizer).save_pretrained(out)
+    tokenizer = build_qwen_tokenizer()
+    build_vlm(tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
     _write_json(
         out / "preprocessor_config.json",
@@ -342,7 +342,7 @@ def build_tiny(out: Path) -> None:
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = _build_kontext_pipeline()
+    pipe = build_kontext_pipeline()
     pipe.save_pretrained(out / KONTEXT_DIRNAME)
     _save_random_lora(pipe.transformer, out / EDIT_LORA_DIRNAME, seed=100)
     _save_random_lora(pipe.transformer, out / GEN_LORA_DIRNAME, seed=200)

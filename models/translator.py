@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from api_schemas import Task
+from api_schemas.images import normalize_image
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class InstructionTranslator:
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = self.processor(
             text=[text],
-            images=[_to_rgb(image) for image in images] or None,
+            images=[normalize_image(image) for image in images] or None,
             size=self.image_size,
             return_tensors="pt",
         ).to(self.model.device)
@@ -269,16 +270,6 @@ class InstructionTranslator:
             generated_tokens=generated_tokens,
             max_new_tokens=self.max_new_tokens,
         )
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with any transparency composited over white, as the reference prepares the VLM's images."""
-    if image.mode == "RGB":
-        return image
-    rgba = image.convert("RGBA")
-    background = Image.new("RGB", rgba.size, (255, 255, 255))
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
 
 
 def _capped_image_size(

@@ -20,7 +20,6 @@ from models.translator import (
     InstructionTranslator,
     Qwen2_5_VLImageTextProcessor,
     Translation,
-    _to_rgb,
     build_translation_messages,
     parse_translation,
     translation_from_raw,
@@ -173,13 +172,6 @@ def test_tiny_vlm_handles_no_image_and_odd_image_modes(translator: InstructionTr
     assert translator.translate([], "A cat.", Task.GENERATE).generated_tokens <= BUDGET
     images = [noise_image(40, 40, 2, mode="RGBA"), noise_image(40, 40, 3, mode="L")]
     assert translator.translate(images, "A cat.", Task.GENERATE).generated_tokens <= BUDGET
-
-
-def test_transparent_images_are_composited_over_white() -> None:
-    clear = PIL.Image.new("RGBA", (8, 8), (10, 20, 30, 0))
-    assert _to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
-    assert _to_rgb(clear.convert("RGB")).getpixel((0, 0)) == (10, 20, 30)
-    assert _to_rgb(PIL.Image.new("L", (8, 8), 7)).getpixel((0, 0)) == (7, 7, 7)
 
 
 def test_a_tagged_answer_is_used(translator: InstructionTranslator, monkeypatch: pytest.MonkeyPatch) -> None:
