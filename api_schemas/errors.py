@@ -71,3 +71,8 @@ class JobCanceled(ServiceError):
 
     code = "canceled"
     http_status = 409
+
+
+class UnsupportedMediaType(ServiceError):
+    code = "unsupported_media_type"
+    http_status = 415

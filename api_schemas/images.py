@@ -98,7 +98,7 @@ def load_image(
             pixels), "image_too_small" (a side under `min_side`) or "image_aspect_ratio". The
             message names the image, the problem and the limit; `details` holds the numbers.
     """
-    _check_byte_size(data, limits, label)
+    check_byte_size(data, limits, label)
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
             _check_dimensions(im.size, limits, label)
@@ -142,7 +142,8 @@ def normalize_image(im: Image.Image, *, label: str = "the image") -> Image.Image
     return rgb
 
 
-def _check_byte_size(data: bytes, limits: ImageLimits, label: str) -> None:
+def check_byte_size(data: bytes, limits: ImageLimits, label: str) -> None:
+    """Refuse an upload by its byte count alone (413 over the limit, 422 when empty)."""
     size = len(data)
     if size > limits.max_bytes:
         raise PayloadTooLarge(

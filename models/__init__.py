@@ -1,16 +1,28 @@
-"""Everything that touches tensors: the DreamOmni2 pipeline, its adapters, the translator, the engine."""
+"""Everything that touches tensors: the DreamOmni2 pipeline, its adapters, the translator, the engine.
 
-from models.engine import Engine, JobOutput
-from models.pipeline import DreamOmni2Pipeline, DreamOmni2PipelineOutput, encode_reference_ids
-from models.settings import EngineSettings, Offload, Preset
+Names are imported lazily, so `import models.settings` stays light (no torch, no diffusers).
+"""
 
-__all__ = [
-    "DreamOmni2Pipeline",
-    "DreamOmni2PipelineOutput",
-    "Engine",
-    "EngineSettings",
-    "JobOutput",
-    "Offload",
-    "Preset",
-    "encode_reference_ids",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DreamOmni2Pipeline": "models.pipeline",
+    "DreamOmni2PipelineOutput": "models.pipeline",
+    "encode_reference_ids": "models.pipeline",
+    "Engine": "models.engine",
+    "JobOutput": "models.engine",
+    "EngineSettings": "models.settings",
+    "Offload": "models.settings",
+    "Preset": "models.settings",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,186 @@
+"""The REST API's shapes: the job object, its parts, and the one error envelope."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api_schemas.common import AdapterChoice, Task
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class OutputFormat(StrEnum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.value}"
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. `invalid_input`, `out_of_memory`.")
+    message: str = Field(description="What went wrong and what to do about it.")
+    details: dict[str, Any] | None = Field(default=None, description="Numbers and names behind the message.")
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error the service returns has this shape."""
+
+    error: ErrorInfo
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "error": {
+                    "code": "too_many_images",
+                    "message": "6 images were sent; at most 5 are allowed (image 1 plus references).",
+                    "details": {"images": 6, "max": 5},
+                }
+            }
+        }
+    )
+
+
+class Progress(BaseModel):
+    stage: str | None = Field(default=None, description="translate, encode, denoise or decode.")
+    step: int = Field(default=0, description="Denoising steps done (or 0/1 for the other stages).")
+    total: int = Field(default=0, description="Steps in the current stage.")
+
+
+class ResultInfo(BaseModel):
+    url: str
+    width: int
+    height: int
+    content_type: str
+    bytes: int
+
+
+class JobLinks(BaseModel):
+    self_: str = Field(alias="self", serialization_alias="self")
+    result: str
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class Job(BaseModel):
+    """The job object: what was asked, where it is, and what came of it."""
+
+    id: str
+    status: JobStatus
+    task: Task
+    adapter: AdapterChoice = Field(description="base (plain Kontext), edit or generation LoRA.")
+    image_count: int
+    instruction: str
+    prompt: str | None = Field(default=None, description="The prompt sampled with, once known.")
+    translated: bool | None = Field(default=None, description="Whether the translator's prompt was used.")
+    fallback_reason: str | None = None
+    seed: int | None = None
+    steps: int
+    guidance: float
+    output_format: OutputFormat
+    progress: Progress = Field(default_factory=Progress)
+    queue_position: int | None = Field(default=None, description="1 = next to run; only while queued.")
+    attempts: int = Field(default=0, description="Runs started; more than 1 after a worker was lost.")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    timings: dict[str, float] | None = Field(default=None, description="Seconds per stage, once finished.")
+    error: ErrorInfo | None = None
+    result: ResultInfo | None = None
+    links: JobLinks
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "id": "j_5f2c8a0e6b7d4c1e9a3b2f10",
+                "status": "succeeded",
+                "task": "edit",
+                "adapter": "edit",
+                "image_count": 2,
+                "instruction": "make the bag in image 1 use the pattern of the dress in image 2",
+                "prompt": "make the bag in image 1 use the pattern of the dress in image 2",
+                "translated": False,
+                "fallback_reason": "unparseable",
+                "seed": 42,
+                "steps": 30,
+                "guidance": 3.5,
+                "output_format": "png",
+                "progress": {"stage": "decode", "step": 1, "total": 1},
+                "queue_position": None,
+                "attempts": 1,
+                "created_at": "2026-11-27T10:00:00Z",
+                "started_at": "2026-11-27T10:00:01Z",
+                "finished_at": "2026-11-27T10:00:09Z",
+                "timings": {"translate": 1.2, "encode": 0.3, "denoise": 6.1, "decode": 0.2, "total": 7.8},
+                "error": None,
+                "result": {
+                    "url": "/v1/jobs/j_5f2c8a0e6b7d4c1e9a3b2f10/result",
+                    "width": 1024,
+                    "height": 1024,
+                    "content_type": "image/png",
+                    "bytes": 1532211,
+                },
+                "links": {
+                    "self": "/v1/jobs/j_5f2c8a0e6b7d4c1e9a3b2f10",
+                    "result": "/v1/jobs/j_5f2c8a0e6b7d4c1e9a3b2f10/result",
+                },
+            }
+        }
+    )
+
+
+class JobRequestJSON(BaseModel):
+    """`POST /v1/jobs` as JSON: the multipart fields, with images as base64 data URIs."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "images": ["data:image/png;base64,iVBORw0KGgo...", "data:image/jpeg;base64,/9j/4AAQ..."],
+                "instruction": "make the bag in image 1 use the pattern of the dress in image 2",
+                "task": "edit",
+                "seed": 42,
+                "output_format": "png",
+            }
+        },
+    )
+
+    images: list[str] = Field(
+        default_factory=list, description="Image 1..n as `data:image/...;base64,` URIs."
+    )
+    instruction: str
+    task: Task | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    translate: bool = True
+    output_format: OutputFormat = OutputFormat.PNG
+
+
+class WorkerCounts(BaseModel):
+    up: int = Field(description="Worker processes that sent a heartbeat recently.")
+    ready: int = Field(description="Of those, how many have their models loaded and take jobs.")
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="`ready` or `unavailable`.")
+    redis: str = Field(description="`ok` or the connection error.")
+    workers: WorkerCounts | None = None
+    queue_depth: int | None = None

@@ -1,0 +1,1 @@
+"""The HTTP gateway: validates requests, queues jobs, serves status, progress and results."""

@@ -1,0 +1,87 @@
+"""One place that turns every error into the envelope `{"error": {"code", "message", ...}}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api_schemas.api import ErrorEnvelope
+from api_schemas.errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+#: For OpenAPI: every documented error response has the envelope's shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorEnvelope, "description": description}
+    for status, description in {
+        401: "Missing or unknown API key.",
+        404: "No such job for this API key (or it expired).",
+        409: "The job is not in a state that allows this.",
+        413: "An image or the whole request is over its byte limit.",
+        422: "The request is invalid; the message says what and the limit.",
+        503: "Redis is unreachable.",
+    }.items()
+}
+
+
+def error_response(status: int, code: str, message: str, details: Any = None, headers=None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        return error_response(exc.http_status, exc.code, exc.message, exc.details or None, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+            problems.append({"field": where, "problem": error.get("msg", "invalid")})
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems) or "invalid request"
+        return error_response(
+            422, "invalid_request", f"The request is invalid: {summary}.", {"errors": problems}
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        import redis
+
+        if isinstance(exc, redis.RedisError):
+            logger.error("Redis error on %s %s: %s", request.method, request.url.path, exc)
+            return error_response(
+                503, "unavailable", "The job store (Redis) is unreachable; try again shortly."
+            )
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal", "Unexpected error; it has been logged.")

@@ -1,0 +1,66 @@
+"""`create_app(settings)`: the gateway, with nothing created at import time.
+
+uvicorn --factory app.main:create_app
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+from api_schemas.api import ErrorEnvelope
+from app.auth import KeyRing
+from app.errors import install_error_handlers
+from app.metrics import GatewayMetrics
+from app.middleware import BodySizeLimit, RequestMetrics
+from app.routes import health_router, jobs_router
+from app.service import JobService
+from app.settings import GatewaySettings
+from workers.celery_app import create_celery
+from workers.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Multimodal instruction-based image editing and generation with DreamOmni2 (FLUX.1 Kontext +
+DreamOmni2 LoRAs + a Qwen2.5-VL instruction translator).
+
+Submit images and a plain-words instruction (`POST /v1/jobs`), then poll the job
+(`GET /v1/jobs/{id}`) or hold the request with `Prefer: wait=N`, and download the image
+(`GET /v1/jobs/{id}/result`). Every error has the shape `{"error": {"code", "message", "details"}}`.
+Authenticate with `Authorization: Bearer <key>` when the deployment has API keys.
+"""
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    store = JobStore.from_url(settings.redis_url, settings.redis_prefix)
+    metrics = GatewayMetrics(store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Blocking Redis calls (including `Prefer: wait`) run in threads: allow enough of them.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        yield
+        store.redis.close()
+
+    app = FastAPI(
+        title="DreamOmni2 Serve",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={500: {"model": ErrorEnvelope, "description": "Unexpected error."}},
+    )
+    app.state.settings = settings
+    app.state.keys = KeyRing(settings)
+    app.state.metrics = metrics
+    app.state.jobs = JobService(settings, store, create_celery(settings), metrics)
+    install_error_handlers(app)
+    app.include_router(jobs_router)
+    app.include_router(health_router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app

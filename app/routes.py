@@ -1,0 +1,230 @@
+"""Thin routes: parse the HTTP request, call the service, shape the HTTP answer."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from api_schemas.api import Job, JobRequestJSON, Readiness, WorkerCounts
+from api_schemas.errors import InvalidInput, UnsupportedMediaType
+from api_schemas.jobs import JobParameters
+from app.errors import ERROR_RESPONSES
+from app.service import JobService, Submission, decode_data_uri
+
+jobs_router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+health_router = APIRouter(tags=["operations"])
+
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+
+
+def get_service(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+def get_owner(request: Request) -> str:
+    return request.app.state.keys.owner(request)
+
+
+Service = Annotated[JobService, Depends(get_service)]
+Owner = Annotated[str, Depends(get_owner)]
+
+_FORM_FIELDS = {
+    name: {"type": "string", "description": field.description or ""}
+    for name, field in JobParameters.model_fields.items()
+}
+_MULTIPART_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["instruction"],
+    "properties": {
+        "images": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "Repeat the field; the order is image 1..n. Image 1 is the one to edit.",
+        },
+        **_FORM_FIELDS,
+        "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"], "default": "png"},
+    },
+}
+_SUBMIT_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/JobRequestJSON"},
+                "example": JobRequestJSON.model_config["json_schema_extra"]["example"],
+            },
+        },
+    },
+    "parameters": [
+        {
+            "name": "Prefer",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "example": "wait=30"},
+            "description": "`wait=N`: hold the answer up to N seconds and return the finished job (200) "
+            "if it finishes in time; otherwise the usual 202.",
+        }
+    ],
+}
+
+
+async def read_submission(request: Request, service: JobService) -> Submission:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limits = service.limits
+    if content_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=4 * limits.max_images + 4, max_fields=64)
+        except MultiPartException as exc:
+            raise InvalidInput(
+                f"The multipart body could not be read: {exc.message}", code="invalid_request"
+            ) from None
+        images, fields = [], {}
+        for name, value in form.multi_items():
+            if name == "images":
+                if not isinstance(value, UploadFile):
+                    raise InvalidInput("`images` must be file uploads.", code="invalid_request")
+                images.append(await value.read())
+            elif isinstance(value, UploadFile):
+                raise InvalidInput(
+                    f"Unexpected file field {name!r}; images go in `images`.", code="invalid_request"
+                )
+            elif name in fields:
+                raise InvalidInput(f"The field {name!r} was sent more than once.", code="invalid_request")
+            else:
+                fields[name] = value
+        # Empty form fields mean "not set", as browsers send them for blank inputs.
+        fields = {k: v for k, v in fields.items() if v != "" or k == "instruction"}
+        return Submission(images=images, fields=fields)
+    if content_type == "application/json":
+        try:
+            body = JobRequestJSON.model_validate_json(await request.body())
+        except ValidationError as exc:
+            problems = [
+                {"field": ".".join(map(str, e["loc"])) or "body", "problem": e["msg"]} for e in exc.errors()
+            ]
+            summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+            raise InvalidInput(
+                f"The request is invalid: {summary}.", code="invalid_request", details={"errors": problems}
+            ) from None
+        if len(body.images) > limits.max_images:
+            raise InvalidInput(
+                f"{len(body.images)} images were sent; at most {limits.max_images} are allowed "
+                "(image 1 plus references).",
+                code="too_many_images",
+                details={"images": len(body.images), "max": limits.max_images},
+            )
+        max_bytes = limits.image_limits().max_bytes
+        images = [decode_data_uri(uri, f"image {n}", max_bytes) for n, uri in enumerate(body.images, start=1)]
+        return Submission(images=images, fields=body.model_dump(exclude={"images"}, exclude_unset=True))
+    raise UnsupportedMediaType(
+        "Send the job as multipart/form-data (files in `images`) or as application/json."
+    )
+
+
+def job_response(
+    service: JobService, record, status_code: int, headers: dict[str, str] | None = None
+) -> Response:
+    job = service.render(record)
+    return JSONResponse(job.model_dump(mode="json", by_alias=True), status_code=status_code, headers=headers)
+
+
+@jobs_router.post(
+    "",
+    operation_id="create_job",
+    summary="Submit a job",
+    status_code=202,
+    response_model=Job,
+    responses={200: {"model": Job, "description": "Finished within `Prefer: wait=N`."}, **ERROR_RESPONSES},
+    openapi_extra=_SUBMIT_DOC,
+)
+async def create_job(
+    request: Request, service: Service, owner: Owner, prefer: Annotated[str | None, Header()] = None
+) -> Response:
+    """Queue an edit or a generation. Image 1 is the image to edit; the others are references.
+
+    `task` left out: `edit` with at least one image, else `generate`. Everything is checked before the
+    job is queued; the answer is the job object (202) with links to itself and its result.
+    """
+    submission = await read_submission(request, service)
+    record = await run_in_threadpool(service.submit, owner, submission)
+    location = {"Location": f"/v1/jobs/{record.id}"}
+    match = _PREFER_WAIT.search(prefer or "")
+    if match:
+        wait_s = min(int(match.group(1)), service.settings.max_wait_s)
+        record = await run_in_threadpool(service.wait, record, wait_s)
+        location["Preference-Applied"] = f"wait={wait_s}"
+        if record.status.is_terminal():
+            return await run_in_threadpool(job_response, service, record, 200, location)
+    return await run_in_threadpool(job_response, service, record, 202, location)
+
+
+@jobs_router.get(
+    "/{job_id}", operation_id="get_job", summary="Get a job", response_model=Job, responses=ERROR_RESPONSES
+)
+def get_job(job_id: str, service: Service, owner: Owner) -> Response:
+    """The job object: status, progress, queue position, timings, error or result."""
+    return job_response(service, service.get(owner, job_id), 200)
+
+
+@jobs_router.get(
+    "/{job_id}/result",
+    operation_id="get_job_result",
+    summary="Download the result image",
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image."},
+        **ERROR_RESPONSES,
+    },
+)
+def get_job_result(job_id: str, service: Service, owner: Owner) -> Response:
+    """The image bytes; 409 while the job is not finished (or did not succeed), 404 once it expired."""
+    data, content_type = service.result(owner, job_id)
+    return Response(content=data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
+
+
+@health_router.get("/healthz", operation_id="healthz", summary="Liveness")
+def healthz() -> dict[str, str]:
+    """200 while the process serves requests; depends on nothing else."""
+    return {"status": "ok"}
+
+
+@health_router.get(
+    "/readyz",
+    operation_id="readyz",
+    summary="Readiness",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Redis is unreachable."}},
+)
+def readyz(request: Request) -> Response:
+    """200 when this gateway can take jobs (Redis reachable). Workers may scale to zero, so they do not
+    count; the body says how many are up and how many have their models loaded."""
+    store = request.app.state.jobs.store
+    try:
+        store.redis.ping()
+        workers = list(store.workers())
+        body = Readiness(
+            status="ready",
+            redis="ok",
+            workers=WorkerCounts(up=len(workers), ready=sum(1 for w in workers if w.get("ready"))),
+            queue_depth=store.queue_depth(),
+        )
+        return JSONResponse(body.model_dump(mode="json"))
+    except Exception as exc:
+        body = Readiness(status="unavailable", redis=f"{type(exc).__name__}: {exc}")
+        return JSONResponse(body.model_dump(mode="json"), status_code=503)
+
+
+@health_router.get(
+    "/metrics", operation_id="metrics", summary="Prometheus metrics", response_class=PlainTextResponse
+)
+def metrics(request: Request) -> Response:
+    """Prometheus text format: requests, latency, submissions, queue depth, workers."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

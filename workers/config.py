@@ -1,0 +1,49 @@
+"""Settings of the gateway and the workers, read from `DREAMOMNI2_*` environment variables."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from api_schemas.jobs import JobLimits
+
+
+class ServiceSettings(BaseSettings):
+    """What the gateway and the workers must agree on: where Redis is and how jobs live there."""
+
+    model_config = SettingsConfigDict(env_prefix="DREAMOMNI2_", extra="ignore")
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis: broker, state, results.")
+    redis_prefix: str = Field(default="do2", description="Prefix of every key the service writes.")
+    queue: str = Field(default="dreamomni2.jobs", description="Celery queue the GPU workers consume.")
+    job_ttl_s: int = Field(
+        default=24 * 3600, ge=10, description="How long jobs, inputs and results are kept."
+    )
+    job_timeout_s: int = Field(
+        default=900, ge=1, description="Longest a job may run before it fails (timeout)."
+    )
+    max_attempts: int = Field(default=3, ge=1, description="Runs of a job whose worker died before it fails.")
+    limits: JobLimits = Field(default_factory=JobLimits)
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Celery's Redis redelivery delay: above the longest job, or a running job would run twice."""
+        return max(3600, 2 * self.job_timeout_s)
+
+
+class WorkerSettings(ServiceSettings):
+    """A GPU worker process: the engine's settings are read separately (`models.settings`)."""
+
+    worker_name: str = Field(default_factory=lambda: f"worker@{socket.gethostname()}")
+    lease_ttl_s: float = Field(
+        default=15.0, gt=0, description="A running job's lease; renewed by heartbeats."
+    )
+    heartbeat_s: float = Field(default=5.0, gt=0, description="How often leases and liveness are renewed.")
+    reaper_interval_s: float = Field(
+        default=5.0, gt=0, description="How often stale running jobs are requeued."
+    )
+    metrics_port: int = Field(
+        default=9101, ge=0, description="Prometheus port of the worker; 0 turns it off."
+    )

@@ -1,0 +1,235 @@
+"""One worker process: the engine loaded once, a heartbeat, a reaper, and the job body."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from api_schemas.api import JobStatus, OutputFormat
+from api_schemas.errors import JobCanceled, ServiceError
+from api_schemas.jobs import JobParameters
+from workers import metrics
+from workers.celery_app import create_celery, enqueue
+from workers.config import WorkerSettings
+from workers.store import JobStore
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from models.engine import Engine
+    from models.settings import EngineSettings
+
+logger = logging.getLogger(__name__)
+
+
+class JobTimeout(ServiceError):
+    code = "timeout"
+    http_status = 504
+
+
+class LeaseLost(ServiceError):
+    """This run's lease lapsed and the job was handed to another run: stop, write nothing."""
+
+    code = "lease_lost"
+
+
+def encode_image(image: PIL.Image.Image, output_format: OutputFormat) -> bytes:
+    buffer = io.BytesIO()
+    if output_format is OutputFormat.JPEG:
+        image.save(buffer, format="JPEG", quality=95)
+    elif output_format is OutputFormat.WEBP:
+        image.save(buffer, format="WEBP", quality=95)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class WorkerRuntime:
+    """Everything a worker process holds between jobs.
+
+    `start` announces the worker, loads the models (minutes with real weights) and only then marks
+    it ready; Celery starts consuming after that, so no job waits on a half-loaded worker.
+    """
+
+    def __init__(self, settings: WorkerSettings, engine_settings: EngineSettings):
+        self.settings = settings
+        self.engine_settings = engine_settings
+        self.store = JobStore.from_url(settings.redis_url, settings.redis_prefix)
+        self.celery = create_celery(settings)
+        self.engine: Engine | None = None
+        self._current: tuple[str, str] | None = None
+        self._lease_lost = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._info: dict[str, Any] = {"name": settings.worker_name, "ready": False, "started_at": time.time()}
+
+    # Lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        from models.engine import Engine
+
+        if self.settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.settings.metrics_port)
+        self._spawn(self._heartbeat_loop, "heartbeat")
+        started = time.perf_counter()
+        self.engine = Engine.from_settings(self.engine_settings)
+        load_s = time.perf_counter() - started
+        metrics.MODEL_LOAD_SECONDS.set(load_s)
+        metrics.WORKER_READY.set(1)
+        self._info.update(
+            ready=True,
+            preset=self.engine_settings.preset.value,
+            device=str(self.engine.pipeline.device),
+            translator=self.engine.translator is not None,
+            load_s=round(load_s, 3),
+        )
+        self._announce()
+        self._spawn(self._reaper_loop, "reaper")
+        logger.info("worker %s ready in %.1fs", self.settings.worker_name, load_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        metrics.WORKER_READY.set(0)
+        try:
+            self.store.retire_worker(self.settings.worker_name)
+        except Exception:
+            logger.warning("could not retire worker %s from Redis", self.settings.worker_name)
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _announce(self) -> None:
+        self.store.announce_worker(
+            self.settings.worker_name,
+            {**self._info, "busy": self._current is not None},
+            3 * self.settings.heartbeat_s,
+        )
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._announce()
+                current = self._current
+                if current and not self.store.renew_lease(*current, self.settings.lease_ttl_s):
+                    logger.warning("lost the lease of job %s; stopping it", current[0])
+                    self._lease_lost.set()
+            except Exception:
+                logger.exception("heartbeat failed; retrying")
+            self._stop.wait(self.settings.heartbeat_s)
+
+    def _reaper_loop(self) -> None:
+        while not self._stop.wait(self.settings.reaper_interval_s):
+            try:
+                self.reap()
+            except Exception:
+                logger.exception("reaper pass failed; retrying")
+
+    def reap(self) -> None:
+        """Requeue jobs whose worker stopped renewing its lease (dead, or cut off from Redis)."""
+        for job_id, outcome in self.store.requeue_lost(self.settings.max_attempts):
+            if outcome == 1:
+                metrics.REQUEUED.inc()
+                enqueue(self.celery, self.settings, job_id)
+                logger.warning("job %s lost its worker; requeued", job_id)
+            else:
+                logger.error("job %s lost its worker %d times; failed", job_id, self.settings.max_attempts)
+        self.store.prune_queue()
+
+    # The job ---------------------------------------------------------------------------------------
+    def run_job(self, job_id: str) -> dict[str, Any]:
+        """The Celery task body. Safe to receive twice: only a queued job is claimed."""
+        claim = self.store.claim(
+            job_id, worker=self.settings.worker_name, lease_ttl_s=self.settings.lease_ttl_s
+        )
+        if not claim.claimed:
+            logger.info("job %s not run: it is %s", job_id, claim.outcome)
+            return {"job_id": job_id, "skipped": claim.outcome}
+        self._lease_lost.clear()
+        self._current = (job_id, claim.token)
+        self._announce()
+        try:
+            status = self._execute(job_id, claim.token)
+        finally:
+            self._current = None
+            self._announce()
+        return {"job_id": job_id, "status": status, "attempt": claim.attempt}
+
+    def _execute(self, job_id: str, token: str) -> str:
+        assert self.engine is not None, "start() loads the engine before jobs are taken"
+        record = self.store.get(job_id)
+        spec = record.spec
+        task, adapter = spec["task"], spec["adapter"]
+        if record.started_at is not None:
+            metrics.QUEUE_WAIT.observe(max(0.0, record.started_at - record.created_at))
+        deadline = time.monotonic() + self.settings.job_timeout_s
+
+        def should_cancel() -> bool:
+            if self._lease_lost.is_set():
+                raise LeaseLost("This run lost its lease; another run owns the job.")
+            if time.monotonic() > deadline:
+                raise JobTimeout(
+                    f"The job ran longer than the limit of {self.settings.job_timeout_s} s and was stopped; "
+                    "use fewer steps or fewer images.",
+                    details={"limit_s": self.settings.job_timeout_s},
+                )
+            return False
+
+        def on_progress(stage: str, step: int, total: int) -> None:
+            self.store.progress(job_id, token, stage, step, total)
+
+        status, outcome = JobStatus.FAILED, "failed"
+        try:
+            output = self.engine.run(
+                self.store.images(job_id),
+                JobParameters(**spec["params"]),
+                on_progress=on_progress,
+                should_cancel=should_cancel,
+            )
+            output_format = OutputFormat(spec["output_format"])
+            data = encode_image(output.image, output_format)
+            result = {
+                "width": output.image.width,
+                "height": output.image.height,
+                "content_type": output_format.content_type,
+                "bytes": len(data),
+            }
+            metadata = output.metadata.model_dump(mode="json")
+            status, outcome, adapter = JobStatus.SUCCEEDED, "succeeded", metadata["adapter"]
+            written = self.store.finish(
+                job_id, token, status, ttl_s=record.ttl_s, metadata=metadata, result=result, result_bytes=data
+            )
+            for stage, seconds in output.metadata.timings.items():
+                metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+        except LeaseLost:
+            logger.warning("job %s: run abandoned after losing its lease", job_id)
+            return "abandoned"
+        except JobCanceled as exc:
+            status, outcome = JobStatus.CANCELED, "canceled"
+            written = self.store.finish(job_id, token, status, ttl_s=record.ttl_s, error=exc.to_dict())
+        except ServiceError as exc:
+            outcome = exc.code
+            written = self.store.finish(job_id, token, status, ttl_s=record.ttl_s, error=exc.to_dict())
+        except MemoryError:
+            outcome = "out_of_memory"
+            error = {"code": "out_of_memory", "message": "The worker ran out of host memory for this job."}
+            written = self.store.finish(job_id, token, status, ttl_s=record.ttl_s, error=error)
+        except Exception:
+            logger.exception("job %s failed", job_id)
+            outcome = "internal"
+            error = {
+                "code": "internal",
+                "message": "The worker hit an unexpected error running this job; it is in the worker log.",
+            }
+            written = self.store.finish(job_id, token, status, ttl_s=record.ttl_s, error=error)
+        metrics.JOBS.labels(task, adapter, outcome).inc()
+        if not written:
+            logger.warning("job %s: another run owns it now; this run's outcome was dropped", job_id)
+        return status.value

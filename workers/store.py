@@ -1,0 +1,413 @@
+"""Jobs, their inputs, results, leases and events in Redis: the one state every process shares.
+
+Keys (all under the configured prefix, all expiring with the job's TTL):
+  job:{id}          hash: status, owner, spec, timestamps, progress, metadata, error, result, run token
+  job:{id}:images   hash: image number -> uploaded bytes (deleted once the job ends)
+  job:{id}:result   the encoded output image
+  job:{id}:events   stream: queued, started, progress, and one final succeeded | failed | canceled
+  lease:{id}        the running attempt's token, kept alive by the worker's heartbeat
+  queue             sorted set of queued job ids (queue positions)
+  running           set of running job ids (what the reaper checks)
+  worker:{name}     a worker's liveness and readiness, kept alive by its heartbeat
+
+State changes that must not race (claim, finish, requeue) are Lua scripts: each checks the run token,
+so a run that lost its lease can never overwrite the run that replaced it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from api_schemas.api import JobStatus
+from api_schemas.errors import NotFound
+
+# KEYS: job, lease, queue, running, events. ARGV: id, token, now, lease_ttl, worker.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+-- Only queued jobs: a running one whose worker died is requeued by the reaper, which counts attempts.
+if status ~= 'queued' then return {status, 0} end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') + 1
+redis.call('HSET', KEYS[1], 'status', 'running', 'run_token', ARGV[2], 'started_at', ARGV[3],
+  'worker', ARGV[5], 'attempts', attempts, 'progress', '{}')
+redis.call('SET', KEYS[2], ARGV[2], 'PX', math.floor(tonumber(ARGV[4]) * 1000))
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', 1000, '*', 'type', 'started', 'data',
+  cjson.encode({attempt = attempts, worker = ARGV[5]}))
+return {'claimed', attempts}
+"""
+
+# KEYS: lease. ARGV: token, lease_ttl.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) * 1000))
+end
+return 0
+"""
+
+# KEYS: job, events. ARGV: token, progress json.
+_PROGRESS = """
+if redis.call('HGET', KEYS[1], 'run_token') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'progress', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'type', 'progress', 'data', ARGV[2])
+return 1
+"""
+
+# KEYS: job, lease, running, result, images, events. ARGV: token, status, ttl, event data, result
+# bytes ('' for none), then field/value pairs to set on the job.
+_FINISH = """
+local owner = redis.call('HGET', KEYS[1], 'run_token')
+if owner ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local ttl = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'run_token', '')
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl) end
+redis.call('DEL', KEYS[2], KEYS[5])
+redis.call('SREM', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', 1000, '*', 'type', ARGV[2], 'data', ARGV[4])
+redis.call('EXPIRE', KEYS[6], ttl)
+return 1
+"""
+
+# KEYS: job, lease, queue, running, events, images. ARGV: id, seq, now, max_attempts, error json.
+_REQUEUE_IF_LOST = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then redis.call('SREM', KEYS[4], ARGV[1]) return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SREM', KEYS[4], ARGV[1])
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s') or '86400')
+if attempts >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'run_token', '', 'finished_at', ARGV[3], 'error', ARGV[5])
+  redis.call('DEL', KEYS[6])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 1000, '*', 'type', 'failed', 'data', ARGV[5])
+  return 2
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'run_token', '', 'progress', '{}')
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', 1000, '*', 'type', 'queued', 'data',
+  cjson.encode({reason = 'worker_lost', attempts = attempts}))
+return 1
+"""
+
+
+@dataclass
+class JobRecord:
+    """A job as stored: the raw fields, decoded."""
+
+    id: str
+    owner: str
+    status: JobStatus
+    spec: dict[str, Any]
+    created_at: float
+    ttl_s: int
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
+        h = {k.decode(): v.decode() for k, v in raw.items() if k != b"_"}
+
+        def number(name: str) -> float | None:
+            return float(h[name]) if h.get(name) else None
+
+        def obj(name: str) -> dict[str, Any] | None:
+            return json.loads(h[name]) if h.get(name) else None
+
+        return cls(
+            id=h["id"],
+            owner=h.get("owner", ""),
+            status=JobStatus(h["status"]),
+            spec=json.loads(h["spec"]),
+            created_at=float(h["created_at"]),
+            ttl_s=int(h.get("ttl_s", "86400")),
+            attempts=int(h.get("attempts", "0")),
+            started_at=number("started_at"),
+            finished_at=number("finished_at"),
+            worker=h.get("worker") or None,
+            progress=obj("progress") or {},
+            metadata=obj("metadata"),
+            error=obj("error"),
+            result=obj("result"),
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker got when it tried to take a job."""
+
+    outcome: str  # claimed, missing, or the status the job was in
+    attempt: int
+    token: str
+
+    @property
+    def claimed(self) -> bool:
+        return self.outcome == "claimed"
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+class JobStore:
+    """Every read and write of job state, for the gateway and the workers alike."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "do2"):
+        self.redis = client
+        self.prefix = prefix
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._progress = client.register_script(_PROGRESS)
+        self._finish = client.register_script(_FINISH)
+        self._requeue = client.register_script(_REQUEUE_IF_LOST)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "do2") -> JobStore:
+        client = redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+        return cls(client, prefix)
+
+    # Keys ------------------------------------------------------------------------------------------
+    def _job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _images(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:images"
+
+    def _result(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:result"
+
+    def _events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def _lease(self, job_id: str) -> str:
+        return f"{self.prefix}:lease:{job_id}"
+
+    @property
+    def _queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+    @property
+    def _running(self) -> str:
+        return f"{self.prefix}:running"
+
+    def _worker(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
+
+    # Gateway side ---------------------------------------------------------------------------------
+    def create(self, *, owner: str, spec: dict[str, Any], images: list[bytes], ttl_s: int) -> JobRecord:
+        """Store a new queued job and its inputs atomically; the caller then sends its message."""
+        job_id = f"j_{uuid.uuid4().hex}"
+        now = time.time()
+        seq = self.redis.incr(f"{self.prefix}:seq")
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            self._job(job_id),
+            mapping={
+                "id": job_id,
+                "owner": owner,
+                "status": JobStatus.QUEUED.value,
+                "spec": json.dumps(spec),
+                "created_at": repr(now),
+                "ttl_s": ttl_s,
+                "attempts": 0,
+            },
+        )
+        pipe.expire(self._job(job_id), ttl_s)
+        if images:
+            pipe.hset(self._images(job_id), mapping={str(n): data for n, data in enumerate(images, start=1)})
+            pipe.expire(self._images(job_id), ttl_s)
+        pipe.zadd(self._queue, {job_id: seq})
+        pipe.xadd(self._events(job_id), {"type": "queued", "data": "{}"}, maxlen=1000, approximate=True)
+        pipe.expire(self._events(job_id), ttl_s)
+        pipe.execute()
+        return self.get(job_id)
+
+    def get(self, job_id: str, owner: str | None = None) -> JobRecord:
+        """The job, or `NotFound` when it never existed, expired, or belongs to another owner."""
+        raw = self.redis.hgetall(self._job(job_id)) if job_id.startswith("j_") else {}
+        if not raw or b"status" not in raw:
+            raise NotFound(f"No job {job_id!r}: it does not exist or has expired.", code="job_not_found")
+        record = JobRecord.from_hash(raw)
+        if owner is not None and record.owner != owner:
+            # Same answer as a missing job: another key's ids are not even confirmed to exist.
+            raise NotFound(f"No job {job_id!r}: it does not exist or has expired.", code="job_not_found")
+        return record
+
+    def queue_position(self, job_id: str) -> int | None:
+        rank = self.redis.zrank(self._queue, job_id)
+        return None if rank is None else rank + 1
+
+    def queue_depth(self) -> int:
+        return int(self.redis.zcard(self._queue))
+
+    def result(self, job_id: str) -> bytes | None:
+        return self.redis.get(self._result(job_id))
+
+    def fail_unsent(self, job_id: str, message: str) -> None:
+        """Mark a job failed whose queue message could not be sent, so it is not left queued forever."""
+        error = json.dumps({"code": "queue_unavailable", "message": message})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            self._job(job_id), mapping={"status": "failed", "finished_at": repr(time.time()), "error": error}
+        )
+        pipe.zrem(self._queue, job_id)
+        pipe.delete(self._images(job_id))
+        pipe.xadd(self._events(job_id), {"type": "failed", "data": error}, maxlen=1000, approximate=True)
+        pipe.execute()
+
+    def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None) -> list[Event]:
+        """Events after the id `after`; with `block_ms`, wait up to that long for the first one."""
+        reply = self.redis.xread({self._events(job_id): after}, block=block_ms, count=100)
+        events = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                events.append(
+                    Event(
+                        id=entry_id.decode(),
+                        type=fields[b"type"].decode(),
+                        data=json.loads(fields.get(b"data", b"{}") or b"{}"),
+                    )
+                )
+        return events
+
+    def wait_until_terminal(self, job_id: str, timeout_s: float) -> JobRecord:
+        """Block until the job ends or `timeout_s` passes; returns the job as it is then."""
+        deadline = time.monotonic() + timeout_s
+        last = "0-0"
+        while True:
+            record = self.get(job_id)
+            if record.status.is_terminal():
+                return record
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return record
+            events = self.events(job_id, after=last, block_ms=max(1, int(min(remaining, 5.0) * 1000)))
+            if events:
+                last = events[-1].id
+
+    # Worker side ----------------------------------------------------------------------------------
+    def claim(self, job_id: str, *, worker: str, lease_ttl_s: float) -> Claim:
+        """Take a queued job for this worker; any other state means the message is stale."""
+        token = uuid.uuid4().hex
+        keys = [self._job(job_id), self._lease(job_id), self._queue, self._running, self._events(job_id)]
+        outcome, attempt = self._claim(
+            keys=keys, args=[job_id, token, repr(time.time()), lease_ttl_s, worker]
+        )
+        return Claim(outcome=outcome.decode(), attempt=int(attempt), token=token)
+
+    def renew_lease(self, job_id: str, token: str, lease_ttl_s: float) -> bool:
+        return bool(self._renew(keys=[self._lease(job_id)], args=[token, lease_ttl_s]))
+
+    def images(self, job_id: str) -> list[bytes]:
+        raw = self.redis.hgetall(self._images(job_id))
+        return [raw[k] for k in sorted(raw, key=int)]
+
+    def progress(self, job_id: str, token: str, stage: str, step: int, total: int) -> None:
+        data = json.dumps({"stage": stage, "step": step, "total": total})
+        self._progress(keys=[self._job(job_id), self._events(job_id)], args=[token, data])
+
+    def finish(
+        self,
+        job_id: str,
+        token: str,
+        status: JobStatus,
+        *,
+        ttl_s: int,
+        metadata: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        result: dict[str, Any] | None = None,
+        result_bytes: bytes = b"",
+    ) -> bool:
+        """End this run's job; False (and nothing written) when another run owns the job now."""
+        fields: dict[str, str] = {"finished_at": repr(time.time())}
+        if metadata is not None:
+            fields["metadata"] = json.dumps(metadata)
+        if error is not None:
+            fields["error"] = json.dumps(error)
+        if result is not None:
+            fields["result"] = json.dumps(result)
+        keys = [
+            self._job(job_id),
+            self._lease(job_id),
+            self._running,
+            self._result(job_id),
+            self._images(job_id),
+            self._events(job_id),
+        ]
+        event = json.dumps(error or {})
+        args: list[Any] = [token, status.value, ttl_s, event, result_bytes]
+        for name, value in fields.items():
+            args += [name, value]
+        return bool(self._finish(keys=keys, args=args))
+
+    def requeue_lost(self, max_attempts: int) -> list[tuple[str, int]]:
+        """Requeue running jobs whose lease lapsed (their worker died); fail those out of attempts.
+
+        Returns (job id, outcome) pairs: 1 requeued (the caller sends a new message), 2 failed.
+        """
+        outcomes = []
+        for raw_id in self.redis.smembers(self._running):
+            job_id = raw_id.decode()
+            seq = self.redis.incr(f"{self.prefix}:seq")
+            error = json.dumps(
+                {
+                    "code": "worker_lost",
+                    "message": f"The worker running this job stopped responding {max_attempts} times; "
+                    "the job was not retried again.",
+                }
+            )
+            keys = [
+                self._job(job_id),
+                self._lease(job_id),
+                self._queue,
+                self._running,
+                self._events(job_id),
+                self._images(job_id),
+            ]
+            outcome = int(
+                self._requeue(keys=keys, args=[job_id, seq, repr(time.time()), max_attempts, error])
+            )
+            if outcome:
+                outcomes.append((job_id, outcome))
+        return outcomes
+
+    def prune_queue(self) -> int:
+        """Drop queue entries whose job expired while waiting (no worker took it within its TTL)."""
+        stale = [
+            job_id
+            for job_id in self.redis.zrange(self._queue, 0, -1)
+            if not self.redis.exists(self._job(job_id.decode()))
+        ]
+        return self.redis.zrem(self._queue, *stale) if stale else 0
+
+    # Workers' liveness ----------------------------------------------------------------------------
+    def announce_worker(self, name: str, info: dict[str, Any], ttl_s: float) -> None:
+        self.redis.set(self._worker(name), json.dumps(info), px=int(ttl_s * 1000))
+
+    def retire_worker(self, name: str) -> None:
+        self.redis.delete(self._worker(name))
+
+    def workers(self) -> Iterator[dict[str, Any]]:
+        for key in self.redis.scan_iter(match=self._worker("*"), count=100):
+            raw = self.redis.get(key)
+            if raw:
+                yield json.loads(raw)
