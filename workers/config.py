@@ -19,7 +19,7 @@ class ServiceSettings(BaseSettings):
     redis_prefix: str = Field(default="do2", description="Prefix of every key the service writes.")
     queue: str = Field(default="dreamomni2.jobs", description="Celery queue the GPU workers consume.")
     job_ttl_s: int = Field(
-        default=24 * 3600, ge=10, description="How long jobs, inputs and results are kept."
+        default=24 * 3600, ge=1, description="How long jobs, inputs and results are kept."
     )
     job_timeout_s: int = Field(
         default=900, ge=1, description="Longest a job may run before it fails (timeout)."
