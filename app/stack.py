@@ -157,11 +157,14 @@ class LocalStack:
         self.processes.append(process)
         return process
 
-    def start_gateway(self, port: int | None = None, env: dict[str, str] | None = None) -> ManagedProcess:
+    def start_gateway(
+        self, port: int | None = None, env: dict[str, str] | None = None, processes: int = 1
+    ) -> ManagedProcess:
+        """The gateway on `port` (default: the stack's), with `processes` uvicorn workers."""
         port = port or self.port
         args = [
             sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-            "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--workers", str(processes),
         ]  # fmt: skip
         name = "gateway" if port == self.port else f"gateway-{port}"
         process = spawn(name, args, self.workdir, self.process_env(env))

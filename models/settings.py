@@ -59,7 +59,7 @@ class EngineSettings(BaseSettings):
     translator_device: str = Field(default="auto", description="Device of the translator; `auto` = `device`.")
     translator_max_new_tokens: int = Field(default=256, ge=1, le=4096, description="Translator token budget.")
     translator_max_image_pixels: int = Field(
-        default=512 * 28 * 28,
+        default=1_254_400,
         ge=56 * 56,
         description="Pixels each image is scaled to at most for the translator.",
     )

@@ -23,3 +23,14 @@ def tiny_root(tiny_cache: Path) -> Path:
     from models.tiny import ensure_tiny
 
     return ensure_tiny(tiny_cache)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real redis-server of our own on a free loopback port, for the session."""
+    from app.stack import LocalStack
+
+    stack = LocalStack(tmp_path_factory.mktemp("redis"), workers=0)
+    stack.start_redis()
+    yield stack.redis_url
+    stack.stop()
