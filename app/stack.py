@@ -152,7 +152,11 @@ class LocalStack:
 
     def start_worker(self, name: str | None = None, env: dict[str, str] | None = None) -> ManagedProcess:
         name = name or f"worker-{sum(p.name.startswith('worker') for p in self.processes) + 1}"
-        worker_env = self.process_env({"DREAMOMNI2_WORKER_NAME": name, **self.worker_env, **(env or {})})
+        own = {
+            "DREAMOMNI2_WORKER_NAME": name,
+            "DREAMOMNI2_LIVENESS_FILE": str(self.workdir / f"{name}.alive"),
+        }
+        worker_env = self.process_env({**own, **self.worker_env, **(env or {})})
         process = spawn(name, [sys.executable, "-m", "workers"], self.workdir, worker_env)
         self.processes.append(process)
         return process

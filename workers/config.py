@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,9 +19,7 @@ class ServiceSettings(BaseSettings):
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis: broker, state, results.")
     redis_prefix: str = Field(default="do2", description="Prefix of every key the service writes.")
     queue: str = Field(default="dreamomni2.jobs", description="Celery queue the GPU workers consume.")
-    job_ttl_s: int = Field(
-        default=24 * 3600, ge=1, description="How long jobs, inputs and results are kept."
-    )
+    job_ttl_s: int = Field(default=24 * 3600, ge=1, description="How long jobs, inputs and results are kept.")
     job_timeout_s: int = Field(
         default=900, ge=1, description="Longest a job may run before it fails (timeout)."
     )
@@ -43,6 +42,13 @@ class WorkerSettings(ServiceSettings):
     heartbeat_s: float = Field(default=5.0, gt=0, description="How often leases and liveness are renewed.")
     reaper_interval_s: float = Field(
         default=5.0, gt=0, description="How often stale running jobs are requeued."
+    )
+    liveness_file: Path = Field(
+        default=Path("/tmp/dreamomni2-worker-alive"),
+        description="Touched while the worker is ready and not hung; read by `python -m workers.health`.",
+    )
+    stall_timeout_s: float = Field(
+        default=300.0, gt=0, description="A job with no progress for this long marks the worker hung."
     )
     metrics_port: int = Field(
         default=9101, ge=0, description="Prometheus port of the worker; 0 turns it off."

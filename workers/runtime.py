@@ -61,6 +61,7 @@ class WorkerRuntime:
         self.celery = create_celery(settings)
         self.engine: Engine | None = None
         self._current: tuple[str, str] | None = None
+        self._last_progress = time.monotonic()
         self._lease_lost = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -88,6 +89,7 @@ class WorkerRuntime:
             load_s=round(load_s, 3),
         )
         self._announce()
+        self._touch_liveness()
         self._spawn(self._reaper_loop, "reaper")
         logger.info("worker %s ready in %.1fs", self.settings.worker_name, load_s)
 
@@ -96,6 +98,7 @@ class WorkerRuntime:
         for thread in self._threads:
             thread.join(timeout=5)
         metrics.WORKER_READY.set(0)
+        self.settings.liveness_file.unlink(missing_ok=True)
         try:
             self.store.retire_worker(self.settings.worker_name)
         except Exception:
@@ -113,10 +116,24 @@ class WorkerRuntime:
             3 * self.settings.heartbeat_s,
         )
 
+    def _touch_liveness(self) -> None:
+        """Prove liveness only while ready and not stuck: idle, or the running job moved recently."""
+        if not self._info["ready"]:
+            return
+        if (
+            self._current is not None
+            and time.monotonic() - self._last_progress > self.settings.stall_timeout_s
+        ):
+            stalled = time.monotonic() - self._last_progress
+            logger.error("job %s: no progress for %.0fs; liveness withheld", self._current[0], stalled)
+            return
+        self.settings.liveness_file.touch()
+
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self._announce()
+                self._touch_liveness()
                 current = self._current
                 if current and not self.store.renew_lease(*current, self.settings.lease_ttl_s):
                     logger.warning("lost the lease of job %s; stopping it", current[0])
@@ -153,6 +170,7 @@ class WorkerRuntime:
             logger.info("job %s not run: it is %s", job_id, claim.outcome)
             return {"job_id": job_id, "skipped": claim.outcome}
         self._lease_lost.clear()
+        self._last_progress = time.monotonic()
         self._current = (job_id, claim.token)
         self._announce()
         try:
@@ -183,6 +201,7 @@ class WorkerRuntime:
             return False
 
         def on_progress(stage: str, step: int, total: int) -> None:
+            self._last_progress = time.monotonic()
             self.store.progress(job_id, token, stage, step, total)
 
         status, outcome = JobStatus.FAILED, "failed"

@@ -1,0 +1,51 @@
+"""The worker's liveness file and the probe command that reads it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from models.settings import EngineSettings
+from workers.config import WorkerSettings
+from workers.runtime import WorkerRuntime
+
+
+def probe(path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DREAMOMNI2_LIVENESS_FILE": str(path)}
+    return subprocess.run(
+        [sys.executable, "-m", "workers.health", *args], env=env, capture_output=True, text=True, check=False
+    )
+
+
+def test_probe_reads_the_file_age(tmp_path):
+    alive = tmp_path / "alive"
+    assert probe(alive).returncode == 1
+    alive.touch()
+    assert probe(alive).returncode == 0
+    old = time.time() - 120
+    os.utime(alive, (old, old))
+    result = probe(alive, "--max-age", "60")
+    assert result.returncode == 1 and "120s old" in result.stdout
+
+
+def test_liveness_is_withheld_while_loading_and_when_a_job_stalls(tmp_path):
+    settings = WorkerSettings(
+        liveness_file=tmp_path / "alive", stall_timeout_s=5, redis_url="redis://127.0.0.1:1/0"
+    )
+    runtime = WorkerRuntime(settings, EngineSettings())
+    runtime._touch_liveness()
+    assert not settings.liveness_file.exists()  # models not loaded yet
+    runtime._info["ready"] = True
+    runtime._touch_liveness()
+    assert settings.liveness_file.exists()  # idle and ready
+    settings.liveness_file.unlink()
+    runtime._current = ("j_1", "token")
+    runtime._last_progress = time.monotonic()
+    runtime._touch_liveness()
+    assert settings.liveness_file.exists()  # busy and moving
+    settings.liveness_file.unlink()
+    runtime._last_progress = time.monotonic() - 10
+    runtime._touch_liveness()
+    assert not settings.liveness_file.exists()  # busy and stuck: let the probe fail
