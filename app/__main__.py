@@ -1,7 +1,7 @@
 """Gateway commands.
 
-    python -m app serve                 # the gateway alone (settings from DREAMOMNI2_*)
-    python -m app hash-key NAME         # a new API key and the DREAMOMNI2_API_KEYS entry for it
+python -m app serve                 # the gateway alone (settings from DREAMOMNI2_*)
+python -m app hash-key NAME         # a new API key and the DREAMOMNI2_API_KEYS entry for it
 """
 
 from __future__ import annotations
