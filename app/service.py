@@ -7,12 +7,11 @@ import binascii
 import logging
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from celery import Celery
 from pydantic import ValidationError
 
-from api_schemas.api import ErrorInfo, Job, JobLinks, JobStatus, OutputFormat, Progress, ResultInfo
+from api_schemas.api import Job, JobStatus, OutputFormat
 from api_schemas.errors import Conflict, InvalidInput, PayloadTooLarge
 from api_schemas.images import check_byte_size, load_image
 from api_schemas.jobs import JobParameters, resolve_job
@@ -20,6 +19,7 @@ from app.metrics import GatewayMetrics
 from app.settings import GatewaySettings
 from workers.celery_app import enqueue
 from workers.store import JobRecord, JobStore
+from workers.views import job_view
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ def decode_data_uri(uri: str, label: str, max_bytes: int) -> bytes:
         raise InvalidInput(
             f"{label} is not valid base64 after `;base64,`.", code="invalid_image", details={"image": label}
         ) from None
-
-
-def _time(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, tz=UTC)
 
 
 class JobService:
@@ -164,35 +160,5 @@ class JobService:
 
     def render(self, record: JobRecord) -> Job:
         """The job object as the API shows it."""
-        spec, meta = record.spec, record.metadata or {}
-        params = spec["params"]
-        base = f"/v1/jobs/{record.id}"
-        result = None
-        if record.status is JobStatus.SUCCEEDED and record.result:
-            result = ResultInfo(url=f"{base}/result", **record.result)
         position = self.store.queue_position(record.id) if record.status is JobStatus.QUEUED else None
-        return Job(
-            id=record.id,
-            status=record.status,
-            task=spec["task"],
-            adapter=meta.get("adapter", spec["adapter"]),
-            image_count=spec["image_count"],
-            instruction=params["instruction"],
-            prompt=meta.get("prompt"),
-            translated=meta.get("translated"),
-            fallback_reason=meta.get("fallback_reason"),
-            seed=meta.get("seed", params.get("seed")),
-            steps=params["steps"],
-            guidance=params["guidance"],
-            output_format=spec["output_format"],
-            progress=Progress(**record.progress) if record.progress else Progress(),
-            queue_position=position,
-            attempts=record.attempts,
-            created_at=_time(record.created_at),
-            started_at=_time(record.started_at),
-            finished_at=_time(record.finished_at),
-            timings=meta.get("timings"),
-            error=ErrorInfo(**record.error) if record.error else None,
-            result=result,
-            links=JobLinks(self_=base, result=f"{base}/result"),
-        )
+        return job_view(record, position)
