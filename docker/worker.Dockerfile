@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+# DreamOmni2 GPU worker: CUDA runtime base and the pinned model stack (`pip install '.[worker]'`, the set
+# the tests install). On Linux, PyPI's torch==2.13.0 wheel is the CUDA 13.0 build (NVIDIA driver >= 580).
+# Build from the repository root:  docker build -f docker/worker.Dockerfile -t dreamomni2/worker .
+FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Ubuntu 24.04's Python 3.12; the venv keeps pip away from the system packages (PEP 668).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && groupadd --system --gid 10001 dreamomni2 \
+    && useradd --system --uid 10001 --gid dreamomni2 --create-home --home-dir /home/dreamomni2 dreamomni2 \
+    && mkdir -p /models \
+    && chown dreamomni2:dreamomni2 /models
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /srv/dreamomni2
+
+# Dependencies first, in their own layer (torch and the CUDA libraries are gigabytes): exactly the pins
+# of pyproject.toml's `dependencies` and `worker` extra. The build fails if torch is not a CUDA build.
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['worker']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt \
+    && python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is not a CUDA build'"
+
+COPY api_schemas/ api_schemas/
+COPY app/ app/
+COPY models/ models/
+COPY workers/ workers/
+RUN pip install --no-cache-dir --no-deps .
+
+# Model caches on a volume: the Hugging Face cache (real weights) and the tiny preset.
+ENV HF_HOME=/models/huggingface \
+    DREAMOMNI2_CACHE_DIR=/models/dreamomni2 \
+    DREAMOMNI2_LIVENESS_FILE=/tmp/dreamomni2-worker-alive
+VOLUME ["/models"]
+USER 10001:10001
+# Prometheus metrics (DREAMOMNI2_METRICS_PORT).
+EXPOSE 9101
+
+# Healthy once the models are loaded, then while the heartbeat says the worker is not hung. Loading the
+# real weights takes minutes, hence the long start period.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
+    CMD ["python", "-m", "workers.health"]
+
+# SIGTERM (docker stop, Kubernetes) is Celery's warm shutdown: the running job finishes first, so give
+# the container DREAMOMNI2_JOB_TIMEOUT_S (900 s) and a margin to stop (compose: stop_grace_period).
+CMD ["python", "-m", "workers"]

@@ -1,0 +1,816 @@
+"""Deployment checks with no cluster, no Docker engine and no network.
+
+The Helm chart is linted and rendered with the Helm SDK (helm-python-sdk, no helm binary) for its
+default values and each `helm/dreamomni2/ci/*-values.yaml` (the chart-testing convention); every
+rendered manifest goes through `kubernetes-validate --strict`. That tool has schemas for built-in kinds
+only and merely warns about others, so the custom resources (KEDA's ScaledObject and
+TriggerAuthentication, the Prometheus Operator's ServiceMonitor) are checked here instead, against
+strict schemas of the fields the chart uses. Then the Dockerfiles go through hadolint and the compose
+file through `docker-compose config`. The tools are CI dependencies: a missing one fails, never skips.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "dreamomni2"
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+DOCKERFILES = [DOCKER / "gateway.Dockerfile", DOCKER / "worker.Dockerfile"]
+RELEASE = NAMESPACE = "dreamomni2"
+# The chart's kubeVersion floor and the newest schemas kubernetes-validate ships.
+KUBE_VERSIONS = ("1.29.0", "1.37.0")
+CRD_KINDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+}
+VALUE_FILES: dict[str, Path | None] = {
+    "default": None,
+    **{p.name.removesuffix("-values.yaml"): p for p in sorted((CHART / "ci").glob("*-values.yaml"))},
+}
+GPU_CASES = [case for case in VALUE_FILES if case != "tiny-cpu"]
+HEALTH_COMMAND = ["python", "-m", "workers.health"]
+
+Manifest = dict[str, Any]
+
+
+# --- tools -------------------------------------------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    """A command-line tool from this environment's scripts folder (pip installs) or PATH."""
+    local = Path(sysconfig.get_path("scripts")) / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"`{name}` is missing: install the dev tools (pip install -e '.[dev]'; .ci/run does)")
+    return found
+
+
+def compose_command() -> list[str]:
+    """Debian's docker-compose (v1), else the docker CLI's compose plugin."""
+    if found := shutil.which("docker-compose"):
+        return [found]
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    pytest.fail("docker-compose is missing: apt-get install docker-compose (.ci/run does)")
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def helm():
+    try:
+        import helm_python
+    except ImportError:
+        pytest.fail("helm-python-sdk is missing: pip install -e '.[dev]' (.ci/run does)")
+    return helm_python
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def case_values(case: str) -> dict[str, Any]:
+    path = VALUE_FILES[case]
+    return yaml.safe_load(path.read_text()) if path else {}
+
+
+def render(helm, values: dict[str, Any]) -> list[Manifest]:
+    with helm.Chart.load(CHART) as chart:
+        files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [
+        doc
+        for name, text in sorted(files.items())
+        if not name.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+@pytest.fixture(scope="module")
+def rendered(helm) -> dict[str, list[Manifest]]:
+    return {case: render(helm, case_values(case)) for case in VALUE_FILES}
+
+
+def find(docs: list[Manifest], kind: str, name: str | None = None) -> list[Manifest]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[Manifest], kind: str, name: str | None = None) -> Manifest:
+    found = find(docs, kind, name)
+    assert len(found) == 1, (
+        f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in found]}"
+    )
+    return found[0]
+
+
+def workload(docs: list[Manifest], component: str) -> Manifest:
+    matches = [
+        d
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+        and d["metadata"]["labels"].get("app.kubernetes.io/component") == component
+    ]
+    assert len(matches) == 1, f"expected one {component} workload"
+    return matches[0]
+
+
+def container(doc: Manifest, name: str | None = None) -> Manifest:
+    containers = doc["spec"]["template"]["spec"]["containers"]
+    return containers[0] if name is None else next(c for c in containers if c["name"] == name)
+
+
+def env_of(c: Manifest) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def pod_templates(docs: list[Manifest]) -> Iterator[tuple[Manifest, Manifest]]:
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+            yield doc, doc["spec"]["template"]
+
+
+def shared_config(docs: list[Manifest]) -> dict[str, str]:
+    return one(docs, "ConfigMap", f"{RELEASE}-config")["data"]
+
+
+# --- Helm lint, render, kubernetes-validate -----------------------------------------------------------
+
+
+def test_ci_values_cover_keda_external_redis_and_tiny_cpu():
+    assert {"keda", "external-redis", "tiny-cpu"} <= set(VALUE_FILES)
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_helm_lint_strict(helm, case):
+    report = helm.lint(CHART, case_values(case), strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, problems
+
+
+def test_rendered_manifests_pass_kubernetes_validate_strict(rendered, tmp_path):
+    files: dict[Path, Manifest] = {}
+    for case, docs in rendered.items():
+        for index, doc in enumerate(docs):
+            path = tmp_path / case / f"{index:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(yaml.safe_dump(doc))
+            files[path] = doc
+    for version in KUBE_VERSIONS:
+        result = run([tool("kubernetes-validate"), "--strict", "-k", version, *map(str, files)])
+        assert result.returncode == 0, result.stdout + result.stderr
+        for path, doc in files.items():
+            lines = [line for line in result.stdout.splitlines() if f" {path} " in line]
+            if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+                # No schema for custom resources: a warning, not a check (test_custom_resources_* does it).
+                assert any(line.startswith("WARN") and "Couldn't find schema" in line for line in lines), (
+                    lines
+                )
+            else:
+                assert any(line.startswith("INFO") and "passed" in line for line in lines), (path, lines)
+
+
+def test_kubernetes_validate_strict_rejects_unknown_fields(tmp_path):
+    """The guard above is only as good as --strict: an unknown field in a probe must fail."""
+    bad = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "bad"},
+        "spec": {
+            "selector": {"matchLabels": {"a": "b"}},
+            "template": {
+                "metadata": {"labels": {"a": "b"}},
+                "spec": {"containers": [{"name": "c", "image": "i", "livenessProbe": {"periodSecond": 3}}]},
+            },
+        },
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    result = run([tool("kubernetes-validate"), "--strict", str(path)])
+    assert result.returncode != 0 and "periodSecond" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"worker": {"preset": "large"}},
+        {"worker": {"gpus": 1}},
+        {"redis": {"enabled": False}},
+        {"auth": {"apiKeys": ["alice:not-a-hash"]}},
+        {"config": {"jobTimeoutS": 0}},
+        {"weights": {"source": "s3"}},
+    ],
+    ids=["preset", "unknown-key", "external-redis-without-host", "api-key", "job-timeout", "weights-source"],
+)
+def test_values_schema_rejects_bad_values(helm, values):
+    with pytest.raises(helm.HelmValuesError):
+        render(helm, values)
+
+
+# --- custom resources: strict schemas of the fields the chart uses ------------------------------------
+
+
+def strict(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "required": required or [],
+    }
+
+
+STRING = {"type": "string"}
+NAME = {"type": "string", "minLength": 1}
+COUNT = {"type": "integer", "minimum": 0}
+DURATION = {"type": "string", "pattern": r"^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"}
+METADATA = {"type": "object", "required": ["name"], "properties": {"name": NAME}}
+
+
+def resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return strict(
+        {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": METADATA, "spec": spec},
+        ["apiVersion", "kind", "metadata", "spec"],
+    )
+
+
+# KEDA 2.x (keda.sh/v1alpha1): the ScaledObject fields, and the Redis list scaler's parameters.
+REDIS_TRIGGER_METADATA = strict(
+    {
+        key: STRING
+        for key in (
+            "address", "addresses", "host", "hosts", "port", "ports", "username", "listName", "listLength",
+            "activationListLength", "databaseIndex", "enableTLS", "unsafeSsl",
+        )
+    },
+    ["listName"],
+)  # fmt: skip
+AUTHENTICATION_REF = strict(
+    {"name": NAME, "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]}}, ["name"]
+)
+TRIGGER = strict(
+    {
+        "type": {"const": "redis"},
+        "name": STRING,
+        "metadata": REDIS_TRIGGER_METADATA,
+        "authenticationRef": AUTHENTICATION_REF,
+        "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+        "useCachedMetrics": {"type": "boolean"},
+    },
+    ["type", "metadata"],
+)
+SCALE_TARGET = strict(
+    {"apiVersion": STRING, "kind": STRING, "name": NAME, "envSourceContainerName": STRING}, ["name"]
+)
+HPA_CONFIG = strict({"name": STRING, "behavior": {"type": "object"}})  # behavior: checked as an HPA's
+SCALED_OBJECT_SPEC = strict(
+    {
+        "scaleTargetRef": SCALE_TARGET,
+        "minReplicaCount": COUNT,
+        "maxReplicaCount": {"type": "integer", "minimum": 1},
+        "pollingInterval": {"type": "integer", "minimum": 1},
+        "cooldownPeriod": COUNT,
+        "initialCooldownPeriod": COUNT,
+        "idleReplicaCount": COUNT,
+        "advanced": strict(
+            {
+                "restoreToOriginalReplicaCount": {"type": "boolean"},
+                "horizontalPodAutoscalerConfig": HPA_CONFIG,
+            }
+        ),
+        "triggers": {"type": "array", "minItems": 1, "items": TRIGGER},
+    },
+    ["scaleTargetRef", "triggers"],
+)
+SECRET_TARGET_REF = strict(
+    {"parameter": {"enum": ["password", "username", "tls", "ca", "cert", "key"]}, "name": NAME, "key": NAME},
+    ["parameter", "name", "key"],
+)
+TRIGGER_AUTHENTICATION_SPEC = strict(
+    {"secretTargetRef": {"type": "array", "minItems": 1, "items": SECRET_TARGET_REF}}, ["secretTargetRef"]
+)
+# Prometheus Operator (monitoring.coreos.com/v1).
+ENDPOINT = strict(
+    {
+        "port": NAME,
+        "path": {"type": "string", "pattern": "^/"},
+        "scheme": {"enum": ["http", "https"]},
+        "interval": DURATION,
+        "scrapeTimeout": DURATION,
+        "honorLabels": {"type": "boolean"},
+    },
+    ["port"],
+)
+NAMESPACE_SELECTOR = strict({"any": {"type": "boolean"}, "matchNames": {"type": "array", "items": NAME}})
+SERVICE_MONITOR_SPEC = strict(
+    {
+        "selector": {"type": "object"},  # a LabelSelector: checked as a PodDisruptionBudget's
+        "namespaceSelector": NAMESPACE_SELECTOR,
+        "jobLabel": STRING,
+        "endpoints": {"type": "array", "minItems": 1, "items": ENDPOINT},
+    },
+    ["selector", "endpoints"],
+)
+CRD_SCHEMAS = {
+    "ScaledObject": resource("keda.sh/v1alpha1", "ScaledObject", SCALED_OBJECT_SPEC),
+    "TriggerAuthentication": resource(
+        "keda.sh/v1alpha1", "TriggerAuthentication", TRIGGER_AUTHENTICATION_SPEC
+    ),
+    "ServiceMonitor": resource("monitoring.coreos.com/v1", "ServiceMonitor", SERVICE_MONITOR_SPEC),
+}
+
+
+def kube_validate(doc: Manifest) -> None:
+    from kubernetes_validate import utils
+
+    utils.validate(doc, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_custom_resources_match_their_schemas(rendered):
+    import jsonschema
+
+    seen = set()
+    for case, docs in rendered.items():
+        for doc in docs:
+            if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+                continue
+            seen.add(doc["kind"])
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
+            # The Kubernetes types inside them, through kubernetes-validate's strict schemas.
+            if doc["kind"] == "ScaledObject":
+                behavior = (
+                    doc["spec"].get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
+                )
+                kube_validate(
+                    {
+                        "apiVersion": "autoscaling/v2",
+                        "kind": "HorizontalPodAutoscaler",
+                        "metadata": {"name": "behavior-of-" + case},
+                        "spec": {
+                            "scaleTargetRef": doc["spec"]["scaleTargetRef"],
+                            "minReplicas": 1,
+                            "maxReplicas": doc["spec"]["maxReplicaCount"],
+                            "behavior": behavior or {},
+                        },
+                    }
+                )
+            if doc["kind"] == "ServiceMonitor":
+                kube_validate(
+                    {
+                        "apiVersion": "policy/v1",
+                        "kind": "PodDisruptionBudget",
+                        "metadata": {"name": "selector-of-" + case},
+                        "spec": {"maxUnavailable": 1, "selector": doc["spec"]["selector"]},
+                    }
+                )
+    assert seen == {kind for _, kind in CRD_KINDS}, "a CI values file should turn on every custom resource"
+
+
+def test_custom_resource_schemas_reject_typos():
+    import jsonschema
+
+    scaled = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "w"},
+        "spec": {
+            "scaleTargetRef": {"name": "w"},
+            "triggers": [{"type": "redis", "metadata": {"listname": "q"}}],
+        },
+    }
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(scaled, CRD_SCHEMAS["ScaledObject"])
+
+
+# --- cross-references inside a render -----------------------------------------------------------------
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_selectors_and_targets_find_their_pods(rendered, case):
+    docs = rendered[case]
+    pods = [template["metadata"]["labels"] for _, template in pod_templates(docs)]
+    for doc in docs:
+        kind, spec = doc["kind"], doc.get("spec", {})
+        if kind == "Service":
+            assert any(selects(spec["selector"], p) for p in pods), doc["metadata"]["name"]
+        if kind in ("PodDisruptionBudget", "Deployment", "StatefulSet"):
+            assert any(selects(spec["selector"]["matchLabels"], p) for p in pods), doc["metadata"]["name"]
+        if kind == "NetworkPolicy":
+            assert any(selects(spec["podSelector"]["matchLabels"], p) for p in pods)
+        if kind == "HorizontalPodAutoscaler" or kind == "ScaledObject":
+            target = spec["scaleTargetRef"]
+            assert one(docs, target["kind"], target["name"])
+        if kind == "ServiceMonitor":
+            services = [
+                s
+                for s in find(docs, "Service")
+                if selects(spec["selector"]["matchLabels"], s["metadata"]["labels"])
+            ]
+            assert services, doc["metadata"]["name"]
+            ports = {p["name"] for s in services for p in s["spec"]["ports"]}
+            assert {e["port"] for e in spec["endpoints"]} <= ports
+        if kind == "Ingress":
+            for rule in spec["rules"]:
+                for path in rule["http"]["paths"]:
+                    service = one(docs, "Service", path["backend"]["service"]["name"])
+                    assert path["backend"]["service"]["port"]["name"] in {
+                        p["name"] for p in service["spec"]["ports"]
+                    }
+
+
+def existing_names(values: Any, key: str) -> set[str]:
+    """Every non-empty value of `key` anywhere in the values: objects the chart expects to exist."""
+    if isinstance(values, dict):
+        found = {v for k, v in values.items() if k == key and isinstance(v, str) and v}
+        return found.union(*(existing_names(v, key) for v in values.values()))
+    return set()
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_config_maps_secrets_and_claims_exist(rendered, case):
+    docs, values = rendered[case], case_values(case)
+    secrets = {d["metadata"]["name"]: d for d in find(docs, "Secret")}
+    config_maps = {d["metadata"]["name"] for d in find(docs, "ConfigMap")}
+    claims = {d["metadata"]["name"] for d in find(docs, "PersistentVolumeClaim")}
+    external_secrets = existing_names(values, "existingSecret")
+    for _, template in pod_templates(docs):
+        spec = template["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            for source in c.get("envFrom", []):
+                assert source["configMapRef"]["name"] in config_maps
+            for entry in c.get("env", []):
+                ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] not in external_secrets:
+                    assert ref["key"] in secrets[ref["name"]]["stringData"], ref
+        for volume in spec.get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims | existing_names(
+                    values, "existingClaim"
+                )
+    for doc in find(docs, "TriggerAuthentication"):
+        for ref in doc["spec"]["secretTargetRef"]:
+            assert ref["name"] in external_secrets or ref["key"] in secrets[ref["name"]]["stringData"]
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_every_dreamomni2_variable_is_a_real_setting(rendered, case):
+    from app.settings import GatewaySettings
+    from models.settings import EngineSettings
+    from workers.config import WorkerSettings
+
+    known = {
+        f"DREAMOMNI2_{name.upper()}"
+        for cls in (GatewaySettings, WorkerSettings, EngineSettings)
+        for name in cls.model_fields
+    } | {
+        f"DREAMOMNI2_{name.upper()}" for name in WorkerSettings.model_fields["limits"].annotation.model_fields
+    }
+    used = set(shared_config(rendered[case]))
+    for _, template in pod_templates(rendered[case]):
+        for c in template["spec"]["containers"]:
+            used |= set(env_of(c))
+    unknown = sorted(name for name in used if name.startswith("DREAMOMNI2_") and name not in known)
+    assert not unknown, unknown
+
+
+# --- the service's own requirements --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_workers_ask_for_a_gpu_and_tolerate_gpu_nodes(rendered, case):
+    worker = workload(rendered[case], "worker")
+    assert container(worker)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env_of(container(worker))["DREAMOMNI2_PRESET"] == "dreamomni2"
+    assert any(t["key"] == "nvidia.com/gpu" for t in worker["spec"]["template"]["spec"]["tolerations"])
+
+
+def test_tiny_cpu_values_use_no_gpu(rendered):
+    docs = rendered["tiny-cpu"]
+    assert "nvidia.com/gpu" not in json.dumps(docs)
+    worker = container(workload(docs, "worker"))
+    assert env_of(worker)["DREAMOMNI2_PRESET"] == "tiny" and env_of(worker)["DREAMOMNI2_DEVICE"] == "cpu"
+    assert not find(docs, "PersistentVolumeClaim") and not find(docs, "Job")
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_workers_outlive_the_longest_job_and_probe_health(rendered, case):
+    docs = rendered[case]
+    worker = workload(docs, "worker")
+    timeout = int(shared_config(docs)["DREAMOMNI2_JOB_TIMEOUT_S"])
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > timeout
+    c = container(worker)
+    assert c["command"] == ["python", "-m", "workers"]  # SIGTERM reaches Celery: warm shutdown
+    startup, liveness = c["startupProbe"], c["livenessProbe"]
+    assert startup["exec"]["command"] == liveness["exec"]["command"] == HEALTH_COMMAND
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget >= (1800 if case != "tiny-cpu" else 120), "model loading needs time"
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] <= 300, (
+        "a hung worker is caught in minutes"
+    )
+
+
+def test_grace_period_follows_the_job_timeout(helm):
+    docs = render(helm, {"config": {"jobTimeoutS": 3600}})
+    assert workload(docs, "worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 3600
+    assert shared_config(docs)["DREAMOMNI2_JOB_TIMEOUT_S"] == "3600"
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_gateway_probes_and_no_torch_image(rendered, case):
+    gateway = container(workload(rendered[case], "gateway"))
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert env_of(gateway)["DREAMOMNI2_HOST"] == "0.0.0.0"
+    assert "gateway" in gateway["image"]
+
+
+def test_in_chart_redis_persists_and_never_evicts(rendered):
+    docs = rendered["default"]
+    redis = workload(docs, "redis")
+    assert redis["kind"] == "StatefulSet" and redis["spec"]["volumeClaimTemplates"]
+    conf = one(docs, "ConfigMap", f"{RELEASE}-redis-config")["data"]["redis.conf"].splitlines()
+    assert "appendonly yes" in conf and "maxmemory-policy noeviction" in conf
+    assert any(m["mountPath"] == "/data" for m in container(redis)["volumeMounts"])
+    url = env_of(container(workload(docs, "gateway")))["DREAMOMNI2_REDIS_URL"]
+    assert url == f"redis://:$(REDIS_PASSWORD)@{RELEASE}-redis.{NAMESPACE}.svc:6379/0"
+
+
+@pytest.mark.parametrize("case", ["default", "keda", "tiny-cpu"])
+def test_network_policy_lets_only_gateway_and_workers_reach_redis(rendered, case):
+    docs = rendered[case]
+    policy = one(docs, "NetworkPolicy")
+    redis_pods = workload(docs, "redis")["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], redis_pods)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    peers = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
+    components = ["gateway", "worker", "redis"] + (["weights"] if find(docs, "Job") else [])
+    admitted = {
+        component
+        for component in components
+        if any(
+            selects(peer, workload(docs, component)["spec"]["template"]["metadata"]["labels"])
+            for peer in peers
+        )
+    }
+    assert admitted == {"gateway", "worker"}
+    namespaces = [p["namespaceSelector"]["matchLabels"] for p in rule["from"] if "namespaceSelector" in p]
+    assert namespaces == ([{"kubernetes.io/metadata.name": "keda"}] if case == "keda" else [])
+
+
+def test_keda_scales_workers_on_the_celery_list(rendered):
+    docs = rendered["keda"]
+    scaled = one(docs, "ScaledObject")
+    worker = workload(docs, "worker")
+    assert "replicas" not in worker["spec"], "KEDA owns the worker count"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+    assert scaled["spec"]["minReplicaCount"] == 0
+    [trigger] = scaled["spec"]["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "redis"
+    assert meta["listName"] == shared_config(docs)["DREAMOMNI2_QUEUE"] == "dreamomni2.jobs"
+    assert meta["address"] == f"{RELEASE}-redis.{NAMESPACE}.svc:6379" and meta["databaseIndex"] == "0"
+    auth = one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    [ref] = auth["spec"]["secretTargetRef"]
+    assert ref["parameter"] == "password"
+    redis_password = container(workload(docs, "redis"))["env"][0]["valueFrom"]["secretKeyRef"]
+    assert {"name": ref["name"], "key": ref["key"]} == redis_password
+
+
+def test_external_redis_over_tls_with_its_own_secret(rendered):
+    docs = rendered["external-redis"]
+    assert not find(docs, "StatefulSet") and not find(docs, "NetworkPolicy")
+    for component in ("gateway", "worker"):
+        env = env_of(container(workload(docs, component)))
+        assert env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "managed-redis", "key": "password"}}
+        assert env["DREAMOMNI2_REDIS_URL"] == (
+            "rediss://:$(REDIS_PASSWORD)@redis.example.internal:6380/2?ssl_cert_reqs=required"
+        )
+    meta = one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert meta["address"] == "redis.example.internal:6380"
+    assert (meta["databaseIndex"], meta["enableTLS"]) == ("2", "true")
+    assert one(docs, "TriggerAuthentication")["spec"]["secretTargetRef"][0]["name"] == "managed-redis"
+
+
+def test_weights_are_downloaded_once_onto_a_shared_volume(rendered):
+    docs = rendered["default"]
+    claim = one(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = workload(docs, "weights")
+    download = container(job)
+    target = download["command"][download["command"].index("--target") + 1]
+    worker = workload(docs, "worker")
+    pod = worker["spec"]["template"]["spec"]
+    [wait] = pod["initContainers"]
+    assert env_of(wait)["MARKER"] == f"{target}/.complete"
+    env = env_of(container(worker))
+    assert (
+        env["DREAMOMNI2_BASE_MODEL"] == f"{target}/base"
+        and env["DREAMOMNI2_ADAPTERS"] == f"{target}/adapters"
+    )
+    assert env["HF_HUB_OFFLINE"] == "1" and "HF_TOKEN" not in env
+    assert all(m["readOnly"] for m in container(worker)["volumeMounts"] if m["name"] == "weights")
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {claim["metadata"]["name"]}
+    scripts = one(docs, "ConfigMap", f"{RELEASE}-weights-download")["data"]
+    assert (
+        scripts["download_weights.py"].strip()
+        == (CHART / "files" / "download_weights.py").read_text().strip()
+    )
+    assert json.loads(scripts["spec.json"])["base"]["repo"] == "black-forest-labs/FLUX.1-Kontext-dev"
+    # With a token Secret the Job (only the Job) gets HF_TOKEN.
+    assert "HF_TOKEN" in env_of(container(workload(rendered["keda"], "weights")))
+
+
+def test_new_weights_get_a_new_job_and_folder_and_new_images_only_a_new_job(helm):
+    def job_and_target(values: dict[str, Any]) -> tuple[str, str]:
+        job = workload(render(helm, values), "weights")
+        command = container(job)["command"]
+        return job["metadata"]["name"], command[command.index("--target") + 1]
+
+    base = job_and_target({})
+    assert job_and_target({}) == base
+    new_revision = job_and_target({"weights": {"baseModel": {"revision": "0123abc"}}})
+    assert new_revision[0] != base[0] and new_revision[1] != base[1]
+    new_image = job_and_target({"worker": {"image": {"tag": "0.2.0"}}})
+    assert new_image[0] != base[0] and new_image[1] == base[1]
+
+
+def test_prefilled_weights_are_mounted_read_only_without_a_download(rendered):
+    docs = rendered["external-redis"]
+    assert not find(docs, "Job") and not find(docs, "PersistentVolumeClaim")
+    worker = workload(docs, "worker")
+    pod = worker["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    [claim] = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claim == {"claimName": "dreamomni2-weights-prefilled", "readOnly": True}
+    assert env_of(container(worker))["DREAMOMNI2_BASE_MODEL"] == "/models/FLUX.1-Kontext-dev"
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_pods_run_as_non_root_with_pdbs(rendered, case):
+    docs = rendered[case]
+    for _, template in pod_templates(docs):
+        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+        for c in template["spec"].get("initContainers", []) + template["spec"]["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    budgets = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"] for d in find(docs, "PodDisruptionBudget")
+    }
+    assert budgets == {"gateway", "worker"}
+
+
+# --- the weights download script ----------------------------------------------------------------------
+
+
+def test_download_script_fills_the_folder_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # no __pycache__ inside the chart
+    spec_module = importlib.util.spec_from_file_location(
+        "download_weights", CHART / "files" / "download_weights.py"
+    )
+    script = importlib.util.module_from_spec(spec_module)
+    spec_module.loader.exec_module(script)
+    calls: list[dict[str, Any]] = []
+    fake_hub = type(sys)("huggingface_hub")
+    fake_hub.snapshot_download = lambda **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake_hub)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    spec = {
+        "base": {
+            "repo": "org/base",
+            "revision": "abc",
+            "allowPatterns": [],
+            "ignorePatterns": ["big.safetensors"],
+        },
+        "adapters": {"repo": "org/adapters", "revision": "def", "allowPatterns": ["edit_lora/*"]},
+    }
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    target = tmp_path / "sets" / "x"
+    assert script.main(["--spec", str(spec_file), "--target", str(target)]) == 0
+    assert [(c["repo_id"], c["revision"], c["local_dir"]) for c in calls] == [
+        ("org/base", "abc", target / "base"),
+        ("org/adapters", "def", target / "adapters"),
+    ]
+    assert calls[0]["allow_patterns"] is None and calls[0]["ignore_patterns"] == ["big.safetensors"]
+    assert calls[1]["allow_patterns"] == ["edit_lora/*"] and calls[0]["token"] == "hf_test"
+    assert json.loads((target / ".complete").read_text()) == spec
+    assert script.main(["--spec", str(spec_file), "--target", str(target)]) == 0
+    assert len(calls) == 2, "a complete folder is not downloaded again"
+
+
+# --- dashboard ----------------------------------------------------------------------------------------
+
+
+def exported_metrics() -> set[str]:
+    sources = (ROOT / "app" / "metrics.py").read_text() + (ROOT / "workers" / "metrics.py").read_text()
+    return set(re.findall(r'"(dreamomni2_[a-z_]+)"', sources))
+
+
+def test_dashboard_shows_every_exported_metric_and_nothing_else(rendered):
+    text = (CHART / "dashboards" / "dreamomni2.json").read_text()
+    dashboard = json.loads(text)
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"dreamomni2_[a-z_]+", e)
+    }
+    exported = exported_metrics()
+    assert len(exported) >= 12, exported
+    assert used <= exported, f"not exported by the service: {sorted(used - exported)}"
+    assert exported <= used, f"not on the dashboard: {sorted(exported - used)}"
+    shipped = one(rendered["keda"], "ConfigMap", f"{RELEASE}-dashboard")
+    assert shipped["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(shipped["data"]["dreamomni2.json"]) == dashboard
+
+
+# --- Dockerfiles and compose --------------------------------------------------------------------------
+
+
+def test_dockerfiles_pass_hadolint():
+    result = run([tool("hadolint"), "--config", str(DOCKER / ".hadolint.yaml"), *map(str, DOCKERFILES)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfiles_pin_bases_and_install_the_tested_dependency_sets():
+    gateway, worker = (path.read_text() for path in DOCKERFILES)
+    for text in (gateway, worker):
+        [base] = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+        assert re.search(r":\d+\.\d+\.\d+-", base), f"{base}: pin an exact version"
+        assert re.search(r"^USER 10001", text, re.MULTILINE) and "HEALTHCHECK" in text
+    assert worker.startswith("# syntax") and "FROM nvidia/cuda:" in worker
+    assert "['optional-dependencies']['worker']" in worker and "torch.version.cuda" in worker
+    instructions = "\n".join(line for line in gateway.splitlines() if not line.startswith("#"))
+    assert "['project']['dependencies']" in instructions
+    assert "optional-dependencies" not in instructions and "torch" not in instructions
+    assert 'CMD ["python", "-m", "workers.health"]' in worker
+
+
+def compose_config(*flags: str) -> dict[str, Any]:
+    result = run([*compose_command(), "-f", str(COMPOSE), *flags, "config"])
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def seconds(duration: str) -> int:
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([hms])", duration))
+
+
+def volume_sources(service: dict[str, Any]) -> dict[str, str]:
+    """Mount target -> volume, from compose v1's short syntax (`models:/models:rw`) or v2's long one."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts[volume["target"]] = volume["source"]
+        else:
+            source, target = volume.split(":")[:2]
+            mounts[target] = source
+    return mounts
+
+
+def test_compose_file_is_valid():
+    result = run([*compose_command(), "-f", str(COMPOSE), "config", "-q"])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_stack_keeps_jobs_and_reserves_a_gpu():
+    services = compose_config("--profile", "cpu")["services"]
+    assert {"redis", "gateway", "worker", "worker-cpu"} <= set(services)
+    redis = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis
+    [device] = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "profiles" not in services["worker"] and services["worker-cpu"]["profiles"] == ["cpu"]
+    assert services["worker-cpu"]["environment"]["DREAMOMNI2_PRESET"] == "tiny"
+    assert "deploy" not in services["worker-cpu"]
+    timeout = int(services["worker"]["environment"]["DREAMOMNI2_JOB_TIMEOUT_S"])
+    for name in ("worker", "worker-cpu"):
+        assert seconds(services[name]["stop_grace_period"]) > timeout
+        assert volume_sources(services[name])["/models"] == "models"
+    assert services["gateway"]["environment"]["DREAMOMNI2_HOST"] == "0.0.0.0"
+    chart_redis = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]["image"]
+    assert services["redis"]["image"] == f"redis:{chart_redis['tag']}", "one Redis version everywhere"
