@@ -147,6 +147,11 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
             code="size_with_edit",
         )
     if task is Task.GENERATE:
+        # Check the sides as sent first: a side left out copies the other, and the error must name
+        # the one the caller actually sent.
+        for name, value in (("width", width), ("height", height)):
+            if value is not None:
+                _check_range(name, value, limits.min_size, limits.max_size)
         width = width if width is not None else (height if height is not None else limits.default_size)
         height = height if height is not None else width
         _check_range("width", width, limits.min_size, limits.max_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -74,14 +75,14 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
+    # Its own handler, not a branch of the catch-all below: Starlette re-raises whatever reaches the
+    # catch-all after answering, so the server would log a traceback and drop the connection.
+    @app.exception_handler(redis.RedisError)
+    async def store_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+        logger.error("Redis error on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "unavailable", "The job store (Redis) is unreachable; try again shortly.")
+
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        import redis
-
-        if isinstance(exc, redis.RedisError):
-            logger.error("Redis error on %s %s: %s", request.method, request.url.path, exc)
-            return error_response(
-                503, "unavailable", "The job store (Redis) is unreachable; try again shortly."
-            )
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal", "Unexpected error; it has been logged.")

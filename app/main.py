@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI
 
-from api_schemas.api import ErrorEnvelope
+from api_schemas.api import ErrorEnvelope, JobRequestJSON
 from app.auth import KeyRing
 from app.errors import install_error_handlers
 from app.metrics import GatewayMetrics
@@ -35,6 +36,21 @@ Authenticate with `Authorization: Bearer <key>` when the deployment has API keys
 """
 
 
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document plus the JSON body schema that `POST /v1/jobs` refers to by `$ref`.
+
+    That route reads its body itself (multipart or JSON), so FastAPI does not collect the model.
+    """
+    if app.openapi_schema is None:
+        document = FastAPI.openapi(app)
+        body = JobRequestJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for name, definition in body.pop("$defs", {}).items():
+            schemas.setdefault(name, definition)
+        schemas["JobRequestJSON"] = body
+    return app.openapi_schema
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
     store = JobStore.from_url(settings.redis_url, settings.redis_prefix)
@@ -54,6 +70,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         lifespan=lifespan,
         responses={500: {"model": ErrorEnvelope, "description": "Unexpected error."}},
     )
+    app.openapi = lambda: openapi_document(app)
     app.state.settings = settings
     app.state.keys = KeyRing(settings)
     app.state.metrics = metrics

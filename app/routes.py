@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from api_schemas.api import Job, JobRequestJSON, Readiness, WorkerCounts
+from api_schemas.api import ErrorEnvelope, Job, JobRequestJSON, Readiness, WorkerCounts
 from api_schemas.errors import InvalidInput, UnsupportedMediaType
 from api_schemas.jobs import JobParameters
 from app.errors import ERROR_RESPONSES
@@ -143,7 +143,11 @@ def job_response(
     summary="Submit a job",
     status_code=202,
     response_model=Job,
-    responses={200: {"model": Job, "description": "Finished within `Prefer: wait=N`."}, **ERROR_RESPONSES},
+    responses={
+        200: {"model": Job, "description": "Finished within `Prefer: wait=N`."},
+        **ERROR_RESPONSES,
+        415: {"model": ErrorEnvelope, "description": "The body is neither multipart/form-data nor JSON."},
+    },
     openapi_extra=_SUBMIT_DOC,
 )
 async def create_job(

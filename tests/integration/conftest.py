@@ -1,0 +1,91 @@
+"""The main stack every API test shares: Redis, one worker and the gateway with two API keys.
+
+Tests that need other settings (short leases, a job timeout, no worker, no Redis) start their own
+smaller stack; a second gateway with other limits can join the main stack's Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from app.auth import hash_key, new_key
+from app.stack import LocalStack, ManagedProcess
+from workers.store import JobStore
+
+from .support import check_alive, core_processes, stack_env, wait_until
+
+
+@dataclass
+class Service:
+    """The running main stack and what tests use to talk to it."""
+
+    stack: LocalStack
+    keys: dict[str, str]
+    redis: redis.Redis
+    store: JobStore
+    clients: list[httpx.Client] = field(default_factory=list)
+
+    @property
+    def core(self) -> list[ManagedProcess]:
+        return core_processes(self.stack)
+
+    def client(self, owner: str | None = "alice", base_url: str | None = None) -> httpx.Client:
+        """An HTTP client sending `owner`'s key (none for None), closed after the test."""
+        headers = {"Authorization": f"Bearer {self.keys[owner]}"} if owner else {}
+        client = httpx.Client(base_url=base_url or self.stack.url, headers=headers, timeout=60)
+        self.clients.append(client)
+        return client
+
+    def idle(self) -> bool:
+        """No job queued or running (what a test leaves behind for the next)."""
+        return self.store.queue_depth() == 0 and not self.redis.scard("do2:running")
+
+
+@pytest.fixture(scope="session")
+def api_keys() -> dict[str, str]:
+    return {"alice": new_key(), "bob": new_key()}
+
+
+@pytest.fixture(scope="session")
+def main_stack(
+    tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory, api_keys: dict[str, str]
+) -> Iterator[LocalStack]:
+    entries = ",".join(f"{name}:{hash_key(key)}" for name, key in api_keys.items())
+    env = stack_env(tiny_cache, DREAMOMNI2_API_KEYS=entries)
+    with LocalStack(tmp_path_factory.mktemp("main-stack"), workers=1, env=env) as stack:
+        yield stack
+
+
+@pytest.fixture
+def service(main_stack: LocalStack, api_keys: dict[str, str]) -> Iterator[Service]:
+    """The main stack; after the test, waits until its worker is idle so tests do not overlap."""
+    check_alive(core_processes(main_stack))
+    client = redis.Redis.from_url(main_stack.redis_url)
+    running = Service(main_stack, api_keys, client, JobStore(client))
+    yield running
+    for http in running.clients:
+        http.close()
+    check_alive(running.core)
+    wait_until(
+        lambda: True if running.idle() else None,
+        timeout=60,
+        what="the main stack's queue to drain",
+        watch=running.core,
+    )
+    client.close()
+
+
+@pytest.fixture
+def alice(service: Service) -> httpx.Client:
+    return service.client("alice")
+
+
+@pytest.fixture
+def bob(service: Service) -> httpx.Client:
+    return service.client("bob")

@@ -1,0 +1,174 @@
+"""Workers that die or fail: a SIGKILLed worker's job runs again exactly once (or fails when out of
+attempts), and a job that fails inside a worker leaves that worker serving."""
+
+from __future__ import annotations
+
+import io
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from app.stack import LocalStack, ManagedProcess
+from workers.store import Event, JobStore
+
+from .support import (
+    LONG_STEPS,
+    TERMINAL,
+    assert_error,
+    is_denoising,
+    stack_env,
+    submit_json,
+    wait_for_job,
+    wait_for_status,
+)
+
+# Short leases, so a dead worker's job is noticed in seconds: a lapsed 3 s lease, found within 1 s.
+FAST_LEASES = {
+    "DREAMOMNI2_LEASE_TTL_S": "3",
+    "DREAMOMNI2_HEARTBEAT_S": "1",
+    "DREAMOMNI2_REAPER_INTERVAL_S": "1",
+}
+#: The promised bound from a worker's death to its job starting again (or failing) elsewhere.
+RECOVERY_BOUND_S = 60
+#: Steps of the job to kill: seconds to run, and few enough that both runs' progress events fit in
+#: the job's event stream (capped near 1000 entries) next to its queued, started and final events.
+KILL_STEPS = 800
+
+
+def all_events(store: JobStore, job_id: str) -> list[Event]:
+    """The job's whole event stream (`events` answers at most 100 at a time)."""
+    events: list[Event] = []
+    while batch := store.events(job_id, after=events[-1].id if events else "0-0"):
+        events += batch
+    return events
+
+
+def timestamp(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def kill_mid_job(
+    stack: LocalStack, store: JobStore, client: httpx.Client, job_id: str
+) -> tuple[ManagedProcess, float]:
+    """SIGKILL the worker running `job_id` once it is denoising; returns it and the time of the kill."""
+    wait_for_job(
+        client, job_id, is_denoising, timeout=60, what="the job to be denoising", watch=stack.processes
+    )
+    running_on = store.get(job_id).worker
+    victim = next(p for p in stack.processes if p.name == running_on)
+    killed_at = time.time()
+    victim.kill()
+    assert not victim.alive()
+    job = store.get(job_id)
+    assert job.status.value == "running" and job.progress["step"] < job.progress["total"], job
+    return victim, killed_at
+
+
+def test_killed_worker_job_runs_again_exactly_once(tiny_cache: Path, tmp_path: Path) -> None:
+    env = stack_env(tiny_cache, **FAST_LEASES)
+    with (
+        LocalStack(tmp_path, workers=2, env=env) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
+        store = JobStore.from_url(stack.redis_url)
+        response = submit_json(client, [], {"instruction": "A long night", "steps": KILL_STEPS, "seed": 11})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+
+        victim, killed_at = kill_mid_job(stack, store, client, job_id)
+        survivors = [p for p in stack.processes if p is not victim]
+        done = wait_for_status(client, job_id, timeout=RECOVERY_BOUND_S + 60, watch=survivors)
+
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempts"] == 2
+        survivor = store.get(job_id).worker
+        assert survivor != victim.name and survivor.startswith("worker-")
+        recovery_s = timestamp(done["started_at"]) - killed_at
+        print(
+            f"\njob {job_id} started again on {survivor} {recovery_s:.2f}s after {victim.name} was SIGKILLed"
+        )
+        assert 0 < recovery_s < RECOVERY_BOUND_S
+
+        events = all_events(store, job_id)
+        assert events[0].type == "queued", "the stream lost its first events"
+        types = [event.type for event in events]
+        assert [t for t in types if t in TERMINAL] == ["succeeded"] and types[-1] == "succeeded"
+        assert [event.data.get("attempt") for event in events if event.type == "started"] == [1, 2]
+        requeued = [event.data.get("reason") for event in events if event.type == "queued" and event.data]
+        assert requeued == ["worker_lost"]
+        assert not store.redis.sismember("do2:running", job_id)
+        assert not store.redis.exists(f"do2:lease:{job_id}")
+
+        result = client.get(done["links"]["result"])
+        assert result.status_code == 200
+        assert Image.open(io.BytesIO(result.content)).size == (
+            done["result"]["width"],
+            done["result"]["height"],
+        )
+
+
+def test_killed_worker_job_fails_when_out_of_attempts(tiny_cache: Path, tmp_path: Path) -> None:
+    env = stack_env(tiny_cache, **FAST_LEASES, DREAMOMNI2_MAX_ATTEMPTS="1")
+    with (
+        LocalStack(tmp_path, workers=2, env=env) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
+        store = JobStore.from_url(stack.redis_url)
+        response = submit_json(client, [], {"instruction": "A long night", "steps": KILL_STEPS})
+        job_id = response.json()["id"]
+
+        victim, killed_at = kill_mid_job(stack, store, client, job_id)
+        survivors = [p for p in stack.processes if p is not victim]
+        done = wait_for_status(client, job_id, timeout=RECOVERY_BOUND_S + 30, watch=survivors)
+
+        assert done["status"] == "failed"
+        assert done["error"]["code"] == "worker_lost"
+        assert done["attempts"] == 1 and done["result"] is None
+        assert 0 < timestamp(done["finished_at"]) - killed_at < RECOVERY_BOUND_S
+        types = [event.type for event in all_events(store, job_id)]
+        assert [t for t in types if t in TERMINAL] == ["failed"] and types.count("started") == 1
+        assert_error(client.get(done["links"]["result"]), 409, "job_failed")
+        assert not store.redis.exists(f"do2:job:{job_id}:images")
+
+        # The other worker was never disturbed: it takes the next job.
+        after = submit_json(
+            client, [], {"instruction": "A short one", "steps": 2}, headers={"Prefer": "wait=30"}
+        )
+        assert after.json()["status"] == "succeeded"
+        assert store.get(after.json()["id"]).worker != victim.name
+
+
+def test_failed_job_leaves_the_worker_serving(tiny_cache: Path, tmp_path: Path) -> None:
+    with (
+        LocalStack(
+            tmp_path, workers=1, env=stack_env(tiny_cache), worker_env={"DREAMOMNI2_JOB_TIMEOUT_S": "2"}
+        ) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
+        store = JobStore.from_url(stack.redis_url)
+        worker = next(p for p in stack.processes if p.name.startswith("worker"))
+        pid = worker.pid
+        response = submit_json(client, [], {"instruction": "Too long", "steps": LONG_STEPS})
+        job_id = response.json()["id"]
+
+        failed = wait_for_status(client, job_id, timeout=60, watch=stack.processes)
+
+        assert failed["status"] == "failed"
+        assert failed["error"]["code"] == "timeout"
+        assert failed["error"]["details"] == {"limit_s": 2}
+        assert failed["progress"]["stage"] == "denoise"
+        assert 0 < failed["progress"]["step"] < LONG_STEPS
+        assert_error(client.get(failed["links"]["result"]), 409, "job_failed")
+
+        response = submit_json(
+            client, [], {"instruction": "A short one", "steps": 2}, headers={"Prefer": "wait=30"}
+        )
+        after = response.json()
+
+        assert after["status"] == "succeeded", after["error"]
+        assert worker.alive() and worker.pid == pid
+        assert store.get(after["id"]).worker == store.get(job_id).worker == worker.name
+        assert client.get("/readyz").json()["workers"] == {"up": 1, "ready": 1}
