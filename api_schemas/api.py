@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_schemas.common import AdapterChoice, Task
+from api_schemas.jobs import JobParameters
 
 
 class JobStatus(StrEnum):
@@ -70,6 +71,28 @@ class ResultInfo(BaseModel):
     bytes: int
 
 
+class WebhookEventName(StrEnum):
+    STARTED = "started"
+    PROGRESS = "progress"
+    COMPLETED = "completed"
+
+
+class WebhookDelivery(BaseModel):
+    id: str = Field(description="The `webhook-id` of the delivery (the same on every attempt).")
+    event: WebhookEventName
+    status: str = Field(description="pending, retrying, delivered or failed.")
+    attempts: int
+    status_code: int | None = Field(default=None, description="The receiver's last HTTP status.")
+    error: str | None = None
+    at: datetime | None = None
+
+
+class WebhookInfo(BaseModel):
+    url: str
+    events: list[WebhookEventName]
+    last_delivery: WebhookDelivery | None = Field(default=None, description="The latest delivery's outcome.")
+
+
 class JobLinks(BaseModel):
     self_: str = Field(alias="self", serialization_alias="self")
     result: str
@@ -102,6 +125,12 @@ class Job(BaseModel):
     timings: dict[str, float] | None = Field(default=None, description="Seconds per stage, once finished.")
     error: ErrorInfo | None = None
     result: ResultInfo | None = None
+    cancel_requested: bool = Field(default=False, description="A cancel was asked while the job was running.")
+    cancel_reason: str | None = Field(
+        default=None, description="`requested` (POST .../cancel) or `deadline`, once a cancel applies."
+    )
+    deadline_at: datetime | None = Field(default=None, description="Not started by then: canceled unrun.")
+    webhook: WebhookInfo | None = None
     links: JobLinks
 
     model_config = ConfigDict(
@@ -144,7 +173,24 @@ class Job(BaseModel):
     )
 
 
-class JobRequestJSON(BaseModel):
+class JobOptions(JobParameters):
+    """Every field of `POST /v1/jobs` but the images (multipart form fields, or JSON members)."""
+
+    output_format: OutputFormat = OutputFormat.PNG
+    webhook_url: str | None = Field(
+        default=None, max_length=2048, description="Where to POST signed job events (Standard Webhooks)."
+    )
+    webhook_events: list[WebhookEventName] | None = Field(
+        default=None, description="Which events to send: started, progress, completed (default: completed)."
+    )
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Cancel the job unrun if no worker starts it within this many seconds (`Cancel-After`).",
+    )
+
+
+class JobRequestJSON(JobOptions):
     """`POST /v1/jobs` as JSON: the multipart fields, with images as base64 data URIs."""
 
     model_config = ConfigDict(
@@ -156,6 +202,8 @@ class JobRequestJSON(BaseModel):
                 "task": "edit",
                 "seed": 42,
                 "output_format": "png",
+                "webhook_url": "https://example.com/hooks/dreamomni2",
+                "webhook_events": ["completed"],
             }
         },
     )
@@ -163,15 +211,6 @@ class JobRequestJSON(BaseModel):
     images: list[str] = Field(
         default_factory=list, description="Image 1..n as `data:image/...;base64,` URIs."
     )
-    instruction: str
-    task: Task | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    width: int | None = None
-    height: int | None = None
-    translate: bool = True
-    output_format: OutputFormat = OutputFormat.PNG
 
 
 class WorkerCounts(BaseModel):

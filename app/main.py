@@ -5,12 +5,15 @@ uvicorn --factory app.main:create_app
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio.to_thread
+import redis.asyncio
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from api_schemas.api import ErrorEnvelope, JobRequestJSON
 from app.auth import KeyRing
@@ -56,11 +59,27 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     store = JobStore.from_url(settings.redis_url, settings.redis_prefix)
     metrics = GatewayMetrics(store)
 
+    jobs = JobService(settings, store, create_celery(settings), metrics)
+
+    async def expire_deadlines() -> None:
+        # Deadlines must hold even while no worker runs (workers may scale to zero): the gateway
+        # sweeps them. Every replica may; the store's cancel is atomic.
+        while True:
+            try:
+                await run_in_threadpool(jobs.expire_deadlines)
+            except Exception as exc:
+                logger.warning("deadline sweep failed: %s", exc)
+            await asyncio.sleep(settings.deadline_sweep_s)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Blocking Redis calls (including `Prefer: wait`) run in threads: allow enough of them.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        app.state.aredis = redis.asyncio.Redis.from_url(settings.redis_url, health_check_interval=30)
+        sweeper = asyncio.create_task(expire_deadlines())
         yield
+        sweeper.cancel()
+        await app.state.aredis.aclose()
         store.redis.close()
 
     app = FastAPI(
@@ -74,7 +93,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.keys = KeyRing(settings)
     app.state.metrics = metrics
-    app.state.jobs = JobService(settings, store, create_celery(settings), metrics)
+    app.state.jobs = jobs
     install_error_handlers(app)
     app.include_router(jobs_router)
     app.include_router(health_router)

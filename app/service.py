@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
 
 from celery import Celery
-from pydantic import ValidationError
 
-from api_schemas.api import Job, JobStatus, OutputFormat
+from api_schemas.api import Job, JobOptions, JobStatus, WebhookEventName
 from api_schemas.errors import Conflict, InvalidInput, PayloadTooLarge
 from api_schemas.images import check_byte_size, load_image
 from api_schemas.jobs import JobParameters, resolve_job
@@ -20,6 +21,7 @@ from app.settings import GatewaySettings
 from workers.celery_app import enqueue
 from workers.store import JobRecord, JobStore
 from workers.views import job_view
+from workers.webhooks import Notifier, WebhookDeliverer, WebhookEvent, check_destination
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +30,11 @@ _DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[
 
 @dataclass
 class Submission:
-    """A request as received, before checking: images as bytes in order, the other fields as sent."""
+    """A parsed request: images as bytes in order, the options, and header-borne settings."""
 
     images: list[bytes]
-    fields: dict[str, object]
+    options: JobOptions
+    cancel_after_s: float | None = None
 
 
 def decode_data_uri(uri: str, label: str, max_bytes: int) -> bytes:
@@ -59,6 +62,14 @@ def decode_data_uri(uri: str, label: str, max_bytes: int) -> bytes:
         ) from None
 
 
+def request_fingerprint(spec: dict, images: list[bytes], deadline_s: float | None) -> str:
+    """What makes two submissions "the same request" for Idempotency-Key, whatever their encoding."""
+    digest = hashlib.sha256(json.dumps({"spec": spec, "deadline_s": deadline_s}, sort_keys=True).encode())
+    for data in images:
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
 class JobService:
     def __init__(self, settings: GatewaySettings, store: JobStore, celery: Celery, metrics: GatewayMetrics):
         self.settings = settings
@@ -66,33 +77,18 @@ class JobService:
         self.store = store
         self.celery = celery
         self.metrics = metrics
+        self.notifier = Notifier(store, celery, settings)
+        self.webhooks = WebhookDeliverer(store, settings)
 
     # Submit -----------------------------------------------------------------------------------------
-    def check(self, submission: Submission) -> tuple[dict, list[bytes]]:
+    def check(self, owner: str, submission: Submission) -> tuple[dict, list[bytes]]:
         """Validate everything a worker would refuse, in the order a person would fix it."""
-        fields = dict(submission.fields)
-        output_format = fields.pop("output_format", None) or OutputFormat.PNG
-        try:
-            output_format = OutputFormat(output_format)
-        except ValueError:
-            raise InvalidInput(
-                f"output_format must be one of png, jpeg, webp; got {output_format!r}.",
-                code="invalid_output_format",
-            ) from None
-        try:
-            params = JobParameters.model_validate(fields)
-        except ValidationError as exc:
-            problems = [
-                {"field": ".".join(map(str, e["loc"])) or "body", "problem": e["msg"]} for e in exc.errors()
-            ]
-            summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
-            raise InvalidInput(
-                f"The request is invalid: {summary}.", code="invalid_request", details={"errors": problems}
-            ) from None
+        options = submission.options
         images = submission.images
         image_limits = self.limits.image_limits()
         for n, data in enumerate(images, start=1):
             check_byte_size(data, image_limits, f"image {n}")
+        params = JobParameters.model_validate(options.model_dump(include=set(JobParameters.model_fields)))
         job = resolve_job(params, len(images), self.limits)
         for n, data in enumerate(images, start=1):
             load_image(data, limits=image_limits, label=f"image {n}")
@@ -110,17 +106,53 @@ class JobService:
             "task": job.task.value,
             "adapter": job.adapter.value,
             "image_count": job.image_count,
-            "output_format": output_format.value,
+            "output_format": options.output_format.value,
         }
+        if options.webhook_url is not None:
+            spec["webhook"] = self.check_webhook(owner, options)
+        elif options.webhook_events:
+            raise InvalidInput("webhook_events needs a webhook_url.", code="invalid_request")
         return spec, images
 
-    def submit(self, owner: str, submission: Submission) -> JobRecord:
+    def check_webhook(self, owner: str, options: JobOptions) -> dict:
+        if self.webhooks.secret_for(owner) is None:
+            raise InvalidInput(
+                "Webhooks are not configured on this deployment (no signing secret); poll the job or use "
+                "its event stream instead.",
+                code="webhooks_unavailable",
+            )
+        check_destination(options.webhook_url, self.webhooks.allowlist)
+        events = sorted({e.value for e in options.webhook_events or [WebhookEventName.COMPLETED]})
+        return {"url": options.webhook_url, "events": events}
+
+    def submit(
+        self, owner: str, submission: Submission, idempotency_key: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Queue a checked job; returns it and whether it is the replay of an earlier request."""
         try:
-            spec, images = self.check(submission)
+            spec, images = self.check(owner, submission)
         except InvalidInput as exc:
             self.metrics.jobs_rejected.labels(exc.code).inc()
             raise
-        record = self.store.create(owner=owner, spec=spec, images=images, ttl_s=self.settings.job_ttl_s)
+        deadlines = [s for s in (submission.options.deadline_s, submission.cancel_after_s) if s is not None]
+        deadline_s = min(deadlines) if deadlines else None
+        ttl_s = self.settings.job_ttl_s
+        fingerprint = ""
+        if idempotency_key is not None:
+            fingerprint = request_fingerprint(spec, images, deadline_s)
+            existing = self.store.reserve_idempotency_key(owner, idempotency_key, fingerprint, ttl_s)
+            if existing is not None:
+                return self.store.get(existing, owner), True
+        try:
+            record = self.store.create(
+                owner=owner, spec=spec, images=images, ttl_s=ttl_s, deadline_s=deadline_s
+            )
+        except Exception:
+            if idempotency_key is not None:
+                self.store.release_idempotency_key(owner, idempotency_key)
+            raise
+        if idempotency_key is not None:
+            self.store.complete_idempotency_key(owner, idempotency_key, fingerprint, record.id, ttl_s)
         try:
             enqueue(self.celery, self.settings, record.id)
         except Exception as exc:
@@ -128,7 +160,30 @@ class JobService:
             self.store.fail_unsent(record.id, "The job queue is unreachable; the job was not queued.")
             raise
         self.metrics.jobs_submitted.labels(spec["task"], spec["adapter"]).inc()
-        return record
+        return record, False
+
+    def cancel(self, owner: str, job_id: str) -> tuple[JobRecord, bool]:
+        """Cancel a job; returns it and whether the cancel is still under way (it was running)."""
+        self.store.get(job_id, owner)
+        outcome = self.store.cancel(job_id)
+        if outcome == "canceled":
+            self.notifier.notify(job_id, WebhookEvent.COMPLETED)
+        elif outcome != "cancel_requested":
+            raise Conflict(
+                f"Job {job_id} already {outcome}; only queued or running jobs can be canceled.",
+                code="job_finished",
+                details={"status": outcome},
+            )
+        return self.store.get(job_id), outcome == "cancel_requested"
+
+    def expire_deadlines(self) -> int:
+        """Cancel queued jobs past their deadline (any gateway replica may run this; it is atomic)."""
+        expired = 0
+        for job_id in self.store.due_deadlines():
+            if self.store.expire_deadline(job_id):
+                expired += 1
+                self.notifier.notify(job_id, WebhookEvent.COMPLETED)
+        return expired
 
     # Read -------------------------------------------------------------------------------------------
     def get(self, owner: str, job_id: str) -> JobRecord:

@@ -28,6 +28,9 @@ class GatewaySettings(ServiceSettings):
         default=110 * 1024 * 1024, description="Largest request body accepted (413 above it)."
     )
     max_wait_s: int = Field(default=60, ge=0, description="Longest `Prefer: wait=N` honoured.")
+    deadline_sweep_s: float = Field(
+        default=1.0, gt=0, description="How often queued jobs' deadlines are checked."
+    )
     threads: int = Field(default=128, ge=8, description="Threads for blocking Redis and image work.")
 
 

@@ -161,6 +161,14 @@ class LocalStack:
         self.processes.append(process)
         return process
 
+    def start_webhook_worker(self, env: dict[str, str] | None = None) -> ManagedProcess:
+        """The webhook delivery worker (no models; consumes the webhook queue)."""
+        process = spawn(
+            "webhooks", [sys.executable, "-m", "workers.webhooks"], self.workdir, self.process_env(env)
+        )
+        self.processes.append(process)
+        return process
+
     def start_gateway(
         self, port: int | None = None, env: dict[str, str] | None = None, processes: int = 1
     ) -> ManagedProcess:
@@ -195,6 +203,7 @@ class LocalStack:
             self.start_redis()
             for _ in range(self.workers):
                 self.start_worker()
+            self.start_webhook_worker()
             self.start_gateway()
             if self.workers:
                 self.wait_workers_ready()

@@ -24,6 +24,27 @@ class ServiceSettings(BaseSettings):
         default=900, ge=1, description="Longest a job may run before it fails (timeout)."
     )
     max_attempts: int = Field(default=3, ge=1, description="Runs of a job whose worker died before it fails.")
+    webhook_secret: str = Field(
+        default="", description="The deployment's `whsec_...` secret signing webhooks (Standard Webhooks)."
+    )
+    webhook_secrets: str = Field(
+        default="", description="Per-API-key secrets, `name:whsec_...` comma-separated; override the above."
+    )
+    webhook_allowlist: str = Field(
+        default="", description="Hosts or CIDRs admitted as webhook destinations although not public."
+    )
+    webhook_backoff_s: float = Field(
+        default=30.0, gt=0, description="First retry delay; it doubles each time."
+    )
+    webhook_max_attempts: int = Field(default=8, ge=1, description="Delivery attempts before giving up.")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Per-attempt timeout.")
+    webhook_queue: str = Field(
+        default="dreamomni2.webhooks", description="Celery queue of webhook deliveries."
+    )
+    webhook_concurrency: int = Field(default=16, ge=1, description="Threads of a webhook delivery worker.")
+    webhook_progress_interval_s: float = Field(
+        default=2.0, ge=0, description="Least time between two `progress` webhooks of one job."
+    )
     limits: JobLimits = Field(default_factory=JobLimits)
 
     @property

@@ -15,6 +15,7 @@ from workers import metrics
 from workers.celery_app import create_celery, enqueue
 from workers.config import WorkerSettings
 from workers.store import JobStore
+from workers.webhooks import Notifier, WebhookEvent
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -59,6 +60,7 @@ class WorkerRuntime:
         self.engine_settings = engine_settings
         self.store = JobStore.from_url(settings.redis_url, settings.redis_prefix)
         self.celery = create_celery(settings)
+        self.notifier = Notifier(self.store, self.celery, settings)
         self.engine: Engine | None = None
         self._current: tuple[str, str] | None = None
         self._last_progress = time.monotonic()
@@ -158,6 +160,7 @@ class WorkerRuntime:
                 logger.warning("job %s lost its worker; requeued", job_id)
             else:
                 logger.error("job %s lost its worker %d times; failed", job_id, self.settings.max_attempts)
+                self.notifier.notify(job_id, WebhookEvent.COMPLETED)
         self.store.prune_queue()
 
     # The job ---------------------------------------------------------------------------------------
@@ -173,6 +176,7 @@ class WorkerRuntime:
         self._last_progress = time.monotonic()
         self._current = (job_id, claim.token)
         self._announce()
+        self.notifier.notify(job_id, WebhookEvent.STARTED)
         try:
             status = self._execute(job_id, claim.token)
         finally:
@@ -188,6 +192,8 @@ class WorkerRuntime:
         if record.started_at is not None:
             metrics.QUEUE_WAIT.observe(max(0.0, record.started_at - record.created_at))
         deadline = time.monotonic() + self.settings.job_timeout_s
+        progress_hooks = self.notifier.wants(record, WebhookEvent.PROGRESS)
+        last_progress_hook = 0.0
 
         def should_cancel() -> bool:
             if self._lease_lost.is_set():
@@ -198,11 +204,15 @@ class WorkerRuntime:
                     "use fewer steps or fewer images.",
                     details={"limit_s": self.settings.job_timeout_s},
                 )
-            return False
+            return self.store.cancel_requested(job_id)
 
         def on_progress(stage: str, step: int, total: int) -> None:
-            self._last_progress = time.monotonic()
+            nonlocal last_progress_hook
+            self._last_progress = now = time.monotonic()
             self.store.progress(job_id, token, stage, step, total)
+            if progress_hooks and now - last_progress_hook >= self.settings.webhook_progress_interval_s:
+                last_progress_hook = now
+                self.notifier.notify(job_id, WebhookEvent.PROGRESS)
 
         status, outcome = JobStatus.FAILED, "failed"
         try:
@@ -249,6 +259,8 @@ class WorkerRuntime:
             }
             written = self.store.finish(job_id, token, status, ttl_s=record.ttl_s, error=error)
         metrics.JOBS.labels(task, adapter, outcome).inc()
-        if not written:
+        if written:
+            self.notifier.notify(job_id, WebhookEvent.COMPLETED)
+        else:
             logger.warning("job %s: another run owns it now; this run's outcome was dropped", job_id)
         return status.value

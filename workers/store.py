@@ -16,6 +16,7 @@ so a run that lost its lease can never overwrite the run that replaced it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -26,7 +27,7 @@ from typing import Any
 import redis
 
 from api_schemas.api import JobStatus
-from api_schemas.errors import NotFound
+from api_schemas.errors import Conflict, InvalidInput, NotFound
 
 # KEYS: job, lease, queue, running, events. ARGV: id, token, now, lease_ttl, worker.
 _CLAIM = """
@@ -34,14 +35,16 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
 -- Only queued jobs: a running one whose worker died is requeued by the reaper, which counts attempts.
 if status ~= 'queued' then return {status, 0} end
+local deadline = redis.call('HGET', KEYS[1], 'deadline_at')
+if deadline and deadline ~= '' and tonumber(deadline) < tonumber(ARGV[3]) then return {'deadline', 0} end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') + 1
 redis.call('HSET', KEYS[1], 'status', 'running', 'run_token', ARGV[2], 'started_at', ARGV[3],
   'worker', ARGV[5], 'attempts', attempts, 'progress', '{}')
 redis.call('SET', KEYS[2], ARGV[2], 'PX', math.floor(tonumber(ARGV[4]) * 1000))
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', 1000, '*', 'type', 'started', 'data',
-  cjson.encode({attempt = attempts, worker = ARGV[5]}))
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', 10000, '*', 'type', 'started', 'data',
+  cjson.encode({attempt = attempts}))
 return {'claimed', attempts}
 """
 
@@ -57,7 +60,7 @@ return 0
 _PROGRESS = """
 if redis.call('HGET', KEYS[1], 'run_token') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'type', 'progress', 'data', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*', 'type', 'progress', 'data', ARGV[2])
 return 1
 """
 
@@ -73,7 +76,7 @@ if ARGV[5] ~= '' then redis.call('SET', KEYS[4], ARGV[5], 'EX', ttl) end
 redis.call('DEL', KEYS[2], KEYS[5])
 redis.call('SREM', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
 redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', 1000, '*', 'type', ARGV[2], 'data', ARGV[4])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', 10000, '*', 'type', ARGV[2], 'data', ARGV[4])
 redis.call('EXPIRE', KEYS[6], ttl)
 return 1
 """
@@ -90,13 +93,53 @@ if attempts >= tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'run_token', '', 'finished_at', ARGV[3], 'error', ARGV[5])
   redis.call('DEL', KEYS[6])
   redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 1000, '*', 'type', 'failed', 'data', ARGV[5])
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', 10000, '*', 'type', 'failed', 'data', ARGV[5])
   return 2
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'run_token', '', 'progress', '{}')
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-redis.call('XADD', KEYS[5], 'MAXLEN', '~', 1000, '*', 'type', 'queued', 'data',
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', 10000, '*', 'type', 'queued', 'data',
   cjson.encode({reason = 'worker_lost', attempts = attempts}))
+return 1
+"""
+
+
+# KEYS: job, queue, images, events, deadlines. ARGV: id, now, error json, reason, deadline-only flag.
+# A queued job ends canceled at once; a running one is flagged and stops at its next step.
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if ARGV[5] == '1' then
+  local deadline = redis.call('HGET', KEYS[1], 'deadline_at')
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  if status ~= 'queued' or not deadline or deadline == '' or tonumber(deadline) > tonumber(ARGV[2]) then
+    return status
+  end
+end
+if status == 'queued' then
+  local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s') or '86400')
+  redis.call('HSET', KEYS[1], 'status', 'canceled', 'finished_at', ARGV[2], 'error', ARGV[3],
+    'cancel_reason', ARGV[4])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  redis.call('DEL', KEYS[3])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'type', 'canceled', 'data', ARGV[3])
+  redis.call('EXPIRE', KEYS[4], ttl)
+  return 'canceled'
+end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'cancel_reason', ARGV[4])
+  return 'cancel_requested'
+end
+return status
+"""
+
+# KEYS: delivery, job. ARGV: attempts, delivery summary json. The job may have expired meanwhile:
+# writing to it then would leave a partial hash without a TTL.
+_DELIVERY_ATTEMPT = """
+redis.call('HSET', KEYS[1], 'attempts', ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'webhook', ARGV[2]) end
 return 1
 """
 
@@ -119,6 +162,10 @@ class JobRecord:
     metadata: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
+    deadline_at: float | None = None
+    cancel_requested: bool = False
+    cancel_reason: str | None = None
+    webhook: dict[str, Any] | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
@@ -145,6 +192,10 @@ class JobRecord:
             metadata=obj("metadata"),
             error=obj("error"),
             result=obj("result"),
+            deadline_at=number("deadline_at"),
+            cancel_requested=h.get("cancel_requested") == "1",
+            cancel_reason=h.get("cancel_reason") or None,
+            webhook=obj("webhook"),
         )
 
 
@@ -168,6 +219,21 @@ class Event:
     data: dict[str, Any]
 
 
+def parse_events(reply: list | None) -> list[Event]:
+    """Events out of an XREAD reply."""
+    events = []
+    for _stream, entries in reply or []:
+        for entry_id, fields in entries:
+            events.append(
+                Event(
+                    id=entry_id.decode(),
+                    type=fields[b"type"].decode(),
+                    data=json.loads(fields.get(b"data", b"{}") or b"{}"),
+                )
+            )
+    return events
+
+
 class JobStore:
     """Every read and write of job state, for the gateway and the workers alike."""
 
@@ -179,6 +245,8 @@ class JobStore:
         self._progress = client.register_script(_PROGRESS)
         self._finish = client.register_script(_FINISH)
         self._requeue = client.register_script(_REQUEUE_IF_LOST)
+        self._cancel = client.register_script(_CANCEL)
+        self._delivery_attempt = client.register_script(_DELIVERY_ATTEMPT)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "do2") -> JobStore:
@@ -198,6 +266,10 @@ class JobStore:
     def _events(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
 
+    def events_key(self, job_id: str) -> str:
+        """The Redis stream of a job's events (for readers with their own, e.g. async, client)."""
+        return self._events(job_id)
+
     def _lease(self, job_id: str) -> str:
         return f"{self.prefix}:lease:{job_id}"
 
@@ -212,9 +284,31 @@ class JobStore:
     def _worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
 
+    @property
+    def _deadlines(self) -> str:
+        return f"{self.prefix}:deadlines"
+
+    def _delivery(self, delivery_id: str) -> str:
+        return f"{self.prefix}:webhook:{delivery_id}"
+
+    def _idempotency(self, owner: str, key: str) -> str:
+        digest = hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
+        return f"{self.prefix}:idem:{digest}"
+
     # Gateway side ---------------------------------------------------------------------------------
-    def create(self, *, owner: str, spec: dict[str, Any], images: list[bytes], ttl_s: int) -> JobRecord:
-        """Store a new queued job and its inputs atomically; the caller then sends its message."""
+    def create(
+        self,
+        *,
+        owner: str,
+        spec: dict[str, Any],
+        images: list[bytes],
+        ttl_s: int,
+        deadline_s: float | None = None,
+    ) -> JobRecord:
+        """Store a new queued job and its inputs atomically; the caller then sends its message.
+
+        With `deadline_s`, a job not started that many seconds after now ends canceled unrun.
+        """
         job_id = f"j_{uuid.uuid4().hex}"
         now = time.time()
         seq = self.redis.incr(f"{self.prefix}:seq")
@@ -229,14 +323,17 @@ class JobStore:
                 "created_at": repr(now),
                 "ttl_s": ttl_s,
                 "attempts": 0,
+                "deadline_at": repr(now + deadline_s) if deadline_s is not None else "",
             },
         )
         pipe.expire(self._job(job_id), ttl_s)
+        if deadline_s is not None:
+            pipe.zadd(self._deadlines, {job_id: now + deadline_s})
         if images:
             pipe.hset(self._images(job_id), mapping={str(n): data for n, data in enumerate(images, start=1)})
             pipe.expire(self._images(job_id), ttl_s)
         pipe.zadd(self._queue, {job_id: seq})
-        pipe.xadd(self._events(job_id), {"type": "queued", "data": "{}"}, maxlen=1000, approximate=True)
+        pipe.xadd(self._events(job_id), {"type": "queued", "data": "{}"}, maxlen=10000, approximate=True)
         pipe.expire(self._events(job_id), ttl_s)
         pipe.execute()
         return self.get(job_id)
@@ -271,23 +368,13 @@ class JobStore:
         )
         pipe.zrem(self._queue, job_id)
         pipe.delete(self._images(job_id))
-        pipe.xadd(self._events(job_id), {"type": "failed", "data": error}, maxlen=1000, approximate=True)
+        pipe.xadd(self._events(job_id), {"type": "failed", "data": error}, maxlen=10000, approximate=True)
         pipe.execute()
 
     def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None) -> list[Event]:
         """Events after the id `after`; with `block_ms`, wait up to that long for the first one."""
         reply = self.redis.xread({self._events(job_id): after}, block=block_ms, count=100)
-        events = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                events.append(
-                    Event(
-                        id=entry_id.decode(),
-                        type=fields[b"type"].decode(),
-                        data=json.loads(fields.get(b"data", b"{}") or b"{}"),
-                    )
-                )
-        return events
+        return parse_events(reply)
 
     def wait_until_terminal(self, job_id: str, timeout_s: float) -> JobRecord:
         """Block until the job ends or `timeout_s` passes; returns the job as it is then."""
@@ -303,6 +390,91 @@ class JobStore:
             events = self.events(job_id, after=last, block_ms=max(1, int(min(remaining, 5.0) * 1000)))
             if events:
                 last = events[-1].id
+
+    def cancel(self, job_id: str, *, reason: str = "requested", message: str | None = None) -> str:
+        """Cancel a job: `canceled` (it was queued), `cancel_requested` (running: stops at its next
+        step), `missing`, or the terminal status it already had."""
+        error = {"code": "canceled", "message": message or "Canceled at the caller's request."}
+        return self._cancel_script(job_id, reason, error, deadline_only=False)
+
+    def expire_deadline(self, job_id: str) -> bool:
+        """Cancel a queued job whose deadline passed; True when this call canceled it."""
+        error = {
+            "code": "deadline",
+            "message": "No worker started the job before its deadline; it was canceled without running.",
+        }
+        return self._cancel_script(job_id, "deadline", error, deadline_only=True) == "canceled"
+
+    def _cancel_script(self, job_id: str, reason: str, error: dict[str, str], *, deadline_only: bool) -> str:
+        keys = [self._job(job_id), self._queue, self._images(job_id), self._events(job_id), self._deadlines]
+        args = [job_id, repr(time.time()), json.dumps(error), reason, "1" if deadline_only else "0"]
+        return self._cancel(keys=keys, args=args).decode()
+
+    def due_deadlines(self) -> list[str]:
+        """Ids of jobs whose deadline has passed (queued or not; `expire_deadline` sorts them out)."""
+        return [raw.decode() for raw in self.redis.zrangebyscore(self._deadlines, "-inf", time.time())]
+
+    def reserve_idempotency_key(self, owner: str, key: str, fingerprint: str, ttl_s: int) -> str | None:
+        """Claim `key` for a request with `fingerprint`; returns the job id of an earlier request with
+        the same key and body (None: this request is the first and must create the job).
+
+        Raises `InvalidInput` when the key was used with a different body, `Conflict` while the first
+        request with the key is still being created.
+        """
+        name = self._idempotency(owner, key)
+        if self.redis.set(name, json.dumps({"fingerprint": fingerprint, "job_id": ""}), nx=True, ex=ttl_s):
+            return None
+        deadline = time.monotonic() + 5.0
+        while True:
+            raw = self.redis.get(name)
+            if raw is None:  # the first request failed and released the key: take it
+                return self.reserve_idempotency_key(owner, key, fingerprint, ttl_s)
+            held = json.loads(raw)
+            if held["fingerprint"] != fingerprint:
+                raise InvalidInput(
+                    "This Idempotency-Key was already used with a different request body; "
+                    "use a new key for a new request.",
+                    code="idempotency_key_reused",
+                )
+            if held["job_id"]:
+                return held["job_id"]
+            if time.monotonic() > deadline:
+                raise Conflict(
+                    "A request with this Idempotency-Key is still being processed; retry shortly.",
+                    code="idempotency_key_in_use",
+                )
+            time.sleep(0.05)
+
+    def complete_idempotency_key(
+        self, owner: str, key: str, fingerprint: str, job_id: str, ttl_s: int
+    ) -> None:
+        payload = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
+        self.redis.set(self._idempotency(owner, key), payload, ex=ttl_s)
+
+    def release_idempotency_key(self, owner: str, key: str) -> None:
+        self.redis.delete(self._idempotency(owner, key))
+
+    # Webhook deliveries ------------------------------------------------------------------------------
+    def create_delivery(
+        self, delivery_id: str, *, job_id: str, owner: str, url: str, event: str, body: str, ttl_s: int
+    ) -> None:
+        summary = {"id": delivery_id, "event": event, "status": "pending", "attempts": 0}
+        fields = {"job_id": job_id, "owner": owner, "url": url, "event": event, "body": body, "attempts": 0}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._delivery(delivery_id), mapping=fields)
+        pipe.expire(self._delivery(delivery_id), ttl_s)
+        pipe.execute()
+        self._delivery_attempt(
+            keys=[self._delivery(delivery_id), self._job(job_id)], args=[0, json.dumps(summary)]
+        )
+
+    def delivery(self, delivery_id: str) -> dict[str, str] | None:
+        raw = self.redis.hgetall(self._delivery(delivery_id))
+        return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+
+    def record_delivery_attempt(self, delivery_id: str, job_id: str, summary: dict[str, Any]) -> None:
+        keys = [self._delivery(delivery_id), self._job(job_id)]
+        self._delivery_attempt(keys=keys, args=[summary["attempts"], json.dumps(summary)])
 
     # Worker side ----------------------------------------------------------------------------------
     def claim(self, job_id: str, *, worker: str, lease_ttl_s: float) -> Claim:
@@ -389,6 +561,9 @@ class JobStore:
             if outcome:
                 outcomes.append((job_id, outcome))
         return outcomes
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self._job(job_id), "cancel_requested") == b"1"
 
     def prune_queue(self) -> int:
         """Drop queue entries whose job expired while waiting (no worker took it within its TTL)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from api_schemas.api import ErrorInfo, Job, JobLinks, JobStatus, Progress, ResultInfo
+from api_schemas.api import ErrorInfo, Job, JobLinks, JobStatus, Progress, ResultInfo, WebhookInfo
 from workers.store import JobRecord
 
 
@@ -19,6 +19,9 @@ def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
     result = None
     if record.status is JobStatus.SUCCEEDED and record.result:
         result = ResultInfo(url=f"{base}/result", **record.result)
+    webhook = None
+    if spec.get("webhook"):
+        webhook = WebhookInfo(**spec["webhook"], last_delivery=record.webhook)
     return Job(
         id=record.id,
         status=record.status,
@@ -42,5 +45,9 @@ def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
         timings=meta.get("timings"),
         error=ErrorInfo(**record.error) if record.error else None,
         result=result,
+        cancel_requested=record.cancel_requested,
+        cancel_reason=record.cancel_reason,
+        deadline_at=_time(record.deadline_at),
+        webhook=webhook,
         links=JobLinks(self_=base, result=f"{base}/result"),
     )

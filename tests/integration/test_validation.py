@@ -72,7 +72,7 @@ MULTIPART_CASES = [
     ("one", {**OK, "task": "edit", "height": "512"}, 422, "size_with_edit"),
     ("none", {**OK, "task": "edit"}, 422, "edit_needs_image"),
     ("one", {**OK, "task": "paint"}, 422, "invalid_request"),
-    ("one", {**OK, "output_format": "gif"}, 422, "invalid_output_format"),
+    ("one", {**OK, "output_format": "gif"}, 422, "invalid_request"),
     ("one", {**OK, "strength": "0.8"}, 422, "invalid_request"),
 ]
 

@@ -1,0 +1,66 @@
+"""The Server-Sent Events stream of one job, read from its Redis stream (works across replicas)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+
+import redis.asyncio
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from api_schemas.api import JobStatus
+from workers.store import Event, JobStore, parse_events
+
+TERMINAL = {status.value for status in JobStatus if status.is_terminal()}
+
+
+def _sse(event: Event, data: dict) -> dict[str, str]:
+    return {"id": event.id, "event": event.type, "data": json.dumps(data)}
+
+
+async def job_events(
+    request: Request,
+    aredis: redis.asyncio.Redis,
+    store: JobStore,
+    job_id: str,
+    last_event_id: str | None,
+    render: Callable[[str], dict],
+    block_ms: int = 10_000,
+) -> AsyncIterator[dict[str, str]]:
+    """`queued` (with position), `started`, `progress`, then one final event carrying the job object.
+
+    Resumes after `last_event_id`. A client that connected (or reconnected) after the end still gets
+    the final event, so every stream ends with one.
+    """
+    key = store.events_key(job_id)
+    after = last_event_id or "0-0"
+    while True:
+        events = parse_events(await aredis.xread({key: after}, count=100, block=block_ms))
+        if not events:
+            if await request.is_disconnected():
+                return
+            record = await run_in_threadpool(store.get, job_id)
+            if record.status.is_terminal():
+                # Nothing after the client's position although the job ended: it saw the final event
+                # already (or the stream was trimmed). Send the final event again, then close.
+                final = next((e for e in reversed(await _all(aredis, key)) if e.type in TERMINAL), None)
+                if final is not None:
+                    yield _sse(final, await run_in_threadpool(render, job_id))
+                return
+            continue
+        for event in events:
+            after = event.id
+            if event.type in TERMINAL:
+                yield _sse(event, await run_in_threadpool(render, job_id))
+                return
+            data = event.data
+            if event.type == "queued":
+                position = await run_in_threadpool(store.queue_position, job_id)
+                data = {**data, "position": position}
+            yield _sse(event, data)
+
+
+async def _all(aredis: redis.asyncio.Redis, key: str) -> list[Event]:
+    entries = await aredis.xrange(key)
+    return parse_events([(key, entries)])
