@@ -56,8 +56,10 @@ async def job_events(
                 return
             data = event.data
             if event.type == "queued":
+                # The position now, while the job waits; a replay after it started has none.
                 position = await run_in_threadpool(store.queue_position, job_id)
-                data = {**data, "position": position}
+                if position is not None:
+                    data = {**data, "position": position}
             yield _sse(event, data)
 
 

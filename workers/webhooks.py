@@ -126,10 +126,11 @@ def check_destination(url: str, allowlist: Allowlist, resolve=socket.getaddrinfo
         for address in addresses:
             reason = refused_reason(address)
             if reason and not allowlist.admits(address):
+                where = f"{address} is" if host == str(address) else f"{host} resolves to {address},"
                 raise _refuse(
                     url,
-                    f"{host} resolves to {address}, a {reason} address; only public destinations are "
-                    "allowed unless DREAMOMNI2_WEBHOOK_ALLOWLIST admits it",
+                    f"{where} a {reason} address; only public destinations are allowed unless "
+                    "DREAMOMNI2_WEBHOOK_ALLOWLIST admits it",
                     address=str(address),
                 )
     return Destination(url=url, host=host, addresses=addresses)
