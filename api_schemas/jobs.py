@@ -84,6 +84,10 @@ class ResolvedJob(BaseModel):
     image_count: int
     adapter: AdapterChoice
 
+    def parameters(self) -> JobParameters:
+        """The request with every default filled in, as the worker runs it."""
+        return JobParameters.model_validate(self.model_dump(include=set(JobParameters.model_fields)))
+
 
 def choose_adapter(task: Task, image_count: int) -> AdapterChoice:
     """The method's rule: a LoRA runs only when reference images are present.

@@ -93,16 +93,7 @@ class JobService:
         for n, data in enumerate(images, start=1):
             load_image(data, limits=image_limits, label=f"image {n}")
         spec = {
-            "params": JobParameters(
-                instruction=job.instruction,
-                task=job.task,
-                seed=job.seed,
-                steps=job.steps,
-                guidance=job.guidance,
-                width=job.width,
-                height=job.height,
-                translate=job.translate,
-            ).model_dump(mode="json"),
+            "params": job.parameters().model_dump(mode="json"),
             "task": job.task.value,
             "adapter": job.adapter.value,
             "image_count": job.image_count,

@@ -328,6 +328,19 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
         timings["encode"] = (now := self._sync(device)) - started
 
         # 5. Denoise: noisy tokens first, then every input image's tokens; keep the noisy part.
+        def predict(model_input, timestep, embeds, pooled, ids) -> torch.Tensor:
+            return self.transformer(
+                hidden_states=model_input,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=ids,
+                img_ids=latent_ids,
+                joint_attention_kwargs=self._joint_attention_kwargs,
+                return_dict=False,
+            )[0][:, : latents.size(1)]
+
         self.scheduler.set_begin_index(0)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -336,29 +349,15 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
                 self._current_timestep = t
                 model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                noise_pred = self.transformer(
-                    hidden_states=model_input,
-                    timestep=timestep / 1000,
-                    guidance=guidance,
-                    pooled_projections=pooled_prompt_embeds,
-                    encoder_hidden_states=prompt_embeds,
-                    txt_ids=text_ids,
-                    img_ids=latent_ids,
-                    joint_attention_kwargs=self._joint_attention_kwargs,
-                    return_dict=False,
-                )[0][:, : latents.size(1)]
+                noise_pred = predict(model_input, timestep, prompt_embeds, pooled_prompt_embeds, text_ids)
                 if do_true_cfg:
-                    neg_noise_pred = self.transformer(
-                        hidden_states=model_input,
-                        timestep=timestep / 1000,
-                        guidance=guidance,
-                        pooled_projections=negative_pooled_prompt_embeds,
-                        encoder_hidden_states=negative_prompt_embeds,
-                        txt_ids=negative_text_ids,
-                        img_ids=latent_ids,
-                        joint_attention_kwargs=self._joint_attention_kwargs,
-                        return_dict=False,
-                    )[0][:, : latents.size(1)]
+                    neg_noise_pred = predict(
+                        model_input,
+                        timestep,
+                        negative_prompt_embeds,
+                        negative_pooled_prompt_embeds,
+                        negative_text_ids,
+                    )
                     noise_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
 
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
