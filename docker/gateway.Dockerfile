@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # DreamOmni2 gateway: FastAPI + Celery client, no torch (`pip install .`: the base dependencies only).
 # Build from the repository root:  docker build -f docker/gateway.Dockerfile -t dreamomni2/gateway .
+# The same image runs the webhook delivery worker (`python -m workers.webhooks`: Celery, no torch, no
+# port); the HEALTHCHECK below is the gateway's, so compose turns it off for that service.
 FROM python:3.11.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

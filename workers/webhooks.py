@@ -293,7 +293,11 @@ class WebhookDeliverer:
             job_id = delivery["job_id"]
             log("webhook %s for job %s: %s after %d attempt(s)", delivery_id, job_id, status, attempt)
             return None
-        return backoff_s(attempt, self.settings.webhook_backoff_s)
+        # A retry waits inside the worker as an unacknowledged message; past the broker's visibility
+        # timeout Redis would hand it out a second time, so no wait may reach it.
+        return min(
+            backoff_s(attempt, self.settings.webhook_backoff_s), 0.9 * self.settings.visibility_timeout_s
+        )
 
 
 def create_webhook_celery(settings: ServiceSettings) -> tuple[Celery, WebhookDeliverer]:

@@ -12,7 +12,9 @@ file through `docker-compose config`. The tools are CI dependencies: a missing o
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -44,6 +46,8 @@ VALUE_FILES: dict[str, Path | None] = {
 }
 GPU_CASES = [case for case in VALUE_FILES if case != "tiny-cpu"]
 HEALTH_COMMAND = ["python", "-m", "workers.health"]
+WEBHOOKS_COMMAND = ["python", "-m", "workers.webhooks"]
+WEBHOOK_SECRET_VARS = ("DREAMOMNI2_WEBHOOK_SECRET", "DREAMOMNI2_WEBHOOK_SECRETS")
 
 Manifest = dict[str, Any]
 
@@ -91,9 +95,13 @@ def case_values(case: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) if path else {}
 
 
-def render(helm, values: dict[str, Any]) -> list[Manifest]:
+def render_files(helm, values: dict[str, Any]) -> dict[str, str]:
     with helm.Chart.load(CHART) as chart:
-        files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def render(helm, values: dict[str, Any]) -> list[Manifest]:
+    files = render_files(helm, values)
     return [
         doc
         for name, text in sorted(files.items())
@@ -215,9 +223,18 @@ def test_kubernetes_validate_strict_rejects_unknown_fields(tmp_path):
         {"auth": {"apiKeys": ["alice:not-a-hash"]}},
         {"config": {"jobTimeoutS": 0}},
         {"weights": {"source": "s3"}},
+        {"webhooks": {"secret": "not-a-whsec-secret"}},
+        {"webhooks": {"perKeySecrets": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]}},
+        {"webhooks": {"concurrency": 0}},
+        {"webhooks": {"allowlist": ["10.0.0.0/8,192.168.0.0/16"]}},
+        {"gateway": {"ingress": {"streaming": {"readTimeoutSeconds": 30}}}},
     ],
-    ids=["preset", "unknown-key", "external-redis-without-host", "api-key", "job-timeout", "weights-source"],
-)
+    ids=[
+        "preset", "unknown-key", "external-redis-without-host", "api-key", "job-timeout", "weights-source",
+        "webhook-secret", "webhook-per-key-secret", "webhook-concurrency", "webhook-allowlist-entry",
+        "ingress-read-timeout",
+    ],
+)  # fmt: skip
 def test_values_schema_rejects_bad_values(helm, values):
     with pytest.raises(helm.HelmValuesError):
         render(helm, values)
@@ -545,6 +562,222 @@ def test_gateway_probes_and_no_torch_image(rendered, case):
     assert "gateway" in gateway["image"]
 
 
+def max_wait_s() -> int:
+    from app.settings import GatewaySettings
+
+    return GatewaySettings.model_fields["max_wait_s"].default
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_gateway_stops_after_its_held_requests(rendered, case):
+    """preStop (endpoint removal), then held `Prefer: wait` requests finish; event streams are closed
+    by the server on shutdown (clients resume elsewhere with Last-Event-ID), so they hold nothing."""
+    gateway = workload(rendered[case], "gateway")
+    pod = gateway["spec"]["template"]["spec"]
+    [sleep, seconds] = container(gateway)["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep == "sleep" and pod["terminationGracePeriodSeconds"] > int(seconds) + max_wait_s()
+
+
+def test_ingress_streams_server_sent_events(rendered, helm):
+    """ingress-nginx must not buffer /v1/jobs/{id}/events, and its idle timeout must outlast both the
+    15 s keep-alive pings and the longest held request; annotations set by hand win."""
+    annotations = one(rendered["keda"], "Ingress")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "90"  # the values file's
+    assert annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "3600"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == "110m"
+    values = {"gateway": {"ingress": {"enabled": True}}}
+    defaults = one(render(helm, values), "Ingress")["metadata"]["annotations"]
+    assert defaults["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(defaults["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > max(15, max_wait_s())
+    values["gateway"]["ingress"]["streaming"] = {"nginxAnnotations": False}
+    assert "annotations" not in one(render(helm, values), "Ingress")["metadata"]
+
+
+# --- webhook delivery workers -------------------------------------------------------------------------
+
+
+def webhook_secret_env(c: Manifest) -> dict[str, Any]:
+    return {name: ref for name, ref in env_of(c).items() if name in WEBHOOK_SECRET_VARS}
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_webhook_workers_run_from_the_gateway_image_with_the_shared_settings(rendered, case):
+    docs = rendered[case]
+    webhooks = workload(docs, "webhooks")
+    assert webhooks["kind"] == "Deployment"
+    c = container(webhooks)
+    gateway, worker = container(workload(docs, "gateway")), container(workload(docs, "worker"))
+    assert c["command"] == WEBHOOKS_COMMAND  # SIGTERM reaches Celery: warm shutdown
+    assert c["image"] == gateway["image"], "no torch: the gateway image"
+    # No port, no invented health endpoint: a crash ends the container's main process.
+    assert "ports" not in c and not {"livenessProbe", "readinessProbe", "startupProbe"} & set(c)
+    assert c["envFrom"] == gateway["envFrom"] == worker["envFrom"], "one ConfigMap for all three"
+    env = env_of(c)
+    assert env["DREAMOMNI2_REDIS_URL"] == env_of(gateway)["DREAMOMNI2_REDIS_URL"]
+    if "REDIS_PASSWORD" in env_of(gateway):
+        assert env["REDIS_PASSWORD"] == env_of(gateway)["REDIS_PASSWORD"]
+    expected_concurrency = case_values(case).get("webhooks", {}).get("concurrency", 16)
+    assert env["DREAMOMNI2_WEBHOOK_CONCURRENCY"] == str(expected_concurrency)
+    # The signing secrets: from a Secret, identical in the gateway, the GPU workers and the webhook workers.
+    secrets = webhook_secret_env(c)
+    assert secrets == webhook_secret_env(gateway) == webhook_secret_env(worker)
+    assert all(set(ref) == {"secretKeyRef"} for ref in secrets.values())
+    if case == "default":
+        assert not secrets, "no secret configured: none referenced"
+    else:
+        assert "DREAMOMNI2_WEBHOOK_SECRET" in secrets
+    config = shared_config(docs)
+    for name in (
+        "DREAMOMNI2_WEBHOOK_QUEUE", "DREAMOMNI2_WEBHOOK_ALLOWLIST", "DREAMOMNI2_WEBHOOK_BACKOFF_S",
+        "DREAMOMNI2_WEBHOOK_MAX_ATTEMPTS", "DREAMOMNI2_WEBHOOK_TIMEOUT_S",
+        "DREAMOMNI2_WEBHOOK_PROGRESS_INTERVAL_S",
+    ):  # fmt: skip
+        assert name in config
+        assert all(name not in env_of(x) for x in (c, gateway, worker)), f"{name} would shadow the ConfigMap"
+    assert config["DREAMOMNI2_WEBHOOK_QUEUE"] == "dreamomni2.webhooks"
+    pod = webhooks["spec"]["template"]["spec"]
+    gateway_pod = workload(docs, "gateway")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == gateway_pod["securityContext"]
+    assert c["securityContext"] == gateway["securityContext"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["terminationGracePeriodSeconds"] > float(config["DREAMOMNI2_WEBHOOK_TIMEOUT_S"])
+    assert webhooks["spec"]["replicas"] == case_values(case).get("webhooks", {}).get("replicas", 2)
+
+
+def test_webhook_secrets_come_from_the_charts_secret_or_yours(rendered):
+    from workers.webhooks import parse_secrets
+
+    values = case_values("keda")["webhooks"]
+    env = webhook_secret_env(container(workload(rendered["keda"], "webhooks")))
+    secret = one(rendered["keda"], "Secret", f"{RELEASE}-webhooks")["stringData"]
+    assert {name: secret[ref["secretKeyRef"]["key"]] for name, ref in env.items()} == {
+        "DREAMOMNI2_WEBHOOK_SECRET": values["secret"],
+        "DREAMOMNI2_WEBHOOK_SECRETS": ",".join(values["perKeySecrets"]),
+    }
+    assert set(parse_secrets(secret["webhook-secrets"])) == {"ops"}, "the service reads the entries"
+    # Only the deployment's secret: only its key, and no optional references to a Secret the chart writes.
+    env = webhook_secret_env(container(workload(rendered["tiny-cpu"], "webhooks")))
+    assert env == {
+        "DREAMOMNI2_WEBHOOK_SECRET": {
+            "secretKeyRef": {"name": f"{RELEASE}-webhooks", "key": "webhook-secret"}
+        }
+    }
+    # A Secret of your own may hold either key, or both.
+    assert not find(rendered["external-redis"], "Secret")
+    env = webhook_secret_env(container(workload(rendered["external-redis"], "webhooks")))
+    assert {name: ref["secretKeyRef"] for name, ref in env.items()} == {
+        "DREAMOMNI2_WEBHOOK_SECRET": {
+            "name": "dreamomni2-webhook-secrets", "key": "webhook-secret", "optional": True,
+        },
+        "DREAMOMNI2_WEBHOOK_SECRETS": {
+            "name": "dreamomni2-webhook-secrets", "key": "webhook-secrets", "optional": True,
+        },
+    }  # fmt: skip
+
+
+def test_webhook_secret_changes_restart_the_pods_that_read_them(helm):
+    def checksums(values: dict[str, Any]) -> dict[str, str]:
+        docs = render(helm, values)
+        return {
+            component: workload(docs, component)["spec"]["template"]["metadata"]["annotations"].get(
+                "checksum/webhook-secrets"
+            )
+            for component in ("webhooks", "worker")
+        }
+
+    before = checksums({"webhooks": {"secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}})
+    after = checksums({"webhooks": {"secret": "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"}})
+    assert all(before.values()) and all(before[c] != after[c] for c in before)
+    # API keys alone do not restart the GPU workers (a restart reloads the models).
+    keyed = checksums({"auth": {"apiKeys": ["ops:" + "0" * 64]}})
+    assert keyed["worker"] == checksums({})["worker"]
+
+
+def test_notes_warn_when_no_webhook_secret_is_configured(helm):
+    def notes(values: dict[str, Any]) -> str:
+        return next(text for name, text in render_files(helm, values).items() if name.endswith("NOTES.txt"))
+
+    assert "no webhook signing secret" in notes({})
+    configured = notes(case_values("keda"))
+    assert "no webhook signing secret" not in configured and "dreamomni2-webhooks" in configured
+    # Retries wait in Celery: the longest wait must stay below Redis's visibility timeout (3600 s).
+    assert "visibility timeout" not in configured
+    assert "visibility timeout" in notes({"webhooks": {"backoffS": 60}})  # 60 x 2^6 = 3840 s
+    assert "visibility timeout" not in notes({"webhooks": {"backoffS": 60}, "config": {"jobTimeoutS": 2000}})
+
+
+def egress_allows(
+    docs: list[Manifest], policy: Manifest, port: int, protocol: str = "TCP", *, ip: str = "", pod: str = ""
+) -> bool:
+    """Whether an egress policy admits a connection to an address, or to the pods of a component."""
+    for rule in policy["spec"]["egress"]:
+        ports = rule.get("ports")
+        if ports and not any(p["port"] == port and p.get("protocol", "TCP") == protocol for p in ports):
+            continue
+        if "to" not in rule:
+            return True
+        for peer in rule["to"]:
+            if ip and "ipBlock" in peer:
+                address, block = ipaddress.ip_address(ip), peer["ipBlock"]
+                network = ipaddress.ip_network(block["cidr"])
+                if address.version == network.version and address in network:
+                    if not any(address in ipaddress.ip_network(e) for e in block.get("except", [])):
+                        return True
+            if pod and "podSelector" in peer and "namespaceSelector" not in peer:
+                labels = workload(docs, pod)["spec"]["template"]["metadata"]["labels"]
+                if selects(peer["podSelector"]["matchLabels"], labels):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("case", VALUE_FILES)
+def test_webhook_egress_reaches_dns_redis_and_public_addresses_only(rendered, case):
+    docs = rendered[case]
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-webhooks-egress")
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    selected = {
+        component
+        for component in ("gateway", "worker", "webhooks", "redis")
+        if find(docs, "StatefulSet") or component != "redis"
+        if selects(
+            policy["spec"]["podSelector"]["matchLabels"],
+            workload(docs, component)["spec"]["template"]["metadata"]["labels"],
+        )
+    }
+    assert selected == {"webhooks"}
+    # No other pod's egress is restricted.
+    egress_policies = [p for p in find(docs, "NetworkPolicy") if "Egress" in p["spec"]["policyTypes"]]
+    assert egress_policies == [policy]
+
+    def allows(port: int, protocol: str = "TCP", **peer: str) -> bool:
+        return egress_allows(docs, policy, port, protocol, **peer)
+
+    for public in ("93.184.216.34", "1.1.1.1", "2606:4700:4700::1111"):
+        assert allows(443, ip=public) and allows(8443, ip=public), public
+    for private in (
+        "169.254.169.254", "10.0.0.1", "172.20.0.1", "192.168.1.10", "100.64.0.1", "127.0.0.1",
+        "fd00:ec2::254", "fe80::1", "::1", "::ffff:10.0.0.1",
+    ):  # fmt: skip
+        assert not allows(80, ip=private) and not allows(443, ip=private), private
+    for dns in ("10.96.0.10", "169.254.20.10"):  # cluster DNS, a node-local cache
+        assert allows(53, "UDP", ip=dns) and allows(53, "TCP", ip=dns)
+    if find(docs, "StatefulSet"):
+        assert allows(6379, pod="redis") and not allows(6379, pod="gateway")
+    else:
+        port = case_values(case)["externalRedis"]["port"]
+        assert allows(port, ip="10.0.0.5"), "an external Redis, wherever it is"
+    if case == "keda":  # its allowlist: a CIDR (opened) and a host name (not expressible)
+        assert allows(443, ip="10.20.3.4") and not allows(443, ip="10.21.0.1")
+
+
+def test_webhook_egress_policy_can_be_turned_off(helm):
+    docs = render(helm, {"networkPolicy": {"webhookEgress": {"enabled": False}}})
+    assert [p["metadata"]["name"] for p in find(docs, "NetworkPolicy")] == [f"{RELEASE}-redis"]
+    assert not find(render(helm, {"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+
+
 def test_in_chart_redis_persists_and_never_evicts(rendered):
     docs = rendered["default"]
     redis = workload(docs, "redis")
@@ -557,16 +790,16 @@ def test_in_chart_redis_persists_and_never_evicts(rendered):
 
 
 @pytest.mark.parametrize("case", ["default", "keda", "tiny-cpu"])
-def test_network_policy_lets_only_gateway_and_workers_reach_redis(rendered, case):
+def test_network_policy_lets_only_gateway_workers_and_webhooks_reach_redis(rendered, case):
     docs = rendered[case]
-    policy = one(docs, "NetworkPolicy")
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-redis")
     redis_pods = workload(docs, "redis")["spec"]["template"]["metadata"]["labels"]
     assert selects(policy["spec"]["podSelector"]["matchLabels"], redis_pods)
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     [rule] = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
     peers = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
-    components = ["gateway", "worker", "redis"] + (["weights"] if find(docs, "Job") else [])
+    components = ["gateway", "worker", "webhooks", "redis"] + (["weights"] if find(docs, "Job") else [])
     admitted = {
         component
         for component in components
@@ -575,7 +808,7 @@ def test_network_policy_lets_only_gateway_and_workers_reach_redis(rendered, case
             for peer in peers
         )
     }
-    assert admitted == {"gateway", "worker"}
+    assert admitted == {"gateway", "worker", "webhooks"}
     namespaces = [p["namespaceSelector"]["matchLabels"] for p in rule["from"] if "namespaceSelector" in p]
     assert namespaces == ([{"kubernetes.io/metadata.name": "keda"}] if case == "keda" else [])
 
@@ -601,8 +834,9 @@ def test_keda_scales_workers_on_the_celery_list(rendered):
 
 def test_external_redis_over_tls_with_its_own_secret(rendered):
     docs = rendered["external-redis"]
-    assert not find(docs, "StatefulSet") and not find(docs, "NetworkPolicy")
-    for component in ("gateway", "worker"):
+    assert not find(docs, "StatefulSet")
+    assert [p["metadata"]["name"] for p in find(docs, "NetworkPolicy")] == [f"{RELEASE}-webhooks-egress"]
+    for component in ("gateway", "worker", "webhooks"):
         env = env_of(container(workload(docs, component)))
         assert env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "managed-redis", "key": "password"}}
         assert env["DREAMOMNI2_REDIS_URL"] == (
@@ -679,7 +913,8 @@ def test_pods_run_as_non_root_with_pdbs(rendered, case):
     budgets = {
         d["metadata"]["labels"]["app.kubernetes.io/component"] for d in find(docs, "PodDisruptionBudget")
     }
-    assert budgets == {"gateway", "worker"}
+    webhooks_budget = case_values(case).get("webhooks", {}).get("pdb", {}).get("enabled", True)
+    assert budgets == {"gateway", "worker"} | ({"webhooks"} if webhooks_budget else set())
 
 
 # --- the weights download script ----------------------------------------------------------------------
@@ -769,8 +1004,11 @@ def test_dockerfiles_pin_bases_and_install_the_tested_dependency_sets():
     assert 'CMD ["python", "-m", "workers.health"]' in worker
 
 
-def compose_config(*flags: str) -> dict[str, Any]:
-    result = run([*compose_command(), "-f", str(COMPOSE), *flags, "config"])
+def compose_config(*flags: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    args = [*compose_command(), "-f", str(COMPOSE), *flags, "config"]
+    result = subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -814,3 +1052,27 @@ def test_compose_stack_keeps_jobs_and_reserves_a_gpu():
     assert services["gateway"]["environment"]["DREAMOMNI2_HOST"] == "0.0.0.0"
     chart_redis = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]["image"]
     assert services["redis"]["image"] == f"redis:{chart_redis['tag']}", "one Redis version everywhere"
+
+
+def test_compose_webhook_worker_shares_the_gateway_image_and_the_secret():
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    services = compose_config("--profile", "cpu", env={"DREAMOMNI2_WEBHOOK_SECRET": secret})["services"]
+    webhooks = services["webhooks"]
+    assert webhooks["image"] == services["gateway"]["image"]
+    assert webhooks["build"]["dockerfile"] == services["gateway"]["build"]["dockerfile"]
+    assert webhooks["command"] == WEBHOOKS_COMMAND
+    assert webhooks["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "ports" not in webhooks
+    # The image's HEALTHCHECK is the gateway's /healthz, which this process does not serve.
+    check = webhooks["healthcheck"]
+    assert check.get("disable") is True or check.get("test") in (["NONE"], "NONE")
+    env = webhooks["environment"]
+    assert seconds(webhooks["stop_grace_period"]) > float(env["DREAMOMNI2_WEBHOOK_TIMEOUT_S"])
+    assert int(env["DREAMOMNI2_WEBHOOK_CONCURRENCY"]) >= 1
+    shared = [name for name in env if name.startswith("DREAMOMNI2_WEBHOOK_") and "CONCURRENCY" not in name]
+    assert set(WEBHOOK_SECRET_VARS) | {"DREAMOMNI2_WEBHOOK_QUEUE"} <= set(shared)
+    for name in ("gateway", "worker", "worker-cpu"):
+        assert {k: services[name]["environment"].get(k) for k in shared} == {k: env[k] for k in shared}, name
+    assert env["DREAMOMNI2_WEBHOOK_SECRET"] == secret, "passed through from the shell"
+    unset = compose_config(env={"DREAMOMNI2_WEBHOOK_SECRET": ""})["services"]["webhooks"]["environment"]
+    assert unset["DREAMOMNI2_WEBHOOK_SECRET"] in ("", None)

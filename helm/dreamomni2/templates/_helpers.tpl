@@ -44,6 +44,7 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Object names. */}}
 {{- define "dreamomni2.gateway.fullname" -}}{{ include "dreamomni2.fullname" . }}-gateway{{- end }}
 {{- define "dreamomni2.worker.fullname" -}}{{ include "dreamomni2.fullname" . }}-worker{{- end }}
+{{- define "dreamomni2.webhooks.fullname" -}}{{ include "dreamomni2.fullname" . }}-webhooks{{- end }}
 {{- define "dreamomni2.redis.fullname" -}}{{ include "dreamomni2.fullname" . }}-redis{{- end }}
 {{- define "dreamomni2.config.fullname" -}}{{ include "dreamomni2.fullname" . }}-config{{- end }}
 {{- define "dreamomni2.weights.fullname" -}}{{ include "dreamomni2.fullname" . }}-weights{{- end }}
@@ -100,6 +101,41 @@ folder on the volume and a new Job, so rolling out new weights never overwrites 
 
 {{- define "dreamomni2.apiKeys.enabled" -}}
 {{- if or .Values.auth.existingSecret .Values.auth.apiKeys }}true{{ end }}
+{{- end }}
+
+{{/* Webhook signing secrets: the chart's Secret, or one of the operator's (either key may be absent). */}}
+{{- define "dreamomni2.webhooks.secretName" -}}
+{{- default (include "dreamomni2.webhooks.fullname" .) .Values.webhooks.existingSecret }}
+{{- end }}
+
+{{/*
+DREAMOMNI2_WEBHOOK_SECRET / _SECRETS env entries, the same in the gateway, GPU worker and webhook pods.
+An existing Secret's keys are optional: it may hold the deployment's secret, per-key ones, or both.
+*/}}
+{{- define "dreamomni2.webhooks.secretEnv" -}}
+{{- $w := .Values.webhooks }}
+{{- $name := include "dreamomni2.webhooks.secretName" . }}
+{{- $env := list }}
+{{- if or $w.existingSecret $w.secret }}
+{{- $ref := dict "name" $name "key" $w.existingSecretKey }}
+{{- if $w.existingSecret }}{{ $_ := set $ref "optional" true }}{{ end }}
+{{- $env = append $env (dict "name" "DREAMOMNI2_WEBHOOK_SECRET" "valueFrom" (dict "secretKeyRef" $ref)) }}
+{{- end }}
+{{- if or $w.existingSecret $w.perKeySecrets }}
+{{- $ref := dict "name" $name "key" $w.existingSecretPerKeyKey }}
+{{- if $w.existingSecret }}{{ $_ := set $ref "optional" true }}{{ end }}
+{{- $env = append $env (dict "name" "DREAMOMNI2_WEBHOOK_SECRETS" "valueFrom" (dict "secretKeyRef" $ref)) }}
+{{- end }}
+{{- if $env }}{{ toYaml $env }}{{ end }}
+{{- end }}
+
+{{- define "dreamomni2.webhooks.secretConfigured" -}}
+{{- if or .Values.webhooks.existingSecret .Values.webhooks.secret .Values.webhooks.perKeySecrets }}true{{ end }}
+{{- end }}
+
+{{/* Changes whenever the webhook secrets' source changes: pods that read them restart together. */}}
+{{- define "dreamomni2.webhooks.secretChecksum" -}}
+{{- pick .Values.webhooks "secret" "perKeySecrets" "existingSecret" "existingSecretKey" "existingSecretPerKeyKey" | toJson | sha256sum }}
 {{- end }}
 
 {{/* Redis: in-chart or external, one shape for the URL, KEDA and the password Secret. */}}
