@@ -18,7 +18,14 @@ from app.auth import hash_key, new_key
 from app.stack import LocalStack, ManagedProcess
 from workers.store import JobStore
 
-from .support import check_alive, core_processes, stack_env, wait_until
+from .support import (
+    WEBHOOK_BACKOFF_S,
+    check_alive,
+    core_processes,
+    new_webhook_secret,
+    stack_env,
+    wait_until,
+)
 
 
 @dataclass
@@ -29,11 +36,16 @@ class Service:
     keys: dict[str, str]
     redis: redis.Redis
     store: JobStore
+    webhook_secrets: dict[str, str] = field(default_factory=dict)
     clients: list[httpx.Client] = field(default_factory=list)
 
     @property
     def core(self) -> list[ManagedProcess]:
         return core_processes(self.stack)
+
+    def webhook_secret(self, owner: str) -> str:
+        """The secret the main stack signs `owner`'s webhooks with (its own, else the deployment's)."""
+        return self.webhook_secrets.get(owner, self.webhook_secrets["*"])
 
     def client(self, owner: str | None = "alice", base_url: str | None = None) -> httpx.Client:
         """An HTTP client sending `owner`'s key (none for None), closed after the test."""
@@ -53,21 +65,40 @@ def api_keys() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def webhook_secrets() -> dict[str, str]:
+    """The main stack's webhook secrets: the deployment's ("*") and alice's own."""
+    return {"*": new_webhook_secret(), "alice": new_webhook_secret()}
+
+
+@pytest.fixture(scope="session")
 def main_stack(
-    tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory, api_keys: dict[str, str]
+    tiny_cache: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    api_keys: dict[str, str],
+    webhook_secrets: dict[str, str],
 ) -> Iterator[LocalStack]:
     entries = ",".join(f"{name}:{hash_key(key)}" for name, key in api_keys.items())
-    env = stack_env(tiny_cache, DREAMOMNI2_API_KEYS=entries)
+    env = stack_env(
+        tiny_cache,
+        DREAMOMNI2_API_KEYS=entries,
+        # Webhooks on, to receivers on loopback (refused anywhere else), retried quickly.
+        DREAMOMNI2_WEBHOOK_SECRET=webhook_secrets["*"],
+        DREAMOMNI2_WEBHOOK_SECRETS=f"alice:{webhook_secrets['alice']}",
+        DREAMOMNI2_WEBHOOK_ALLOWLIST="127.0.0.1",
+        DREAMOMNI2_WEBHOOK_BACKOFF_S=str(WEBHOOK_BACKOFF_S),
+    )
     with LocalStack(tmp_path_factory.mktemp("main-stack"), workers=1, env=env) as stack:
         yield stack
 
 
 @pytest.fixture
-def service(main_stack: LocalStack, api_keys: dict[str, str]) -> Iterator[Service]:
+def service(
+    main_stack: LocalStack, api_keys: dict[str, str], webhook_secrets: dict[str, str]
+) -> Iterator[Service]:
     """The main stack; after the test, waits until its worker is idle so tests do not overlap."""
     check_alive(core_processes(main_stack))
     client = redis.Redis.from_url(main_stack.redis_url)
-    running = Service(main_stack, api_keys, client, JobStore(client))
+    running = Service(main_stack, api_keys, client, JobStore(client), webhook_secrets)
     yield running
     for http in running.clients:
         http.close()

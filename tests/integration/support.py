@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import base64
 import functools
+import http.server
 import io
+import json
+import os
 import random
 import struct
+import threading
 import time
+import uuid
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -18,6 +23,8 @@ import httpx
 import pytest
 import redis
 from PIL import Image
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from app.stack import LocalStack, ManagedProcess
 
@@ -31,6 +38,8 @@ TIMING_STAGES = {"translate", "encode", "denoise", "decode", "total"}
 LONG_STEPS = 2000
 #: Allowed steps on every stack: the default limit (100) is far too short to catch a job mid-way.
 MAX_STEPS = 5000
+#: First webhook retry delay on the main stack (it doubles): three attempts take about a second.
+WEBHOOK_BACKOFF_S = 0.3
 
 
 def stack_env(cache: Path, **overrides: str) -> dict[str, str]:
@@ -43,6 +52,11 @@ def stack_env(cache: Path, **overrides: str) -> dict[str, str]:
         "DREAMOMNI2_MAX_STEPS": str(MAX_STEPS),
         **overrides,
     }
+
+
+def new_webhook_secret() -> str:
+    """A fresh Standard Webhooks secret: `whsec_` and base64 of random bytes."""
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
 
 # Inputs -----------------------------------------------------------------------------------------------
@@ -243,3 +257,140 @@ class StoreSnapshot:
         assert after.queue_depth == self.queue_depth, "the job queue changed"
         assert after.broker_messages == self.broker_messages, "a message was sent to the workers"
         assert not after.job_keys - self.job_keys, f"job keys appeared: {after.job_keys - self.job_keys}"
+
+
+# Webhooks ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReceivedWebhook:
+    """One POST that reached the receiver, and what the receiver made of it."""
+
+    path: str
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+    verified: bool
+    answered: int
+    at: float  # time.monotonic() on arrival
+
+    @property
+    def webhook_id(self) -> str:
+        return self.headers["webhook-id"]
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return json.loads(self.body)
+
+
+class WebhookReceiver:
+    """A customer's endpoint on a loopback port: checks every delivery's Standard Webhooks signature
+    with the `standardwebhooks` package (401 when it does not verify) and answers from a script."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._routes: dict[str, tuple[str, list[int]]] = {}
+        self._received: list[ReceivedWebhook] = []
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                answered = receiver._receive(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                self.send_response(answered)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="receiver", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def __enter__(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def endpoint(self, secret: str, answers: Sequence[int] = ()) -> str:
+        """A fresh URL: deliveries to it must be signed with `secret`; they are answered `answers`
+        in turn, then 204."""
+        path = f"/hooks/{uuid.uuid4().hex}"
+        with self._lock:
+            self._routes[path] = (secret, list(answers))
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _receive(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        with self._lock:
+            route = self._routes.get(path)
+            if route is None:
+                return 404
+            secret, answers = route
+            try:
+                Webhook(secret).verify(body, headers)
+                verified = True
+            except WebhookVerificationError:
+                verified = False
+            answered = (answers.pop(0) if answers else 204) if verified else 401
+            self._received.append(ReceivedWebhook(path, headers, body, verified, answered, time.monotonic()))
+            return answered
+
+    def received(self, url: str) -> list[ReceivedWebhook]:
+        """The deliveries to `url` so far, in order of arrival."""
+        path = httpx.URL(url).path
+        with self._lock:
+            return [r for r in self._received if r.path == path]
+
+    def wait_for(
+        self,
+        url: str,
+        done: Callable[[list[ReceivedWebhook]], bool],
+        *,
+        timeout: float = 30,
+        what: str = "webhook deliveries",
+        watch: Iterable[ManagedProcess] = (),
+    ) -> list[ReceivedWebhook]:
+        """Poll until `done(deliveries to url)` holds; returns those deliveries."""
+
+        def check() -> list[ReceivedWebhook] | None:
+            received = self.received(url)
+            return received if done(received) else None
+
+        return wait_until(check, timeout=timeout, what=what, watch=watch)
+
+
+# Server-sent events --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerSentEvent:
+    id: str | None
+    event: str
+    data: str
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+def sse_events(response: httpx.Response) -> Iterator[ServerSentEvent]:
+    """The events of a `text/event-stream` response as they arrive (comments such as pings skipped)."""
+    fields: dict[str, list[str]] = {}
+    for line in response.iter_lines():
+        if not line:
+            if "data" in fields or "event" in fields:
+                event_id = fields["id"][-1] if "id" in fields else None
+                event = fields.get("event", ["message"])[-1]
+                yield ServerSentEvent(event_id, event, "\n".join(fields.get("data", [])))
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
+
+
+def event_id_key(event_id: str) -> tuple[int, int]:
+    """A Redis stream id (`ms-seq`) as a sortable pair."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
