@@ -26,7 +26,7 @@ async def job_events(
     job_id: str,
     last_event_id: str | None,
     render: Callable[[str], dict],
-    block_ms: int = 10_000,
+    block_ms: int = 2_000,
 ) -> AsyncIterator[dict[str, str]]:
     """`queued` (with position), `started`, `progress`, then one final event carrying the job object.
 
@@ -35,8 +35,14 @@ async def job_events(
     """
     key = store.events_key(job_id)
     after = last_event_id or "0-0"
+    # A job that has already ended has all its events in the stream: read them without blocking, so a
+    # client reconnecting after the end gets the final event at once.
+    ended = (await run_in_threadpool(store.get, job_id)).status.is_terminal()
     while True:
-        events = parse_events(await aredis.xread({key: after}, count=100, block=block_ms))
+        # The block stays well under redis-py's default 5 s socket timeout, which would otherwise end
+        # the read (and the stream) with a TimeoutError whenever a job has no event for that long.
+        reply = await aredis.xread({key: after}, count=100, block=None if ended else block_ms)
+        events = parse_events(reply)
         if not events:
             if await request.is_disconnected():
                 return

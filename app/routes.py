@@ -24,6 +24,7 @@ jobs_router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 health_router = APIRouter(tags=["operations"])
 
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+_EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?", re.ASCII)
 
 
 def get_service(request: Request) -> JobService:
@@ -290,6 +291,12 @@ async def job_events_stream(
     last_event_id: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> EventSourceResponse:
     await run_in_threadpool(service.get, owner, job_id)  # 404 before the stream starts
+    if last_event_id and not _EVENT_ID.fullmatch(last_event_id):
+        # Redis would refuse it mid-stream, after the 200 is sent: refuse it while an answer can say why.
+        raise InvalidInput(
+            f"Last-Event-ID {last_event_id!r} is not an id this stream sent (like `1700000000000-0`).",
+            code="invalid_request",
+        )
 
     def render(job: str) -> dict:
         return service.render(service.store.get(job)).model_dump(mode="json", by_alias=True)

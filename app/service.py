@@ -99,6 +99,16 @@ class JobService:
             "image_count": job.image_count,
             "output_format": options.output_format.value,
         }
+        ttl_s = self.settings.job_ttl_s
+        deadlines = (("deadline_s", options.deadline_s), ("Cancel-After", submission.cancel_after_s))
+        for name, seconds in deadlines:
+            # Also keeps inf and huge values out: they would be stored, then fail to render (a 500).
+            if seconds is not None and not seconds <= ttl_s:
+                raise InvalidInput(
+                    f"{name} must be at most {ttl_s} seconds (the job's lifetime); got {seconds}.",
+                    code="invalid_request",
+                    details={"field": name, "max": ttl_s},
+                )
         if options.webhook_url is not None:
             spec["webhook"] = self.check_webhook(owner, options)
         elif options.webhook_events:
@@ -157,7 +167,7 @@ class JobService:
         """Cancel a job; returns it and whether the cancel is still under way (it was running)."""
         self.store.get(job_id, owner)
         outcome = self.store.cancel(job_id)
-        if outcome == "canceled":
+        if outcome == "dequeued":
             self.notifier.notify(job_id, WebhookEvent.COMPLETED)
         elif outcome != "cancel_requested":
             raise Conflict(

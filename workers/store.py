@@ -111,10 +111,12 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if ARGV[5] == '1' then
   local deadline = redis.call('HGET', KEYS[1], 'deadline_at')
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  if status ~= 'queued' or not deadline or deadline == '' or tonumber(deadline) > tonumber(ARGV[2]) then
+  -- Not due yet on this clock: keep the entry for a later sweep.
+  if status == 'queued' and deadline and deadline ~= '' and tonumber(deadline) > tonumber(ARGV[2]) then
     return status
   end
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  if status ~= 'queued' or not deadline or deadline == '' then return status end
 end
 if status == 'queued' then
   local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s') or '86400')
@@ -126,7 +128,8 @@ if status == 'queued' then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', 10000, '*', 'type', 'canceled', 'data', ARGV[3])
   redis.call('EXPIRE', KEYS[4], ttl)
-  return 'canceled'
+  -- Not 'canceled': that is what an already canceled job answers, and only this call may notify.
+  return 'dequeued'
 end
 if status == 'running' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'cancel_reason', ARGV[4])
@@ -387,13 +390,14 @@ class JobStore:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return record
-            events = self.events(job_id, after=last, block_ms=max(1, int(min(remaining, 5.0) * 1000)))
+            # Well under redis-py's default 5 s socket timeout: a longer block reads as Redis being down.
+            events = self.events(job_id, after=last, block_ms=max(1, int(min(remaining, 2.0) * 1000)))
             if events:
                 last = events[-1].id
 
     def cancel(self, job_id: str, *, reason: str = "requested", message: str | None = None) -> str:
-        """Cancel a job: `canceled` (it was queued), `cancel_requested` (running: stops at its next
-        step), `missing`, or the terminal status it already had."""
+        """Cancel a job: `dequeued` (it was queued and is now canceled, unrun), `cancel_requested`
+        (running: stops at its next step), `missing`, or the terminal status it already had."""
         error = {"code": "canceled", "message": message or "Canceled at the caller's request."}
         return self._cancel_script(job_id, reason, error, deadline_only=False)
 
@@ -403,7 +407,7 @@ class JobStore:
             "code": "deadline",
             "message": "No worker started the job before its deadline; it was canceled without running.",
         }
-        return self._cancel_script(job_id, "deadline", error, deadline_only=True) == "canceled"
+        return self._cancel_script(job_id, "deadline", error, deadline_only=True) == "dequeued"
 
     def _cancel_script(self, job_id: str, reason: str, error: dict[str, str], *, deadline_only: bool) -> str:
         keys = [self._job(job_id), self._queue, self._images(job_id), self._events(job_id), self._deadlines]
