@@ -47,7 +47,7 @@ def main() -> int:
     for n, data in enumerate(images, start=1):
         (out_dir / f"input-{n}.png").write_bytes(data)
 
-    print("DreamOmni2 Serve demo: tiny random-weight models on CPU, local Redis, one worker, the gateway")
+    print("DreamOmni2 Serve demo: tiny random-weight models on CPU, local Redis, workers and the gateway")
     print("starting the stack (the first run builds the tiny models, a few seconds) ...", flush=True)
     started = time.perf_counter()
     with temporary_stack(workers=1) as stack:
@@ -87,7 +87,7 @@ def main() -> int:
     print(f"  timings: {timings}")
     size = f"{job['result']['width']}x{job['result']['height']} {job['result']['content_type']}"
     print(f"result saved: {path}  ({size})")
-    print("stopped Redis, the worker and the gateway")
+    print("stopped everything it started (Redis, the workers, the gateway)")
     return 0
 
 

@@ -229,3 +229,22 @@ def test_oversized_upload_is_refused(tiny_cache, monkeypatch):
     )
     with pytest.raises(PayloadTooLarge):
         engine.run([png_bytes(noise_image(64, 64, 1))], params())
+
+
+def test_dreamomni2_preset_loads_the_published_layout_from_local_folders(tiny_root, tmp_path):
+    # The real preset's code path (base model folder + adapters folder holding edit_lora/, gen_lora/,
+    # vlm-model/), pointed at local folders in the published layout; only the sizes are shrunk.
+    settings = EngineSettings(
+        preset="dreamomni2",
+        base_model=str(tiny_root / "kontext"),
+        adapters=str(tiny_root),
+        cache_dir=tmp_path,
+        device="cpu",
+        max_area=64 * 64,
+        bucket_scale=1 / 16,
+        translator_max_new_tokens=4,
+    )
+    engine = Engine.from_settings(settings)
+    assert not any(tmp_path.iterdir())  # nothing built: the given folders were used
+    meta = engine.run([noise_image(64, 64, 1), noise_image(64, 64, 2)], params()).metadata
+    assert meta.adapter is AdapterChoice.EDIT and meta.translation_raw is not None
