@@ -37,6 +37,7 @@ from models.engine import Engine
 from models.pipeline import DreamOmni2Pipeline
 from models.settings import EngineSettings
 from models.tiny import (
+    FLUX_VAE_LAYOUT,
     KONTEXT_SCHEDULER_CONFIG,
     LORA_TARGET_MODULES,
     build_kontext_pipeline,
@@ -60,19 +61,11 @@ FLUX_TRANSFORMER = dict(
     axes_dims_rope=(16, 56, 56),
 )
 FLUX_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
+    FLUX_VAE_LAYOUT,
     block_out_channels=(128, 256, 512, 512),
     layers_per_block=2,
-    latent_channels=16,
     norm_num_groups=32,
     sample_size=1024,
-    shift_factor=0.1159,
-    scaling_factor=0.3611,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
 )
 CLIP_L = dict(
     vocab_size=49408,

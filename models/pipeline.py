@@ -274,26 +274,25 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
         )
         do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
-        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
-            prompt=prompt,
-            prompt_2=prompt_2,
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds,
-            device=device,
-            num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length,
-            lora_scale=lora_scale,
-        )
-        if do_true_cfg:
-            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_prompt(
-                prompt=negative_prompt,
-                prompt_2=negative_prompt_2,
-                prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=negative_pooled_prompt_embeds,
+
+        def encode(text, text_2, embeds, pooled) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return self.encode_prompt(
+                prompt=text,
+                prompt_2=text_2,
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
                 device=device,
                 num_images_per_prompt=num_images_per_prompt,
                 max_sequence_length=max_sequence_length,
                 lora_scale=lora_scale,
+            )
+
+        prompt_embeds, pooled_prompt_embeds, text_ids = encode(
+            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds
+        )
+        if do_true_cfg:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = encode(
+                negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds
             )
 
         # 3. Encode the input images (VAE mode, shift and scale, pack) and give them their ids.

@@ -167,21 +167,24 @@ def _build_transformer() -> FluxTransformer2DModel:
     ).eval()
 
 
+#: What every FLUX VAE shares with the real one: 8x downsampling, 16 latent channels, the shift and scale.
+FLUX_VAE_LAYOUT = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    latent_channels=16,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    shift_factor=0.1159,
+    scaling_factor=0.3611,
+)
+
+
 def _build_vae() -> AutoencoderKL:
     torch.manual_seed(1)
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
+        **FLUX_VAE_LAYOUT, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4
     ).eval()
 
 
