@@ -85,10 +85,21 @@ class ManagedProcess:
             self.popen.wait(5)
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the child when the process that started it dies, even by SIGKILL (no orphans)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def spawn(name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> ManagedProcess:
     log = log_dir / f"{name}.log"
     handle = log.open("ab")
-    popen = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    popen = subprocess.Popen(
+        args, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=_die_with_parent
+    )
     handle.close()
     return ManagedProcess(name, popen, log)
 
