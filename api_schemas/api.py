@@ -216,6 +216,10 @@ class JobRequestJSON(JobOptions):
 class WorkerCounts(BaseModel):
     up: int = Field(description="Worker processes that sent a heartbeat recently.")
     ready: int = Field(description="Of those, how many have their models loaded and take jobs.")
+    memory_modes: dict[str, int] = Field(
+        default_factory=dict,
+        description="Ready workers per memory mode (`DREAMOMNI2_MEMORY`: resident, balanced, low, stream).",
+    )
 
 
 class Readiness(BaseModel):

@@ -190,10 +190,13 @@ class JobMetadata(BaseModel):
         description="True: the translator's answer was used; false: the instruction itself."
     )
     translation_raw: str | None = Field(default=None, description="The translator's raw answer, when it ran.")
+    translation_tokens: int | None = Field(
+        default=None, description="Tokens the translator generated, when it ran (its budget is the cap)."
+    )
     fallback_reason: str | None = Field(
         default=None,
         description="Why the instruction was used as is: disabled_by_request, disabled_by_deployment, "
-        "unparseable, empty.",
+        "unparseable, empty, or truncated (the answer hit the translator's token budget).",
     )
     adapter: AdapterChoice
     task: Task

@@ -327,10 +327,17 @@ def readyz(request: Request) -> Response:
     try:
         store.redis.ping()
         workers = list(store.workers())
+        modes: dict[str, int] = {}
+        for worker in workers:
+            mode = (worker.get("memory") or {}).get("mode") if worker.get("ready") else None
+            if mode:
+                modes[mode] = modes.get(mode, 0) + 1
         body = Readiness(
             status="ready",
             redis="ok",
-            workers=WorkerCounts(up=len(workers), ready=sum(1 for w in workers if w.get("ready"))),
+            workers=WorkerCounts(
+                up=len(workers), ready=sum(1 for w in workers if w.get("ready")), memory_modes=modes
+            ),
             queue_depth=store.queue_depth(),
         )
         return JSONResponse(body.model_dump(mode="json"))

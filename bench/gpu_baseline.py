@@ -1,127 +1,50 @@
-"""Full-size DreamOmni2 speed and memory with random weights: the baseline for the speed work.
+"""Full-size DreamOmni2 speed and memory with random weights, in one memory mode.
 
-    python bench/gpu_baseline.py                      # full-size shapes, bf16, on CUDA
-    python bench/gpu_baseline.py --shapes tiny        # the same code on the tiny shapes, CPU
+    python bench/gpu_baseline.py                              # full-size shapes, bf16, resident, on CUDA
+    python bench/gpu_baseline.py --memory low --card-gib 24   # capped at a 24 GiB card's memory
+    python bench/gpu_baseline.py --shapes tiny                # the same code on the tiny shapes, CPU
 
-Builds the architectures of the `dreamomni2` preset from their configs with random weights (FLUX.1
-Kontext transformer 19+38 blocks, T5-XXL, CLIP-L, the 16-channel VAE, Qwen2.5-VL-7B, two LoRAs),
-nothing downloaded, and runs whole jobs through `Engine.run` for 0 to 3 input images: per-step time,
-whole-job time (translator included) and peak GPU memory. Random weights measure time and memory
-honestly and say nothing about quality. A random VLM rarely stops early, so the translator runs to
-its token budget: the worst case of that stage. Writes a JSON report with --out.
+Builds the architectures of the `dreamomni2` preset from their configs (`models.architectures`) with
+random weights (FLUX.1 Kontext transformer 19+38 blocks, T5-XXL, CLIP-L, the 16-channel VAE,
+Qwen2.5-VL-7B, two LoRAs), nothing downloaded, places them as the memory mode says
+(`Engine.assemble`, the worker's own path) and runs whole jobs through `Engine.run` for 0 to 3 input
+images: per-step time, whole-job time (translator included), peak memory (PyTorch's allocated and
+reserved, and the device's used memory sampled as NVML sees it) beside the planner's prediction.
+With `--card-gib`, `torch.cuda.set_per_process_memory_fraction` caps the process at that card size
+once the models are placed. Random weights measure time and memory honestly and say nothing about
+quality; a random VLM rarely stops early, so the translator runs to its budget (its worst case).
+Run one mode per process (`bench/gpu_suite.py` does): peaks are per process. Writes JSON with --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
-from transformers import CLIPTextConfig, CLIPTextModel, Qwen2_5_VLConfig, T5Config, T5EncoderModel
-from transformers import Qwen2_5_VLForConditionalGeneration as QwenVL
 
 from api_schemas.common import Task
 from api_schemas.jobs import JobParameters
 from models.adapters import AdapterSet
+from models.architectures import LORA_TARGET_MODULES, QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, build_full_size
 from models.engine import Engine
+from models.memory import ASSUMED_LORA_RANK, GiB, plan_memory, published_sizes
+from models.modes import MemoryMode
 from models.pipeline import DreamOmni2Pipeline
+from models.placement import Placement
 from models.settings import EngineSettings
-from models.tiny import (
-    FLUX_VAE_LAYOUT,
-    KONTEXT_SCHEDULER_CONFIG,
-    LORA_TARGET_MODULES,
-    build_kontext_pipeline,
-    build_qwen_tokenizer,
-    build_vlm,
-    ensure_tiny,
-)
+from models.tiny import KONTEXT_SCHEDULER_CONFIG, build_kontext_pipeline, build_vlm, ensure_tiny
 from models.translator import InstructionTranslator, Qwen2_5_VLImageTextProcessor
-
-#: Published FLUX.1 Kontext [dev] transformer shape.
-FLUX_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-FLUX_VAE = dict(
-    FLUX_VAE_LAYOUT,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=1024,
-)
-CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    projection_dim=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-)
-T5_XXL = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    feed_forward_proj="gated-gelu",
-)
-QWEN25_VL_7B_TEXT = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=128000,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
-)
-QWEN25_VL_7B_VISION = dict(
-    depth=32,
-    hidden_size=1280,
-    intermediate_size=3420,
-    num_heads=16,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=112,
-    out_hidden_size=3584,
-    fullatt_block_indexes=[7, 15, 23, 31],
-)
-#: The published LoRAs' rank is not stated in the method doc; 64 is a common choice for Kontext LoRAs.
-FULL_LORA_RANK = 64
-
-
-@contextlib.contextmanager
-def building_on(device: str, dtype: torch.dtype):
-    """Create parameters directly on `device` in `dtype`: no fp32 copy of 12B weights on the host."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def build_full(
@@ -130,46 +53,34 @@ def build_full(
     """The full-size architectures with random weights; tokenizers come from the tiny set (ids fit)."""
     tiny = DreamOmni2Pipeline.from_pretrained(tiny_root / "kontext")
     clip_tok, t5_tok = tiny.tokenizer, tiny.tokenizer_2
-    qwen_tok = build_qwen_tokenizer()
-    with building_on(device, dtype):
-        transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
-        vae = AutoencoderKL(**FLUX_VAE)
-        clip = CLIPTextModel(
-            CLIPTextConfig(**CLIP_L, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id)
-        )
-        t5 = T5EncoderModel(
-            T5Config(**T5_XXL, pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id)
-        )
-        ids = qwen_tok.convert_tokens_to_ids
-        vlm = QwenVL(
-            Qwen2_5_VLConfig(
-                text_config=dict(
-                    QWEN25_VL_7B_TEXT, eos_token_id=ids("<|im_end|>"), pad_token_id=qwen_tok.pad_token_id
-                ),
-                vision_config=QWEN25_VL_7B_VISION,
-                image_token_id=ids("<|image_pad|>"),
-                video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"),
-                vision_end_token_id=ids("<|vision_end|>"),
-            )
-        )
-    vlm.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
-    vlm.generation_config.pad_token_id = qwen_tok.pad_token_id
-    pipeline = DreamOmni2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**KONTEXT_SCHEDULER_CONFIG),
-        vae=vae,
-        text_encoder=clip.eval(),
-        tokenizer=clip_tok,
-        text_encoder_2=t5.eval(),
-        tokenizer_2=t5_tok,
-        transformer=transformer.eval(),
-    )
     processor = Qwen2_5_VLImageTextProcessor.from_pretrained(
         str(tiny_root / "vlm-model"), local_files_only=True
     )
-    # The real processor's bounds (Qwen2.5-VL defaults), not the tiny preset's small ones.
-    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
-    return pipeline, InstructionTranslator(vlm.eval(), processor)
+    qwen_tok = processor.tokenizer
+    qwen_ids = {
+        name: qwen_tok.convert_tokens_to_ids(name)
+        for name in ("<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                     "<|video_pad|>")
+    }  # fmt: skip
+    models = build_full_size(
+        device,
+        dtype,
+        clip_ids={"eos_token_id": clip_tok.eos_token_id, "pad_token_id": clip_tok.pad_token_id},
+        t5_ids={"eos_token_id": t5_tok.eos_token_id, "pad_token_id": t5_tok.pad_token_id},
+        qwen_ids=qwen_ids,
+    )
+    pipeline = DreamOmni2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**KONTEXT_SCHEDULER_CONFIG),
+        vae=models.vae,
+        text_encoder=models.text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=models.text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=models.transformer,
+    )
+    # The real processor's bounds (Qwen2.5-VL's preprocessor_config.json), not the tiny preset's.
+    processor.image_processor.size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
+    return pipeline, InstructionTranslator(models.vlm, processor)
 
 
 def build_tiny_shapes(tiny_root: Path) -> tuple[DreamOmni2Pipeline, InstructionTranslator]:
@@ -195,10 +106,36 @@ def noise_image(width: int, height: int, seed: int) -> PIL.Image.Image:
     return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+class DeviceUsedSampler:
+    """The device's used memory (what NVML reports: every allocation plus the CUDA context), sampled."""
+
+    def __init__(self, device: str, interval_s: float = 0.02):
+        self.device, self.interval_s = torch.device(device), interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.peak = max(self.peak, total - free)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> DeviceUsedSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=["full", "tiny"], default="full")
     parser.add_argument("--device", default=None, help="default: cuda for full shapes, cpu for tiny")
+    parser.add_argument("--memory", choices=[m.value for m in MemoryMode], default=MemoryMode.RESIDENT.value)
+    parser.add_argument("--card-gib", type=float, help="cap the process at this much GPU memory (GiB)")
     parser.add_argument("--images", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--size", type=int, default=1024, help="side of the square inputs and output")
     parser.add_argument("--steps", type=int, default=30)
@@ -210,33 +147,44 @@ def main() -> int:
 
     full = args.shapes == "full"
     device = args.device or ("cuda" if full else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         print("no CUDA device; run with --shapes tiny on a CPU machine", file=sys.stderr)
         return 2
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if cuda else torch.float32
     tiny_root = ensure_tiny(Path(tempfile.mkdtemp(prefix="dreamomni2-gpu-bench-")))
+    mode = MemoryMode(args.memory)
 
     started = time.perf_counter()
+    # Built on the device (fast random init); the placement then moves what the mode keeps in host
+    # memory there, and only then is the process capped at the card size.
     pipeline, translator = build_full(device, dtype, tiny_root) if full else build_tiny_shapes(tiny_root)
-    adapters = add_random_loras(pipeline, FULL_LORA_RANK if full else 4)
-    # Built in the target dtype already (a cast here would make diffusers warn).
-    pipeline.to(device)
-    pipeline.set_progress_bar_config(disable=True)
-    translator.model.to(device)
+    adapters = add_random_loras(pipeline, ASSUMED_LORA_RANK if full else 4)
     translator.max_new_tokens = args.max_new_tokens
     settings = EngineSettings(
         preset="dreamomni2" if full else "tiny",
         device=device,
+        memory=mode,
         max_area=args.size * args.size,
-        bucket_scale=1.0 if full else None,
+        bucket_scale=args.size / 1024 if full else None,
         translator=not args.no_translator,
     )
-    engine = Engine(settings, pipeline, adapters, None if args.no_translator else translator)
+    translator_device = None if args.no_translator else device
+    placement = Placement(mode, device, translator_device)
+    engine = Engine.assemble(
+        settings, pipeline, adapters, None if args.no_translator else translator, placement
+    )
     build_s = time.perf_counter() - started
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        if args.card_gib:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * GiB / total), device)
     params_b = sum(p.numel() for p in pipeline.transformer.parameters()) / 1e9
     print(
-        f"{args.shapes} shapes on {device} ({dtype}); "
-        f"transformer {params_b:.2f}B params; built in {build_s:.1f}s"
+        f"{args.shapes} shapes on {device} ({dtype}), memory {mode.value}; "
+        f"transformer {params_b:.2f}B params; built and placed in {build_s:.1f}s"
     )
 
     def job(count: int) -> dict:
@@ -245,19 +193,28 @@ def main() -> int:
         params = JobParameters(
             instruction="put the hat of image 2 on the cat", task=task, steps=args.steps, seed=0
         )
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        meta = engine.run(images, params).metadata
+        if cuda:
+            with DeviceUsedSampler(device) as sampler:
+                meta = engine.run(images, params).metadata
+            used = sampler.peak
+        else:
+            meta, used = engine.run(images, params).metadata, None
         seconds = time.perf_counter() - started
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-        return {"job_s": seconds, "timings": meta.timings, "peak_gib": peak, "adapter": meta.adapter.value}
+        allocated = torch.cuda.max_memory_allocated() if cuda else None
+        reserved = torch.cuda.max_memory_reserved() if cuda else None
+        return {"job_s": seconds, "timings": meta.timings, "allocated": allocated, "reserved": reserved,
+                "device_used": used, "adapter": meta.adapter.value}  # fmt: skip
 
+    sizes = published_sizes(ASSUMED_LORA_RANK) if full else None
     job(args.images[0])  # warm-up: kernels, allocator
     rows = []
     header = (
-        f"{'images':>6} {'tokens':>7} {'step s':>8} {'job s':>8} {'translate s':>11} {'peak GiB':>9}  adapter"
+        f"{'images':>6} {'tokens':>7} {'step s':>8} {'job s':>8} {'translate s':>11} "
+        f"{'planned GiB':>11} {'alloc GiB':>9} {'reserved GiB':>12} {'used GiB':>8}  adapter"
     )
     print(header)
     for count in args.images:
@@ -265,20 +222,28 @@ def main() -> int:
         step_s = statistics.median(r["timings"]["denoise"] / args.steps for r in runs)
         job_s = statistics.median(r["job_s"] for r in runs)
         translate_s = statistics.median(r["timings"]["translate"] for r in runs)
-        peak = max((r["peak_gib"] or 0.0) for r in runs)
+        peak = {key: max((r[key] or 0) for r in runs) for key in ("allocated", "reserved", "device_used")}
+        planned = (
+            plan_memory(mode, count, args.size, device=device, translator_device=translator_device,
+                        new_tokens=args.max_new_tokens, sizes=sizes).peak_bytes
+            if full else 0
+        )  # fmt: skip
         tokens = (args.size // 16) ** 2 * (count + 1) + 512
         rows.append(
             {"images": count, "tokens": tokens, "step_s": step_s, "job_s": job_s, "translate_s": translate_s,
-             "peak_gib": peak, "adapter": runs[0]["adapter"], "timings": runs[0]["timings"]}
+             "planned_bytes": planned, **{f"peak_{k}_bytes": v for k, v in peak.items()},
+             "adapter": runs[0]["adapter"], "timings": runs[0]["timings"]}
         )  # fmt: skip
+        measured = f"{peak['allocated'] / GiB:>9.2f} {peak['reserved'] / GiB:>12.2f} "
+        measured += f"{peak['device_used'] / GiB:>8.2f}"
         print(
-            f"{count:>6} {tokens:>7} {step_s:>8.3f} {job_s:>8.2f} {translate_s:>11.2f} {peak:>9.1f}  "
-            + runs[0]["adapter"]
+            f"{count:>6} {tokens:>7} {step_s:>8.3f} {job_s:>8.2f} {translate_s:>11.2f} "
+            f"{planned / GiB:>11.2f} {measured}  " + runs[0]["adapter"]
         )
     if args.out:
-        report = {"shapes": args.shapes, "device": device, "dtype": str(dtype), "steps": args.steps,
-                  "size": args.size, "build_s": build_s, "gpu": torch.cuda.get_device_name() if
-                  device.startswith("cuda") else None, "rows": rows}  # fmt: skip
+        report = {"shapes": args.shapes, "device": device, "dtype": str(dtype), "memory": mode.value,
+                  "card_gib": args.card_gib, "steps": args.steps, "size": args.size, "build_s": build_s,
+                  "gpu": torch.cuda.get_device_name() if cuda else None, "rows": rows}  # fmt: skip
         args.out.write_text(json.dumps(report, indent=2))
     return 0
 

@@ -25,12 +25,15 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /srv/dreamomni2
 
 # Dependencies first, in their own layer (torch and the CUDA libraries are gigabytes): exactly the pins
-# of pyproject.toml's `dependencies` and `worker` extra. The build fails if torch is not a CUDA build.
+# of pyproject.toml's `dependencies`, `worker` and `gpu` extras. `gpu` is the torchvision built for that
+# torch, so the translator's processor resizes with torchvision's kernel, as the reference's does. The
+# build fails if torch is not a CUDA build or the processor would not use torchvision.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['worker']))" > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + x['worker'] + x['gpu']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt \
-    && python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is not a CUDA build'"
+    && python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is not a CUDA build'" \
+    && python -c "import torchvision, diffusers; from transformers.utils import is_torchvision_available as tv; assert tv(), 'torchvision unusable'"
 
 COPY api_schemas/ api_schemas/
 COPY app/ app/
@@ -38,8 +41,10 @@ COPY models/ models/
 COPY workers/ workers/
 RUN pip install --no-cache-dir --no-deps .
 
-# Model caches on a volume: the Hugging Face cache (real weights) and the tiny preset.
+# Model caches on a volume: the Hugging Face cache (real weights) and the tiny preset. Expandable
+# segments keep the allocator from fragmenting when the memory modes move models on and off the GPU.
 ENV HF_HOME=/models/huggingface \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     DREAMOMNI2_CACHE_DIR=/models/dreamomni2 \
     DREAMOMNI2_LIVENESS_FILE=/tmp/dreamomni2-worker-alive
 VOLUME ["/models"]

@@ -15,7 +15,9 @@ _EXPORTS = {
     "Engine": "models.engine",
     "JobOutput": "models.engine",
     "EngineSettings": "models.settings",
-    "Offload": "models.settings",
+    "MemoryMode": "models.modes",
+    "MemoryPlan": "models.memory",
+    "plan_memory": "models.memory",
     "Preset": "models.settings",
 }
 

@@ -1,8 +1,10 @@
-"""Run one DreamOmni2 job without the service.
+"""Run one DreamOmni2 job without the service, or plan a worker's GPU memory.
 
     python -m models run --image a.png --image b.png --task edit "put the hat of image 2 on him" -o out.png
+    python -m models plan --memory balanced --images 3 [--size 1024] [--json] [--card 48]
 
 Settings come from `DREAMOMNI2_*` variables (the tiny CPU preset by default); flags override a few.
+`plan` loads and downloads nothing: it sizes the published architectures on the meta device.
 """
 
 from __future__ import annotations
@@ -38,7 +40,135 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--height", type=int, help="generation only")
     run.add_argument("--no-translate", action="store_true", help="use the instruction as the prompt")
     run.add_argument("--preset", choices=["tiny", "dreamomni2"], help="overrides DREAMOMNI2_PRESET")
+
+    from models.modes import MemoryMode
+
+    plan = commands.add_parser(
+        "plan",
+        help="predict a worker's GPU memory peak for a memory mode (no weights loaded or downloaded)",
+        description="Predict the GPU peak of the published models in a memory mode: weight bytes per "
+        "component (full-size configs on the meta device), activations per stage for N input images, "
+        "and the peak per device.",
+    )
+    plan.add_argument("--memory", choices=[m.value for m in MemoryMode], default=MemoryMode.RESIDENT.value,
+                      help="memory mode (DREAMOMNI2_MEMORY); default resident")  # fmt: skip
+    plan.add_argument(
+        "--images", type=int, default=5, help="input images per job (default 5, the image limit)"
+    )
+    plan.add_argument("--size", type=int, default=1024,
+                      help="side of the inputs' buckets and the output in pixels (default 1024)")  # fmt: skip
+    plan.add_argument("--device", default="cuda", help="the pipeline's device (default cuda)")
+    plan.add_argument("--translator-device", default="auto",
+                      help="auto (the pipeline's device), cuda:1, cpu, or none (translator off)")  # fmt: skip
+    plan.add_argument("--max-new-tokens", type=int, help="translator answer budget (default 1024)")
+    plan.add_argument("--lora-rank", type=int, help="LoRA rank to assume (the release does not state it)")
+    plan.add_argument("--card", type=float, metavar="GIB",
+                      help="also check the fit on a GPU with GIB free; the most images that fit")  # fmt: skip
+    plan.add_argument("--json", action="store_true", help="print one JSON object (byte counts as integers)")
+    plan.add_argument("--table", action="store_true",
+                      help="print the docs' card -> mode -> peak -> most images table instead")  # fmt: skip
     return parser
+
+
+#: The setups of the docs' table: (card, GiB per GPU, mode, translator device). The last GPU of a
+#: two-GPU setup holds the translator.
+CARD_SETUPS = [
+    ("24 GB (RTX 4090, L4, A10)", [24], "low", "auto"),
+    ("24 GB, bf16 exact", [24], "stream", "auto"),
+    ("40 GB (A100 40 GB)", [40], "low", "auto"),
+    ("40 GB, translator on the CPU", [40], "balanced", "cpu"),
+    ("48 GB (L40S, RTX 6000 Ada, A6000)", [48], "balanced", "auto"),
+    ("80 GB and up (A100/H100 80 GB, H200)", [80], "resident", "auto"),
+    ("two GPUs, 40-48 + 24 GB", [40, 24], "resident", "cuda:1"),
+    ("two GPUs, 24 + 24 GB", [24, 24], "low", "cuda:1"),
+]
+#: Memory taken as unavailable on each card in the table: the CUDA context and the driver's own.
+#: An allowance (a few hundred MiB is typical), not a measurement.
+CONTEXT_ALLOWANCE_GIB = 1.0
+
+
+def card_table(sizes, size: int, limit: int) -> str:
+    from models.memory import GiB, MemoryMode, max_images_that_fit, plan_memory
+
+    lines = [
+        f"| card | DREAMOMNI2_MEMORY | translator | predicted peak, 2 / 5 images at {size}² | most images |",
+        "|---|---|---|---|---|",
+    ]
+    for card, gib, mode, translator in CARD_SETUPS:
+        devices = ["cuda:0"] if len(gib) == 1 else ["cuda:0", "cuda:1"]
+        free = {d: int((g - CONTEXT_ALLOWANCE_GIB) * GiB) for d, g in zip(devices, gib, strict=True)}
+        where = "cuda:0" if translator == "auto" else translator
+        kwargs = dict(size=size, device="cuda:0", translator_device=where, sizes=sizes)
+        peaks = []
+        for images in (2, 5):
+            plan = plan_memory(MemoryMode(mode), images, **kwargs)
+            peaks.append(" + ".join(f"{n / GiB:.1f}" for n in plan.devices.values()))
+        most = max_images_that_fit(MemoryMode(mode), free, limit, **kwargs)
+        shown = "none" if most is None else (f"{most}+" if most == limit else str(most))
+        lines.append(f"| {card} | `{mode}` | {where} | {peaks[0]} / {peaks[1]} GiB | {shown} |")
+    return "\n".join(lines)
+
+
+#: How far `plan --card` searches for the most input images that fit.
+MAX_PLANNED_IMAGES = 10
+
+
+def plan(args: argparse.Namespace) -> int:
+    import json
+
+    from models.memory import (
+        FIT_HEADROOM,
+        GiB,
+        MemoryMode,
+        fits,
+        max_images_that_fit,
+        plan_memory,
+        published_sizes,
+    )
+
+    if args.images < 0:
+        print("error: --images must be 0 or more", file=sys.stderr)
+        return 2
+    if args.size < 64 or args.size % 16:
+        print("error: --size must be a multiple of 16 of at least 64", file=sys.stderr)
+        return 2
+    translator_device = None if args.translator_device == "none" else args.translator_device
+    kwargs = dict(
+        size=args.size,
+        device=args.device,
+        translator_device=translator_device,
+        new_tokens=args.max_new_tokens,
+        sizes=published_sizes(args.lora_rank) if args.lora_rank else published_sizes(),
+    )
+    if args.table:
+        print(card_table(kwargs["sizes"], args.size, MAX_PLANNED_IMAGES))
+        print(
+            f"\nmost images: input images per job whose predicted peak, plus {FIT_HEADROOM:.0%} headroom, "
+            f"fits each card less {CONTEXT_ALLOWANCE_GIB:g} GiB for the CUDA context (an allowance); "
+            f"searched up to {MAX_PLANNED_IMAGES}. Peaks per GPU, PyTorch allocations."
+        )
+        return 0
+    result = plan_memory(MemoryMode(args.memory), args.images, **kwargs)
+    report = result.to_dict()
+    if args.card is not None:
+        free = {d: int(args.card * GiB) for d in result.devices}
+        report["card_bytes"] = int(args.card * GiB)
+        report["fits"] = fits(result, free)
+        report["max_images"] = max_images_that_fit(
+            MemoryMode(args.memory), free, MAX_PLANNED_IMAGES, **kwargs
+        )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(result.format())
+    if args.card is not None:
+        verdict = "fits" if report["fits"] else "does NOT fit"
+        most = report["max_images"]
+        print(
+            f"on a GPU with {args.card:g} GiB free: {verdict} (with {FIT_HEADROOM:.0%} headroom); "
+            + (f"up to {most} input image(s) fit" if most is not None else "not even a text-only job fits")
+        )
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(args)
+    return plan(args) if args.command == "plan" else run(args)
 
 
 if __name__ == "__main__":

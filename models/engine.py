@@ -13,12 +13,21 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from api_schemas.common import Task
 from api_schemas.errors import JobCanceled, ModelOutOfMemory
-from api_schemas.images import load_image
+from api_schemas.images import load_image, normalize_image
 from api_schemas.jobs import JobMetadata, JobParameters, ResolvedJob, resolve_job
 from models.adapters import AdapterSet
-from models.pipeline import DEFAULT_MAX_AREA, KONTEXT_BUCKETS, DreamOmni2Pipeline, scale_buckets
-from models.settings import EngineSettings, Offload, Preset, resolve_device, resolve_dtype
+from models.modes import Group, Residency, is_cpu
+from models.pipeline import (
+    DEFAULT_MAX_AREA,
+    KONTEXT_BUCKETS,
+    DreamOmni2Pipeline,
+    resize_to_bucket,
+    scale_buckets,
+)
+from models.placement import Placement
+from models.settings import EngineSettings, Preset, resolve_device, resolve_dtype
 from models.translator import InstructionTranslator
 
 logger = logging.getLogger(__name__)
@@ -77,57 +86,107 @@ class Engine:
         pipeline: DreamOmni2Pipeline,
         adapters: AdapterSet,
         translator: InstructionTranslator | None,
+        placement: Placement | None = None,
     ):
-        """Wrap parts that are already loaded and placed; `from_settings` is the usual way in."""
+        """Wrap parts that are already loaded and placed; `from_settings` is the usual way in.
+
+        Without a `placement`, the parts are taken to be resident where they are.
+        """
         self.settings = settings
         self.limits = settings.limits
         self.pipeline = pipeline
         self.adapters = adapters
         self.translator = translator
+        self.placement = placement or Placement(
+            settings.memory, pipeline.device, translator.device if translator else None
+        )
         tiny = settings.preset is Preset.TINY
         scale = settings.bucket_scale or (TINY_BUCKET_SCALE if tiny else 1.0)
         self.buckets = KONTEXT_BUCKETS if scale == 1.0 else scale_buckets(KONTEXT_BUCKETS, scale)
         self.max_area = settings.max_area or (TINY_MAX_AREA if tiny else DEFAULT_MAX_AREA)
+        #: The planner's prediction the engine was started under (None: not checked, e.g. on a CPU).
+        self.memory_plan = None
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: EngineSettings | None = None) -> Engine:
-        """Load every part the settings name (minutes with the real weights), placed as they say."""
+        """Load every part the settings name (minutes with the real weights), placed as they say.
+
+        On a GPU, the memory planner's prediction for the configured mode and image limit is checked
+        against the free memory first (`DREAMOMNI2_MEMORY_CHECK`), so a worker that cannot fit refuses
+        in seconds, naming a mode that would, instead of failing its first jobs.
+        """
         settings = settings or EngineSettings()
         started = time.perf_counter()
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        layout = resolve_layout(settings)
-        pipeline = DreamOmni2Pipeline.from_pretrained(layout.kontext, dtype=dtype)
-        pipeline.set_progress_bar_config(disable=True)
-        adapters = AdapterSet.load(pipeline, edit=layout.edit_lora, generation=layout.gen_lora)
-        if settings.offload is Offload.MODEL:
-            pipeline.enable_model_cpu_offload(device=device)
-        elif settings.offload is Offload.SEQUENTIAL:
-            pipeline.enable_sequential_cpu_offload(device=device)
-        else:
-            pipeline.to(device)
-
-        translator = None
+        translator_device = None
         if settings.translator:
             translator_device = device if settings.translator_device == "auto" else settings.translator_device
+        layout = resolve_layout(settings)
+        memory_plan = None
+        if settings.memory_check:
+            memory_plan = check_memory(settings, layout, device, translator_device)
+
+        pipeline = DreamOmni2Pipeline.from_pretrained(layout.kontext, dtype=dtype)
+        adapters = AdapterSet.load(pipeline, edit=layout.edit_lora, generation=layout.gen_lora)
+        placement = Placement(settings.memory, device, translator_device)
+        translator = None
+        if translator_device is not None:
             translator = InstructionTranslator.from_pretrained(
                 layout.vlm,
-                device=translator_device,
+                # A swapped translator waits in host memory; a resident one loads straight onto its device.
+                device="cpu" if placement.translator_residency() is Residency.SWAPPED else translator_device,
                 dtype=resolve_dtype(settings.dtype, translator_device),
-                max_new_tokens=settings.translator_max_new_tokens,
-                max_image_pixels=settings.translator_max_image_pixels,
+                max_new_tokens=settings.translator_budget,
             )
+        engine = cls.assemble(settings, pipeline, adapters, translator, placement)
+        engine.memory_plan = memory_plan
         logger.info(
-            "engine ready: preset=%s device=%s dtype=%s offload=%s translator=%s in %.1fs",
+            "engine ready: preset=%s memory=%s device=%s dtype=%s translator=%s in %.1fs",
             settings.preset,
+            settings.memory,
             device,
             dtype,
-            settings.offload,
-            translator.device if translator else "off",
+            translator_device or "off",
             time.perf_counter() - started,
         )
-        return cls(settings, pipeline, adapters, translator)
+        return engine
+
+    @classmethod
+    def assemble(
+        cls,
+        settings: EngineSettings,
+        pipeline: DreamOmni2Pipeline,
+        adapters: AdapterSet,
+        translator: InstructionTranslator | None,
+        placement: Placement,
+    ) -> Engine:
+        """An engine from loaded parts (LoRAs loaded, weights in host memory or already on their device),
+        placed as `placement`'s memory mode says. The GPU benches build random full-size parts and come
+        in here, as `from_settings` does with the loaded ones."""
+        pipeline.set_progress_bar_config(disable=True)
+        placement.place_pipeline(pipeline)
+        if translator is not None:
+            placement.place_translator(translator)
+        return cls(settings, pipeline, adapters, translator, placement)
+
+    def describe(self) -> dict:
+        """What a worker reports about its models: the memory mode, devices and the planned peak."""
+        info = self.placement.describe()
+        if self.translator is not None:
+            # Qwen2VLImageProcessor (torchvision's resize, as the reference) or ...Pil (no torchvision).
+            info["translator_image_processor"] = type(self.translator.processor.image_processor).__name__
+        if self.memory_plan is not None:
+            info["planned_peak_bytes"] = self.memory_plan.peak_bytes
+            info["planned_images"] = self.memory_plan.images
+        return info
+
+    def prepare_images(self, images: Sequence[PIL.Image.Image]) -> list[PIL.Image.Image]:
+        """Each upload once, as the reference scripts do before anything sees it: RGB over white with
+        EXIF applied, then resized with Lanczos to the bucket nearest its raw aspect ratio. The
+        translator and the pipeline both get these images."""
+        return [resize_to_bucket(normalize_image(image), self.buckets) for image in images]
 
     def check(self, params: JobParameters, image_count: int) -> ResolvedJob:
         """Validate a request against this engine's limits without running it."""
@@ -164,33 +223,35 @@ class Engine:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise ModelOutOfMemory(
-                    f"The GPU ran out of memory for {len(images)} input image(s); "
-                    "send fewer or smaller reference images, or run with DREAMOMNI2_OFFLOAD=model.",
+                    f"The GPU ran out of memory for {len(images)} input image(s) in memory mode "
+                    f"{self.settings.memory.value}; send fewer reference images, or ask the operator for a "
+                    "lower memory mode (`python -m models plan` shows what each needs).",
+                    details={"images": len(images), "memory_mode": self.settings.memory.value},
                 ) from exc
-            finally:
-                # Offload hooks must be reset even when a job stops half-way.
-                self.pipeline.maybe_free_model_hooks()
 
     def _run(
         self,
         job: ResolvedJob,
-        images: list[PIL.Image.Image],
+        uploads: list[PIL.Image.Image],
         progress: ProgressCallback,
         cancel: Callable[[], bool],
     ) -> JobOutput:
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        images = self.prepare_images(uploads)
 
         progress("translate", 0, 1)
-        prompt, translated, raw, fallback_reason = job.instruction, False, None, None
+        prompt, translated, raw, fallback_reason, tokens = job.instruction, False, None, None, None
         if not job.translate:
             fallback_reason = "disabled_by_request"
         elif self.translator is None:
             fallback_reason = "disabled_by_deployment"
         else:
-            translation = self.translator.translate(images, job.instruction, job.task)
+            with self.placement.running(Group.TRANSLATOR):
+                translation = self.translator.translate(images, job.instruction, job.task)
             prompt, translated = translation.prompt, translation.translated
             raw, fallback_reason = translation.raw, translation.fallback_reason
+            tokens = translation.generated_tokens
         timings["translate"] = time.perf_counter() - started
         progress("translate", 1, 1)
         if cancel():
@@ -207,26 +268,43 @@ class Engine:
             return {}
 
         progress("encode", 0, 1)
-        output = self.pipeline(
-            images=images,
-            prompt=prompt,
-            height=job.height,
-            width=job.width,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance,
-            generator=generator,
-            max_area=self.max_area,
-            resolution_buckets=self.buckets,
-            callback_on_step_end=on_step_end,
-        )
+        encode_started = time.perf_counter()
+        # The prompt is encoded here rather than inside the pipeline call so that the text encoders
+        # can leave the GPU before the transformer needs it; the pipeline takes the embeddings as is.
+        with self.placement.running(Group.TEXT_ENCODERS):
+            prompt_embeds, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(
+                prompt=prompt, prompt_2=None, device=self.pipeline.compute_device or self.pipeline.device
+            )
+        encode_prompt_s = time.perf_counter() - encode_started
+        # The edit output takes image 1's bucketed size; a generation takes the requested one.
+        height, width = job.height, job.width
+        if job.task is Task.EDIT and images:
+            width, height = images[0].size
+        with self.placement.running(Group.TRANSFORMER):
+            output = self.pipeline(
+                images=images,
+                prompt_embeds=prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                height=height,
+                width=width,
+                num_inference_steps=job.steps,
+                guidance_scale=job.guidance,
+                generator=generator,
+                max_area=self.max_area,
+                # The images are on their buckets already; the pipeline keeps their size.
+                resolution_buckets=None,
+                callback_on_step_end=on_step_end,
+            )
         progress("decode", 1, 1)
         timings.update(output.timings)
+        timings["encode"] += encode_prompt_s
         timings["total"] = time.perf_counter() - started
         image = output.images[0]
         metadata = JobMetadata(
             prompt=prompt,
             translated=translated,
             translation_raw=raw,
+            translation_tokens=tokens,
             fallback_reason=fallback_reason,
             adapter=job.adapter,
             task=job.task,
@@ -239,3 +317,33 @@ class Engine:
             timings=timings,
         )
         return JobOutput(image=image, metadata=metadata)
+
+
+def check_memory(
+    settings: EngineSettings, layout: ModelLayout, device: str, translator_device: str | None
+) -> object | None:
+    """The planner's prediction for this configuration, refused with `MemoryPlanError` if it cannot fit.
+
+    Checked only where the pipeline runs on a CUDA GPU; returns None elsewhere. The free memory of
+    every GPU the plan uses is read with the CUDA context already created.
+    """
+    if is_cpu(device) or not torch.cuda.is_available():
+        return None
+    from models.memory import check_fit, layout_sizes
+
+    sizes = layout_sizes(layout.kontext, layout.edit_lora, layout.gen_lora, layout.vlm)
+    free = {}
+    for name in {device, translator_device} - {None}:
+        if not is_cpu(name):
+            free[str(name)] = torch.cuda.mem_get_info(torch.device(name))[0]
+    size = round((settings.max_area or DEFAULT_MAX_AREA) ** 0.5) // 16 * 16
+    return check_fit(
+        settings.memory,
+        settings.limits.max_images,
+        free,
+        size=size,
+        device=device,
+        translator_device=translator_device,
+        new_tokens=settings.translator_budget,
+        sizes=sizes,
+    )

@@ -5,10 +5,19 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api_schemas.jobs import JobLimits
+from models.modes import MemoryMode
+
+#: The translator's default answer budget in tokens. The reference allows 4096; a useful prompt runs
+#: at most to T5's 512 tokens (a few hundred words), and an answer cut short falls back to the raw
+#: instruction, a very different image, so the bound sits well above any real answer.
+DEFAULT_TRANSLATOR_MAX_NEW_TOKENS = 1024
+#: The tiny preset's budget: its random VLM never stops early, and 1024 tokens would make every
+#: development job take seconds (as its 64x64 output area, a stand-in's shrinking, not the method's).
+TINY_TRANSLATOR_MAX_NEW_TOKENS = 32
 
 
 class Preset(StrEnum):
@@ -18,12 +27,13 @@ class Preset(StrEnum):
     DREAMOMNI2 = "dreamomni2"
 
 
-class Offload(StrEnum):
-    """diffusers' CPU offload modes: none, whole models (`model`) or submodules (`sequential`)."""
+class Dtype(StrEnum):
+    """Weight and compute dtype. `auto`: bfloat16 on an accelerator, float32 on the CPU."""
 
-    NONE = "none"
-    MODEL = "model"
-    SEQUENTIAL = "sequential"
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
 
 
 class EngineSettings(BaseSettings):
@@ -48,20 +58,31 @@ class EngineSettings(BaseSettings):
     device: str = Field(
         default="auto", description="`auto` (cuda when available, else cpu), `cuda`, `cuda:1`, `cpu`."
     )
-    dtype: str = Field(
-        default="auto", description="`auto` (bfloat16 on GPU, float32 on CPU), `bfloat16`, ..."
+    dtype: Dtype = Field(
+        default=Dtype.AUTO, description="`auto`, `bfloat16`, `float32` (`float16`: see below)."
     )
-    offload: Offload = Field(
-        default=Offload.NONE,
-        description="`none`, `model` (CPU offload per model) or `sequential` (least memory).",
+    allow_float16: bool = Field(
+        default=False,
+        description="Accept DREAMOMNI2_DTYPE=float16 although T5-XXL overflows in it (NaN, black images).",
+    )
+    memory: MemoryMode = Field(
+        default=MemoryMode.RESIDENT,
+        description="Memory mode: `resident`, `balanced`, `low` or `stream` (see `python -m models plan`).",
+    )
+    memory_check: bool = Field(
+        default=True,
+        description="At start, refuse a memory mode the GPU's free memory cannot hold (the planner's peak).",
+    )
+    offload: str | None = Field(
+        default=None, description="Removed: replaced by DREAMOMNI2_MEMORY.", exclude=True
     )
     translator: bool = Field(default=True, description="Load and use the Qwen2.5-VL instruction translator.")
     translator_device: str = Field(default="auto", description="Device of the translator; `auto` = `device`.")
-    translator_max_new_tokens: int = Field(default=256, ge=1, le=4096, description="Translator token budget.")
-    translator_max_image_pixels: int = Field(
-        default=1_254_400,
-        ge=56 * 56,
-        description="Pixels each image is scaled to at most for the translator.",
+    translator_max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Translator answer budget in tokens; left out: 1024 (tiny preset: 32).",
     )
     max_area: int | None = Field(
         default=None, description="Output area in pixels; left out: 1024*1024 (tiny preset: 64*64)."
@@ -74,6 +95,40 @@ class EngineSettings(BaseSettings):
     )
     limits: JobLimits = Field(default_factory=JobLimits)
 
+    @property
+    def translator_budget(self) -> int:
+        """The translator's answer budget: the setting, or the preset's default."""
+        if self.translator_max_new_tokens is not None:
+            return self.translator_max_new_tokens
+        if self.preset is Preset.TINY:
+            return TINY_TRANSLATOR_MAX_NEW_TOKENS
+        return DEFAULT_TRANSLATOR_MAX_NEW_TOKENS
+
+    @field_validator("memory", "dtype", mode="before")
+    @classmethod
+    def _lowercase(cls, value):
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("offload")
+    @classmethod
+    def _offload_is_gone(cls, value: str | None):
+        if value is not None:
+            raise ValueError(
+                "DREAMOMNI2_OFFLOAD was replaced by DREAMOMNI2_MEMORY: none -> resident; model -> "
+                "balanced (40-48 GB) or low (24 GB); sequential -> stream. Unset DREAMOMNI2_OFFLOAD."
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_float16(self):
+        if self.dtype is Dtype.FLOAT16 and not self.allow_float16:
+            raise ValueError(
+                "DREAMOMNI2_DTYPE=float16 is refused: T5-XXL overflows in float16 and FLUX then gives NaN "
+                "or black images. Use DREAMOMNI2_DTYPE=bfloat16 (the reference's, and the default on "
+                "GPUs); set DREAMOMNI2_ALLOW_FLOAT16=true only if you know your weights survive float16."
+            )
+        return self
+
 
 def resolve_device(device: str) -> str:
     """`auto` becomes `cuda` when a GPU is visible, else `cpu`."""
@@ -84,15 +139,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str):
+def resolve_dtype(dtype: Dtype | str, device: str):
     """`auto` becomes bfloat16 on an accelerator and float32 on the CPU."""
     import torch
 
-    if dtype == "auto":
+    dtype = Dtype(dtype)
+    if dtype is Dtype.AUTO:
         return torch.float32 if device == "cpu" else torch.bfloat16
-    try:
-        return getattr(torch, dtype)
-    except AttributeError:
-        raise ValueError(
-            f"DREAMOMNI2_DTYPE={dtype!r} is not a torch dtype; use bfloat16, float16 or float32."
-        ) from None
+    return getattr(torch, dtype.value)

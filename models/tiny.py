@@ -47,6 +47,7 @@ from transformers import (
 )
 
 from models.adapters import LORA_WEIGHT_NAME
+from models.architectures import FLUX_VAE_LAYOUT, LORA_TARGET_MODULES
 from models.translator import QWEN2_VL_CHAT_TEMPLATE
 
 # Bump when the builder's output changes: the cache folder name carries it, so old caches are not reused.
@@ -73,18 +74,6 @@ KONTEXT_SCHEDULER_CONFIG = {
     "max_image_seq_len": 4096,
 }
 
-# Attention projections of the Flux blocks; peft matches them as name suffixes, and the single blocks
-# simply have no add_* / to_add_out / to_out layers.
-LORA_TARGET_MODULES = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-]
 LORA_RANK = 4
 # alpha != rank, so a reload that lost the adapter metadata (and with it lora_alpha) shows.
 LORA_ALPHA = 8
@@ -165,20 +154,6 @@ def _build_transformer() -> FluxTransformer2DModel:
         guidance_embeds=True,
         axes_dims_rope=[4, 6, 6],
     ).eval()
-
-
-#: What every FLUX VAE shares with the real one: 8x downsampling, 16 latent channels, the shift and scale.
-FLUX_VAE_LAYOUT = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    latent_channels=16,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    shift_factor=0.1159,
-    scaling_factor=0.3611,
-)
 
 
 def _build_vae() -> AutoencoderKL:

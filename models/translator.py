@@ -22,6 +22,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
 from api_schemas import Task
 from api_schemas.images import normalize_image
+from models.settings import DEFAULT_TRANSLATOR_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,7 @@ TASK_SUFFIXES: dict[Task, str] = {
     Task.GENERATE: " It is generation task.",
 }
 
-# The reference lets the VLM run for 4096 tokens; a prompt is one or two sentences, so a few hundred
-# tokens bound a runaway answer without cutting a normal one.
-DEFAULT_MAX_NEW_TOKENS = 256
-# Pixel budget per image for the vision encoder. The reference shows the VLM the Kontext-bucketed
-# inputs (about 1 MP; at most 1,073,296 pixels after Qwen's rounding of sides to multiples of 28);
-# this cap keeps those untouched and stops a raw 12 MP upload from becoming 16k vision tokens.
-DEFAULT_MAX_IMAGE_PIXELS = 1_254_400  # 1120 x 1120
+DEFAULT_MAX_NEW_TOKENS = DEFAULT_TRANSLATOR_MAX_NEW_TOKENS
 
 # `<tag>content</tag>`: a short word as tag name, the same name closing it, nothing around but space.
 _TAGGED = re.compile(r"<([A-Za-z][A-Za-z0-9_-]{0,15})>(.*)</\1>", re.DOTALL)
@@ -191,14 +186,12 @@ class InstructionTranslator:
         processor: Qwen2_5_VLImageTextProcessor,
         *,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
-        self.image_size = _capped_image_size(processor, max_image_pixels)
 
     @classmethod
     def from_pretrained(
@@ -208,7 +201,6 @@ class InstructionTranslator:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> InstructionTranslator:
         """Load the VLM and its processor from a `vlm-model/` folder onto `device` in `dtype`.
 
@@ -218,35 +210,40 @@ class InstructionTranslator:
             device: where the VLM runs, e.g. "cpu", "cuda", "cuda:1".
             dtype: weight dtype (bfloat16 on GPUs in production).
             max_new_tokens: bound on the answer's length in tokens.
-            max_image_pixels: per-image pixel budget of the vision encoder; the folder's own limit
-                applies when it is lower. None keeps the folder's limit.
         """
         processor = Qwen2_5_VLImageTextProcessor.from_pretrained(str(path), local_files_only=True)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             str(path), dtype=dtype, device_map={"": str(torch.device(device))}, local_files_only=True
         )
         model.eval()
-        return cls(model, processor, max_new_tokens=max_new_tokens, max_image_pixels=max_image_pixels)
+        return cls(model, processor, max_new_tokens=max_new_tokens)
 
     @property
     def device(self) -> torch.device:
         """The device the VLM runs on."""
         return self.model.device
 
-    def generate_raw(self, images: list[Image.Image], instruction: str, task: Task) -> tuple[str, int]:
-        """Run the VLM greedily and return its decoded answer and the number of tokens it generated.
+    def prepare_inputs(self, images: list[Image.Image], instruction: str, task: Task) -> Any:
+        """The VLM's inputs for one translation: the chat as token ids, and the images as patches.
 
-        Only the new tokens are decoded, special tokens skipped. `images` should be the inputs as the
-        diffusion pipeline gets them (after the Kontext bucket resize), as in the reference.
+        `images` should be the inputs exactly as the diffusion pipeline gets them (each resized once
+        to its Kontext bucket), as in the reference; the processor then makes its own resize to
+        multiples of 28 within its folder's min/max pixels.
         """
         messages = build_translation_messages(images, instruction, task)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(
+        return self.processor(
             text=[text],
             images=[normalize_image(image) for image in images] or None,
-            size=self.image_size,
             return_tensors="pt",
-        ).to(self.model.device)
+        )
+
+    def generate_raw(self, images: list[Image.Image], instruction: str, task: Task) -> tuple[str, int]:
+        """Run the VLM greedily and return its decoded answer and the number of tokens it generated.
+
+        Only the new tokens are decoded, special tokens skipped.
+        """
+        inputs = self.prepare_inputs(images, instruction, task).to(self.model.device)
         with torch.inference_mode():
             output = self.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new_tokens)
         new_tokens = output[0, inputs["input_ids"].shape[1] :]
@@ -270,14 +267,3 @@ class InstructionTranslator:
             generated_tokens=generated_tokens,
             max_new_tokens=self.max_new_tokens,
         )
-
-
-def _capped_image_size(
-    processor: Qwen2_5_VLImageTextProcessor, max_image_pixels: int | None
-) -> dict[str, int]:
-    """The image processor's size bounds with the upper one lowered to `max_image_pixels`."""
-    size = processor.image_processor.size
-    shortest, longest = size["shortest_edge"], size["longest_edge"]
-    if max_image_pixels is not None:
-        longest = max(min(longest, max_image_pixels), shortest)
-    return {"shortest_edge": shortest, "longest_edge": longest}

@@ -13,15 +13,35 @@ from workers.celery_app import RUN_JOB_TASK
 from workers.config import WorkerSettings
 from workers.runtime import WorkerRuntime
 
+logger = logging.getLogger("workers")
+
+
+#: Exit status of a worker refused by its configuration (sysexits' EX_CONFIG): restarting won't help.
+EXIT_CONFIG = 78
+
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pydantic import ValidationError
+
+    from models.memory import MemoryPlanError
     from models.settings import EngineSettings
 
-    settings = WorkerSettings()
-    runtime = WorkerRuntime(settings, EngineSettings())
+    try:
+        settings = WorkerSettings()
+        engine_settings = EngineSettings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            logger.error("invalid setting %s: %s", ".".join(map(str, error["loc"])) or "-", error["msg"])
+        return EXIT_CONFIG
+    runtime = WorkerRuntime(settings, engine_settings)
     runtime.celery.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True)(runtime.run_job)
-    runtime.start()
+    try:
+        runtime.start()
+    except MemoryPlanError as exc:
+        logger.error("refusing to start: %s", exc)
+        runtime.stop()
+        return EXIT_CONFIG
     try:
         runtime.celery.worker_main(
             [

@@ -83,10 +83,12 @@ class WorkerRuntime:
         load_s = time.perf_counter() - started
         metrics.MODEL_LOAD_SECONDS.set(load_s)
         metrics.WORKER_READY.set(1)
+        models = self.engine.describe()
         self._info.update(
             ready=True,
             preset=self.engine_settings.preset.value,
-            device=str(self.engine.pipeline.device),
+            device=models["device"],
+            memory=models,
             translator=self.engine.translator is not None,
             load_s=round(load_s, 3),
         )

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -228,11 +229,12 @@ def test_kubernetes_validate_strict_rejects_unknown_fields(tmp_path):
         {"webhooks": {"concurrency": 0}},
         {"webhooks": {"allowlist": ["10.0.0.0/8,192.168.0.0/16"]}},
         {"gateway": {"ingress": {"streaming": {"readTimeoutSeconds": 30}}}},
+        {"worker": {"memory": "model"}},
     ],
     ids=[
         "preset", "unknown-key", "external-redis-without-host", "api-key", "job-timeout", "weights-source",
         "webhook-secret", "webhook-per-key-secret", "webhook-concurrency", "webhook-allowlist-entry",
-        "ingress-read-timeout",
+        "ingress-read-timeout", "memory-mode",
     ],
 )  # fmt: skip
 def test_values_schema_rejects_bad_values(helm, values):
@@ -520,6 +522,16 @@ def test_gpu_workers_ask_for_a_gpu_and_tolerate_gpu_nodes(rendered, case):
     assert container(worker)["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert env_of(container(worker))["DREAMOMNI2_PRESET"] == "dreamomni2"
     assert any(t["key"] == "nvidia.com/gpu" for t in worker["spec"]["template"]["spec"]["tolerations"])
+
+
+def test_the_memory_mode_reaches_the_workers(rendered):
+    default = env_of(container(workload(rendered["default"], "worker")))
+    assert default["DREAMOMNI2_MEMORY"] == "resident"
+    assert (
+        env_of(container(workload(rendered["external-redis"], "worker")))["DREAMOMNI2_MEMORY"] == "balanced"
+    )
+    # The setting it replaced must not come back: a worker refuses to start with it.
+    assert "DREAMOMNI2_OFFLOAD" not in json.dumps(rendered)
 
 
 def test_tiny_cpu_values_use_no_gpu(rendered):
@@ -997,11 +1009,22 @@ def test_dockerfiles_pin_bases_and_install_the_tested_dependency_sets():
         assert re.search(r":\d+\.\d+\.\d+-", base), f"{base}: pin an exact version"
         assert re.search(r"^USER 10001", text, re.MULTILINE) and "HEALTHCHECK" in text
     assert worker.startswith("# syntax") and "FROM nvidia/cuda:" in worker
-    assert "['optional-dependencies']['worker']" in worker and "torch.version.cuda" in worker
+    assert "x['worker'] + x['gpu']" in worker and "torch.version.cuda" in worker
     instructions = "\n".join(line for line in gateway.splitlines() if not line.startswith("#"))
     assert "['project']['dependencies']" in instructions
     assert "optional-dependencies" not in instructions and "torch" not in instructions
     assert 'CMD ["python", "-m", "workers.health"]' in worker
+
+
+def test_the_worker_image_gets_the_torchvision_of_its_torch():
+    # torchvision 0.N+15 is the build for torch 2.N; the CPU/dev sets (`worker`, `dev`) never pull it.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    [torch_pin] = [d for d in extras["worker"] if d.startswith("torch==")]
+    [vision_pin] = extras["gpu"]
+    torch_minor = int(torch_pin.split("==")[1].split(".")[1])
+    assert vision_pin == f"torchvision==0.{torch_minor + 15}.0"
+    assert not any("torchvision" in d for d in project["dependencies"] + extras["worker"] + extras["dev"])
 
 
 def compose_config(*flags: str, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -171,4 +171,8 @@ def test_failed_job_leaves_the_worker_serving(tiny_cache: Path, tmp_path: Path) 
         assert after["status"] == "succeeded", after["error"]
         assert worker.alive() and worker.pid == pid
         assert store.get(after["id"]).worker == store.get(job_id).worker == worker.name
-        assert client.get("/readyz").json()["workers"] == {"up": 1, "ready": 1}
+        assert client.get("/readyz").json()["workers"] == {
+            "up": 1,
+            "ready": 1,
+            "memory_modes": {"resident": 1},
+        }

@@ -89,6 +89,13 @@ def test_generation_size_sets_the_aspect(engine):
     assert abs(result.image.width / result.image.height - 2) < 0.6
 
 
+def test_an_answer_cut_by_the_budget_says_so(engine):
+    # The random tiny VLM never stops by itself: its answers always run into the budget.
+    meta = engine.run([noise_image(64, 64, 1)], params()).metadata
+    assert meta.translation_tokens == engine.translator.max_new_tokens == engine.settings.translator_budget
+    assert meta.translated is False and meta.fallback_reason == "truncated"
+
+
 def test_translation_can_be_turned_off_per_job(engine):
     meta = engine.run([noise_image(64, 64, 1)], params(translate=False)).metadata
     assert meta.translated is False and meta.fallback_reason == "disabled_by_request"

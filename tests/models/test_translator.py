@@ -15,7 +15,7 @@ import torch
 from api_schemas import Task
 from models.tiny import TINY_VLM_MAX_PIXELS, TINY_VLM_MIN_PIXELS
 from models.translator import (
-    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_NEW_TOKENS,
     QWEN2_VL_CHAT_TEMPLATE,
     InstructionTranslator,
     Qwen2_5_VLImageTextProcessor,
@@ -204,38 +204,24 @@ def test_settings(vlm_dir: Path, translator: InstructionTranslator) -> None:
     assert translator.device == torch.device("cpu")
     assert not translator.model.training
     assert translator.max_new_tokens == BUDGET
-    # The folder's budget is below the default cap, so it stands; a lower cap wins; a cap below the
-    # minimum stops at the minimum.
-    assert DEFAULT_MAX_IMAGE_PIXELS > TINY_VLM_MAX_PIXELS
-    assert translator.image_size == {
-        "shortest_edge": TINY_VLM_MIN_PIXELS,
-        "longest_edge": TINY_VLM_MAX_PIXELS,
-    }
-    capped = InstructionTranslator(translator.model, translator.processor, max_image_pixels=4000)
-    assert capped.image_size["longest_edge"] == 4000
-    floored = InstructionTranslator(translator.model, translator.processor, max_image_pixels=10)
-    assert floored.image_size["longest_edge"] == TINY_VLM_MIN_PIXELS
+    # A useful prompt runs to T5's 512 tokens; the default must not cut a real answer short.
+    assert DEFAULT_MAX_NEW_TOKENS >= 600
+    assert (
+        InstructionTranslator(translator.model, translator.processor).max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    )
     with pytest.raises(ValueError, match="max_new_tokens"):
         InstructionTranslator(translator.model, translator.processor, max_new_tokens=0)
 
 
-def test_the_image_cap_bounds_the_vision_tokens(
-    translator: InstructionTranslator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    capped = InstructionTranslator(translator.model, translator.processor, max_image_pixels=56 * 56)
-    big = noise_image(200, 200, 0)
-    seen: list[torch.Tensor] = []
-    real_generate = translator.model.generate
-
-    def spy(**kwargs: torch.Tensor) -> torch.Tensor:
-        seen.append(kwargs["image_grid_thw"])
-        return real_generate(**kwargs)
-
-    monkeypatch.setattr(translator.model, "generate", spy)
-    translator.generate_raw([big], "A cat.", Task.GENERATE)
-    capped.generate_raw([big], "A cat.", Task.GENERATE)
-    assert seen[0].tolist() == [[1, 8, 8]]  # 112 x 112, the tiny folder's own limit
-    assert seen[1].tolist() == [[1, 4, 4]]  # 56 x 56
+def test_the_folders_pixel_bounds_set_the_vision_tokens(translator: InstructionTranslator) -> None:
+    # As the reference: the processor resizes within its own folder's min/max pixels, nothing else.
+    assert translator.processor.image_processor.size == {
+        "shortest_edge": TINY_VLM_MIN_PIXELS,
+        "longest_edge": TINY_VLM_MAX_PIXELS,
+    }
+    big, small = noise_image(200, 200, 0), noise_image(20, 20, 1)
+    grid = translator.prepare_inputs([big, small], "A cat.", Task.GENERATE)["image_grid_thw"]
+    assert grid.tolist() == [[1, 8, 8], [1, 4, 4]]  # 112 x 112 at most, 56 x 56 at least
 
 
 def test_bfloat16_load(vlm_dir: Path) -> None:

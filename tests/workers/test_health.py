@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from models.settings import EngineSettings
 from workers.config import WorkerSettings
 from workers.runtime import WorkerRuntime
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def probe(path, *args: str) -> subprocess.CompletedProcess:
@@ -49,3 +52,13 @@ def test_liveness_is_withheld_while_loading_and_when_a_job_stalls(tmp_path):
     runtime._last_progress = time.monotonic() - 10
     runtime._touch_liveness()
     assert not settings.liveness_file.exists()  # busy and stuck: let the probe fail
+
+
+def test_a_worker_with_a_refused_setting_exits_at_once_with_the_reason(tmp_path):
+    # Precision is checked before anything is loaded or connected: no Redis is needed to be refused.
+    env = {**os.environ, "DREAMOMNI2_DTYPE": "float16", "DREAMOMNI2_REDIS_URL": "redis://127.0.0.1:1/0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "workers"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 78
+    assert "T5-XXL overflows in float16" in result.stderr

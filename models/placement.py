@@ -1,0 +1,173 @@
+"""Putting the worker's models where its memory mode says, and moving them for the stages that use them.
+
+`Placement` reads `models.memory.MODES`, the table the planner predicts from, so what is planned is
+what runs. Three ways a group of models can use the accelerator:
+
+- resident: moved there once at start;
+- swapped (`HostSwap`): weights kept in host memory (pinned, so copies run at full PCIe speed) and
+  copied onto the device for the stage that uses them; leaving the stage drops the device copy
+  (weights never change, so nothing is copied back);
+- streamed: diffusers' group offloading, block by block, on a CUDA stream that prefetches the next
+  block while the current one runs.
+
+On a CPU-only machine every device is the CPU and the moves do nothing, but the same calls happen in
+the same order, which the tests check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from models.memory import fp8_storage
+from models.modes import GROUP_STAGES, MODES, Group, MemoryMode, Residency, same_device
+
+if TYPE_CHECKING:
+    from models.pipeline import DreamOmni2Pipeline
+    from models.translator import InstructionTranslator
+
+logger = logging.getLogger(__name__)
+
+
+class HostSwap:
+    """Modules whose weights live in host memory and visit `device` only inside `on_device()`."""
+
+    def __init__(self, modules: list[torch.nn.Module], device: str | torch.device):
+        self.device = torch.device(device)
+        self.onloaded = False
+        #: Every stage this swap served, in order (for logs and tests).
+        self.visits = 0
+        pin = self.device.type == "cuda"
+        self._tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[int] = set()
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if id(tensor) in seen:
+                    continue
+                seen.add(id(tensor))
+                host = tensor.data.to("cpu")
+                if pin:
+                    host = host.pin_memory()
+                tensor.data = host
+                self._tensors.append((tensor, host))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(host.numel() * host.element_size() for _, host in self._tensors)
+
+    def onload(self) -> None:
+        if self.onloaded:
+            return
+        for tensor, host in self._tensors:
+            # Layerwise casting swaps `.data` per forward; the host copy holds the stored dtype.
+            tensor.data = host.to(self.device, non_blocking=True)
+        self.onloaded = True
+        self.visits += 1
+
+    def offload(self) -> None:
+        if not self.onloaded:
+            return
+        for tensor, host in self._tensors:
+            tensor.data = host
+        self.onloaded = False
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[None]:
+        self.onload()
+        try:
+            yield
+        finally:
+            self.offload()
+
+
+class Placement:
+    """Where each group of the engine's models lives in one memory mode, and the moves between stages."""
+
+    def __init__(
+        self, mode: MemoryMode, device: str | torch.device, translator_device: str | torch.device | None
+    ):
+        self.mode = MemoryMode(mode)
+        self.spec = MODES[self.mode]
+        self.device = torch.device(device)
+        self.translator_device = torch.device(translator_device) if translator_device is not None else None
+        self.swaps: dict[Group, HostSwap] = {}
+        self.residency: dict[Group, Residency] = {}
+
+    def translator_residency(self) -> Residency:
+        """As the mode says when it shares the pipeline's device; resident on a device of its own."""
+        if self.translator_device is None or not same_device(self.translator_device, self.device):
+            return Residency.RESIDENT
+        return self.spec.translator
+
+    def place_pipeline(self, pipeline: DreamOmni2Pipeline) -> None:
+        """Put the pipeline's models where the mode says; the LoRAs must be loaded already.
+
+        fp8 storage is applied after the LoRAs so that the adapters stay in bf16 (diffusers skips
+        PEFT layers) and the base weights they wrap are the ones stored in fp8.
+        """
+        spec = self.spec
+        transformer = pipeline.transformer
+        if spec.fp8_transformer:
+            fp8_storage(transformer, transformer.dtype)
+        pipeline.vae.to(self.device)
+        self._place(Group.TEXT_ENCODERS, spec.text_encoders, [pipeline.text_encoder, pipeline.text_encoder_2])
+        if spec.transformer is Residency.STREAMED:
+            use_stream = self.device.type == "cuda"
+            transformer.enable_group_offload(
+                onload_device=self.device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=use_stream,
+                record_stream=use_stream,
+            )
+            self.residency[Group.TRANSFORMER] = Residency.STREAMED
+        else:
+            self._place(Group.TRANSFORMER, spec.transformer, [transformer])
+        # Components may sit in host memory between stages; the pipeline computes on this device.
+        pipeline.compute_device = self.device
+
+    def place_translator(self, translator: InstructionTranslator) -> None:
+        self._place(Group.TRANSLATOR, self.translator_residency(), [translator.model], self.translator_device)
+
+    def _place(
+        self,
+        group: Group,
+        residency: Residency,
+        modules: list[torch.nn.Module],
+        device: torch.device | None = None,
+    ) -> None:
+        device = device or self.device
+        if residency is Residency.SWAPPED:
+            self.swaps[group] = HostSwap(modules, device)
+        else:
+            for module in modules:
+                module.to(device)
+        self.residency[group] = residency
+
+    @contextlib.contextmanager
+    def running(self, group: Group) -> Iterator[None]:
+        """The models of `group` on their device for the duration (a no-op when they live there)."""
+        swap = self.swaps.get(group)
+        if swap is None:
+            yield
+            return
+        with swap.on_device():
+            yield
+
+    def describe(self) -> dict[str, Any]:
+        """What the worker reports in its readiness info."""
+        return {
+            "mode": self.mode.value,
+            "device": str(self.device),
+            "translator_device": str(self.translator_device) if self.translator_device else None,
+            "fp8_transformer": self.spec.fp8_transformer,
+            "groups": {group.value: residency.value for group, residency in self.residency.items()},
+            "swapped_stages": {
+                group.value: [stage.value for stage in GROUP_STAGES[group]] for group in self.swaps
+            },
+        }

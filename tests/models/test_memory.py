@@ -1,0 +1,199 @@
+"""The memory planner: weight sizes of the published architectures, traced activations, fit checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.engine import Engine
+from models.memory import (
+    FIT_HEADROOM,
+    GiB,
+    MemoryPlanError,
+    check_fit,
+    layout_sizes,
+    plan_memory,
+    published_sizes,
+    traced_peak_bytes,
+)
+from models.modes import MemoryMode
+from models.settings import EngineSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+GB = 10**9
+
+
+@pytest.fixture(scope="module")
+def sizes():
+    return published_sizes()
+
+
+def test_weights_agree_with_the_public_figures(sizes):
+    # FLUX.1 Kontext [dev] 11.9B params, T5-XXL encoder 4.76B, Qwen2.5-VL-7B 8.29B, all in bf16.
+    plan = plan_memory(MemoryMode.RESIDENT, 0, sizes=sizes)
+    weights = {name: c.bytes / GB for name, c in plan.components.items()}
+    assert weights["transformer"] == pytest.approx(23.8, abs=0.05)
+    assert weights["t5_xxl"] == pytest.approx(9.5, abs=0.05)
+    assert weights["translator"] == pytest.approx(16.6, abs=0.05)
+    assert weights["clip_l"] == pytest.approx(0.25, abs=0.01)
+    assert weights["vae"] == pytest.approx(0.17, abs=0.01)
+    assert 0 < weights["edit_lora"] == weights["gen_lora"] < 1
+    assert plan.lora_rank_assumed == 64
+
+
+def test_fp8_storage_keeps_norms_and_modulation_in_bf16(sizes):
+    plan = plan_memory(MemoryMode.LOW, 0, sizes=sizes)
+    fp8 = plan.components["transformer"].bytes / GB
+    # Half of 23.8 GB if every weight were fp8; diffusers keeps the norm layers (the AdaLN
+    # modulation linears among them) in bf16.
+    assert 11.9 < fp8 < 16
+
+
+def test_the_peak_grows_with_the_images_and_shrinks_with_the_mode(sizes):
+    peaks = {mode: [plan_memory(mode, n, sizes=sizes).peak_bytes for n in (0, 2, 5)] for mode in MemoryMode}
+    for values in peaks.values():
+        assert values == sorted(values)
+    for n in range(3):
+        assert peaks[MemoryMode.RESIDENT][n] > peaks[MemoryMode.BALANCED][n] > peaks[MemoryMode.LOW][n]
+    # The reference's users report 50-55 GB resident; the plan's largest resident job agrees.
+    assert 48 * GB < peaks[MemoryMode.RESIDENT][2] < 56 * GB
+
+
+def test_stage_totals_are_the_weights_present_plus_the_stage_activations(sizes):
+    plan = plan_memory(MemoryMode.BALANCED, 2, sizes=sizes)
+    c = plan.components
+    resident = c["transformer"].bytes + c["edit_lora"].bytes + c["gen_lora"].bytes + c["vae"].bytes
+    assert (
+        plan.stages["translate"]["cuda"] == resident + c["translator"].bytes + plan.activations["translate"]
+    )
+    text = c["t5_xxl"].bytes + c["clip_l"].bytes
+    assert plan.stages["encode_prompt"]["cuda"] == resident + text + plan.activations["encode_prompt"]
+    assert plan.stages["denoise"]["cuda"] == resident + plan.activations["denoise"]
+    assert plan.peak_bytes == max(s["cuda"] for s in plan.stages.values())
+
+
+def test_a_translator_on_a_second_gpu_or_the_cpu(sizes):
+    split = plan_memory(MemoryMode.RESIDENT, 5, sizes=sizes, translator_device="cuda:1")
+    assert set(split.devices) == {"cuda", "cuda:1"}
+    assert split.devices["cuda:1"] == split.components["translator"].bytes + split.activations["translate"]
+    assert split.devices["cuda"] < plan_memory(MemoryMode.RESIDENT, 5, sizes=sizes).peak_bytes
+    on_cpu = plan_memory(MemoryMode.BALANCED, 5, sizes=sizes, translator_device="cpu")
+    assert set(on_cpu.devices) == {"cuda"}
+    assert on_cpu.components["translator"].residency == "resident"
+    off = plan_memory(MemoryMode.LOW, 5, sizes=sizes, translator_device=None)
+    assert "translator" not in off.components and off.activations["translate"] == 0
+
+
+def test_the_trace_counts_what_the_code_allocates():
+    def run(model):
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = model(a)  # another 4 MB while a is alive
+        del a
+        return b * 2  # 4 MB more while b is alive
+
+    assert traced_peak_bytes(lambda: torch.nn.Identity(), run) == 8_000_000
+    assert traced_peak_bytes(lambda: torch.nn.Linear(1000, 10), lambda m: m(torch.empty(1000, 1000))) == (
+        4_000_000 + 40_000
+    )
+
+
+def test_one_block_of_each_kind_has_the_peak_of_the_whole_stack():
+    # The planner traces one double and one single block: each block frees its temporaries before
+    # the next starts, so the full depth has the same activation peak.
+    from diffusers import FluxTransformer2DModel
+
+    config = dict(in_channels=64, attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
+                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(8, 12, 12))  # fmt: skip
+
+    def peak(layers: int) -> int:
+        def run(model):
+            return model(
+                hidden_states=torch.empty(1, 300, 64),
+                encoder_hidden_states=torch.empty(1, 20, 64),
+                pooled_projections=torch.empty(1, 32),
+                timestep=torch.ones(1),
+                guidance=torch.ones(1),
+                img_ids=torch.zeros(300, 3),
+                txt_ids=torch.zeros(20, 3),
+                return_dict=False,
+            )
+
+        return traced_peak_bytes(
+            lambda: FluxTransformer2DModel(**config, num_layers=layers, num_single_layers=layers), run
+        )
+
+    assert peak(1) == peak(3) > 0
+
+
+def test_check_fit_names_what_would_fit(sizes):
+    balanced = plan_memory(MemoryMode.BALANCED, 5, sizes=sizes).peak_bytes
+    card = {"cuda": int(balanced * (1 + FIT_HEADROOM)) + GiB // 8}
+    assert check_fit(MemoryMode.BALANCED, 5, card, sizes=sizes).mode == "balanced"
+    with pytest.raises(MemoryPlanError) as info:
+        check_fit(MemoryMode.RESIDENT, 5, card, sizes=sizes)
+    message = str(info.value)
+    assert "DREAMOMNI2_MEMORY=resident does not fit" in message
+    assert "DREAMOMNI2_MEMORY=balanced fits" in message
+    assert "DREAMOMNI2_MEMORY_CHECK=false" in message
+
+    with pytest.raises(MemoryPlanError) as info:
+        check_fit(MemoryMode.STREAM, 5, {"cuda": 4 * GiB}, sizes=sizes)
+    assert "DREAMOMNI2_TRANSLATOR_DEVICE" in str(info.value)
+
+    low_2 = plan_memory(MemoryMode.LOW, 2, sizes=sizes).peak_bytes
+    with pytest.raises(MemoryPlanError, match="low fits with DREAMOMNI2_MAX_IMAGES=2"):
+        check_fit(MemoryMode.LOW, 5, {"cuda": int(low_2 * (1 + FIT_HEADROOM)) + 1}, sizes=sizes)
+
+
+def test_layout_sizes_read_the_folders(tiny_root):
+    sizes = layout_sizes(
+        tiny_root / "kontext", tiny_root / "edit_lora", tiny_root / "gen_lora", tiny_root / "vlm-model"
+    )
+    assert sizes.lora_rank_assumed is None  # read from the files' headers
+    plan = plan_memory(MemoryMode.RESIDENT, 2, 64, sizes=sizes)
+    assert 0 < plan.peak_bytes < 200 * 2**20
+
+
+def test_a_worker_that_cannot_fit_refuses_before_loading(tiny_root, tmp_path, monkeypatch):
+    # The start-up check reads the GPU's free memory; on this CPU-only machine, stand in for the GPU.
+    sizes = layout_sizes(
+        tiny_root / "kontext", tiny_root / "edit_lora", tiny_root / "gen_lora", tiny_root / "vlm-model"
+    )
+    low = plan_memory(MemoryMode.LOW, 5, 64, sizes=sizes, new_tokens=32).peak_bytes
+    free = int(low * (1 + FIT_HEADROOM)) + 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    settings = EngineSettings(preset="tiny", cache_dir=tiny_root.parent, device="cuda", memory="resident")
+    with pytest.raises(MemoryPlanError) as info:
+        Engine.from_settings(settings)
+    assert "DREAMOMNI2_MEMORY=resident does not fit" in str(info.value)
+    assert "fits" in str(info.value).split("does not fit", 1)[1]
+
+
+def test_the_plan_command_prints_one_json_object():
+    result = subprocess.run(
+        [sys.executable, "-m", "models", "plan", "--memory", "low", "--images", "2", "--json",
+         "--card", "24"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = json.loads(result.stdout)
+    assert set(plan["components"]) == {
+        "transformer",
+        "edit_lora",
+        "gen_lora",
+        "t5_xxl",
+        "clip_l",
+        "vae",
+        "translator",
+    }
+    assert all(isinstance(c["bytes"], int) and c["bytes"] > 0 for c in plan["components"].values())
+    assert set(plan["activations"]) == {"translate", "encode_prompt", "encode_images", "denoise", "decode"}
+    assert all(isinstance(n, int) for n in plan["activations"].values())
+    assert isinstance(plan["peak_bytes"], int) and plan["peak_bytes"] < 24 * GiB
+    assert plan["fits"] is True and plan["max_images"] >= 5
