@@ -1,10 +1,8 @@
-"""Memory modes and the memory planner: which component lives where, and what the GPU peak will be.
+"""The memory planner: a worker's GPU peak in a memory mode, predicted without loading a weight.
 
 A worker holds five networks: the FLUX.1 Kontext transformer (with both LoRAs), T5-XXL, CLIP-L, the
-VAE and the Qwen2.5-VL translator. A *memory mode* (`DREAMOMNI2_MEMORY`) decides for each whether it
-stays on the GPU (resident), waits in host memory and visits the GPU only while it runs (swapped), or
-is streamed through the GPU block by block (streamed), and whether the transformer's weights are
-stored in fp8. `MODES` is the one table both the planner and the engine's placement read.
+VAE and the Qwen2.5-VL translator. The memory mode (`models.modes.MODES`, the table the engine's
+placement also reads) says which of them are on the GPU in which stage of a job.
 
 The planner predicts a job's peak without loading a weight:
 
@@ -40,7 +38,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from models.modes import GROUP_STAGES, MODES, Group, MemoryMode, Residency, Stage, is_cpu, same_device
+from models.modes import (
+    GROUP_STAGES,
+    MODES,
+    Group,
+    MemoryMode,
+    Residency,
+    Stage,
+    is_cpu,
+    same_device,
+    translator_residency,
+)
 
 GiB = 1024**3
 #: Spare memory the start-up check keeps beyond the prediction (allocator fragmentation, cuBLAS and
@@ -134,14 +142,8 @@ def _fake_weights(model: torch.nn.Module) -> None:
 
 # Model sizes -----------------------------------------------------------------------------------------
 def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers as stored (shared tensors counted once)."""
-    seen, total = set(), 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        storage = tensor.untyped_storage()
-        if id(storage) not in seen:
-            seen.add(id(storage))
-            total += tensor.numel() * tensor.element_size()
-    return total
+    """Bytes of a module's parameters and buffers as stored (`parameters()` yields tied ones once)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def safetensors_numel(path: Path) -> int:
@@ -547,7 +549,20 @@ class ComponentPlan:
     dtype: str
     device: str
     residency: str
-    group: str
+    group: str | None  # what it moves with (`models.modes.Group`); None: always resident
+
+    def bytes_in(self, stage: Stage, stream_window: int) -> int:
+        """Its bytes on the device during `stage`."""
+        residency = Residency(self.residency)
+        if residency is Residency.RESIDENT:
+            return self.bytes
+        if stage not in GROUP_STAGES[Group(self.group)]:
+            return 0
+        if residency is Residency.STREAMED:
+            # The transformer holds only its streaming window; its LoRAs stream with their blocks
+            # and are counted whole, which errs on the safe side by their 0.4 GB.
+            return min(self.bytes, stream_window)
+        return self.bytes
 
 
 @dataclass
@@ -647,11 +662,10 @@ def plan_memory(
                                 Group.TEXT_ENCODERS.value),
         "clip_l": ComponentPlan(sizes.bytes_bf16["clip_l"], bf16, device, spec.text_encoders.value,
                                 Group.TEXT_ENCODERS.value),
-        "vae": ComponentPlan(sizes.bytes_bf16["vae"], bf16, device, Residency.RESIDENT.value, "vae"),
+        "vae": ComponentPlan(sizes.bytes_bf16["vae"], bf16, device, Residency.RESIDENT.value, None),
     }  # fmt: skip
     if translator_device is not None:
-        own_device = not same_device(translator_device, device)
-        residency = Residency.RESIDENT if own_device or is_cpu(translator_device) else spec.translator
+        residency = translator_residency(mode, device, translator_device)
         components["translator"] = ComponentPlan(
             sizes.bytes_bf16["translator"],
             bf16,
@@ -669,17 +683,10 @@ def plan_memory(
     for stage in Stage:
         per_device: dict[str, int] = {}
         stage_device = translator_device if stage is Stage.TRANSLATE else device
-        for name, comp in components.items():
-            if is_cpu(comp.device):
-                continue
-            present = comp.residency == Residency.RESIDENT.value or stage in GROUP_STAGES[Group(comp.group)]
-            if comp.residency == Residency.STREAMED.value and stage in GROUP_STAGES[Group(comp.group)]:
-                weight = sizes.stream_window_bytes if name == "transformer" else comp.bytes
-            elif present:
-                weight = comp.bytes
-            else:
-                continue
-            per_device[comp.device] = per_device.get(comp.device, 0) + weight
+        for comp in components.values():
+            weight = comp.bytes_in(stage, sizes.stream_window_bytes)
+            if weight and not is_cpu(comp.device):
+                per_device[comp.device] = per_device.get(comp.device, 0) + weight
         if stage_device is not None and not is_cpu(stage_device):
             key = _device_key(stage_device, components)
             per_device[key] = per_device.get(key, 0) + act[stage.value] + extra_weights.get(stage, 0)

@@ -125,3 +125,10 @@ def same_device(a: object, b: object) -> bool:
 
 def is_cpu(device: object) -> bool:
     return parse_device(device)[0] == "cpu"
+
+
+def translator_residency(mode: MemoryMode, device: object, translator_device: object) -> Residency:
+    """The translator as the mode says when it shares the pipeline's device; resident on its own."""
+    if not same_device(translator_device, device):
+        return Residency.RESIDENT
+    return MODES[MemoryMode(mode)].translator

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.memory import fp8_storage
-from models.modes import GROUP_STAGES, MODES, Group, MemoryMode, Residency, same_device
+from models.modes import GROUP_STAGES, MODES, Group, MemoryMode, Residency, translator_residency
 
 if TYPE_CHECKING:
     from models.pipeline import DreamOmni2Pipeline
@@ -99,9 +99,9 @@ class Placement:
 
     def translator_residency(self) -> Residency:
         """As the mode says when it shares the pipeline's device; resident on a device of its own."""
-        if self.translator_device is None or not same_device(self.translator_device, self.device):
+        if self.translator_device is None:
             return Residency.RESIDENT
-        return self.spec.translator
+        return translator_residency(self.mode, self.device, self.translator_device)
 
     def place_pipeline(self, pipeline: DreamOmni2Pipeline) -> None:
         """Put the pipeline's models where the mode says; the LoRAs must be loaded already.

@@ -47,7 +47,7 @@ from transformers import (
 )
 
 from models.adapters import LORA_WEIGHT_NAME
-from models.architectures import FLUX_VAE_LAYOUT, LORA_TARGET_MODULES
+from models.architectures import FLUX_VAE_LAYOUT, LORA_TARGET_MODULES, build_flux_transformer
 from models.translator import QWEN2_VL_CHAT_TEMPLATE
 
 # Bump when the builder's output changes: the cache folder name carries it, so old caches are not reused.
@@ -141,19 +141,18 @@ def build_qwen_tokenizer() -> Qwen2Tokenizer:
 
 
 def _build_transformer() -> FluxTransformer2DModel:
+    # The real Kontext transformer's layout (64 input channels, guidance embeddings), shrunk: one block
+    # of each kind, 2 heads of 16 (the rope axes sum to the head size).
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
+    return build_flux_transformer(
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=TEXT_HIDDEN,
         pooled_projection_dim=TEXT_HIDDEN,
-        guidance_embeds=True,
         axes_dims_rope=[4, 6, 6],
-    ).eval()
+    )
 
 
 def _build_vae() -> AutoencoderKL:
