@@ -1,7 +1,10 @@
 """The GPU suite: every memory mode on the full-size random-weight models, one fresh process each.
 
-    python bench/gpu_suite.py --out-dir $OUT                  # on a lent H100/H200 (about 10 minutes)
+    python bench/gpu_suite.py --out-dir $OUT                  # on a lent H100/H200, within --budget-s
     python bench/gpu_suite.py --shapes tiny --out-dir /tmp/s  # the same runs on the tiny shapes, CPU
+
+On the lent machine (torch only): `bench/gpu_wheels.sh` here fetches the other wheels into `.whl/`;
+carry `.whl` and start the command with the install line that script prints.
 
 Each mode runs `bench/gpu_baseline.py` in its own process (peak memory is per process), capped with
 `torch.cuda.set_per_process_memory_fraction` at the card size the mode claims (resident 80 GiB,
@@ -31,13 +34,20 @@ def main() -> int:
     parser.add_argument("--images", type=int, nargs="+", default=[0, 2, 5])
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per job (memory needs few)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--timeout-s", type=int, default=170, help="per mode")
+    parser.add_argument("--timeout-s", type=int, default=170, help="per mode, at most")
+    parser.add_argument(
+        "--budget-s", type=int, default=540, help="for the whole suite (a device call's 600 s)"
+    )
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     summary = {}
-    for mode in args.modes:
+    suite_started = time.perf_counter()
+    for index, mode in enumerate(args.modes):
+        # Share what is left of the budget among the modes still to run.
+        left = args.budget_s - (time.perf_counter() - suite_started)
+        timeout = max(1, min(args.timeout_s, int(left / (len(args.modes) - index))))
         out = args.out_dir / f"{mode}.json"
         cmd = [
             sys.executable, str(ROOT / "bench" / "gpu_baseline.py"), "--shapes", args.shapes,
@@ -51,7 +61,7 @@ def main() -> int:
         print(f"== {mode} (cap {CARDS_GIB[mode]} GiB)" if args.shapes == "full" else f"== {mode}", flush=True)
         started = time.perf_counter()
         try:
-            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout_s)
+            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
             status = "ok" if result.returncode == 0 else f"exit {result.returncode}"
             print(result.stdout, end="")
             if result.returncode:
@@ -59,7 +69,7 @@ def main() -> int:
                 status += ": " + (" | ".join(tail) if tail else "no output")
                 print(status, file=sys.stderr)
         except subprocess.TimeoutExpired:
-            status = f"timed out after {args.timeout_s}s"
+            status = f"timed out after {timeout}s"
             print(status, file=sys.stderr)
         summary[mode] = {"status": status, "seconds": round(time.perf_counter() - started, 1),
                          "report": json.loads(out.read_text()) if out.is_file() else None}  # fmt: skip
