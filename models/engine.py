@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import PIL.Image
 import torch
@@ -29,6 +30,9 @@ from models.pipeline import (
 from models.placement import Placement
 from models.settings import EngineSettings, Preset, resolve_device, resolve_dtype
 from models.translator import InstructionTranslator
+
+if TYPE_CHECKING:
+    from models.memory import MemoryPlan
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ class Engine:
         self.buckets = KONTEXT_BUCKETS if scale == 1.0 else scale_buckets(KONTEXT_BUCKETS, scale)
         self.max_area = settings.max_area or (TINY_MAX_AREA if tiny else DEFAULT_MAX_AREA)
         #: The planner's prediction the engine was started under (None: not checked, e.g. on a CPU).
-        self.memory_plan = None
+        self.memory_plan: MemoryPlan | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -321,7 +325,7 @@ class Engine:
 
 def check_memory(
     settings: EngineSettings, layout: ModelLayout, device: str, translator_device: str | None
-) -> object | None:
+) -> MemoryPlan | None:
     """The planner's prediction for this configuration, refused with `MemoryPlanError` if it cannot fit.
 
     Checked only where the pipeline runs on a CUDA GPU; returns None elsewhere. The free memory of

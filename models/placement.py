@@ -117,6 +117,8 @@ class Placement:
         self._place(Group.TEXT_ENCODERS, spec.text_encoders, [pipeline.text_encoder, pipeline.text_encoder_2])
         if spec.transformer is Residency.STREAMED:
             use_stream = self.device.type == "cuda"
+            # Group offloading starts from host memory (the GPU benches build on the device).
+            transformer.to("cpu")
             transformer.enable_group_offload(
                 onload_device=self.device,
                 offload_device=torch.device("cpu"),
