@@ -19,7 +19,7 @@ from api_schemas.errors import JobCanceled, ModelOutOfMemory
 from api_schemas.images import load_image, normalize_image
 from api_schemas.jobs import JobMetadata, JobParameters, ResolvedJob, resolve_job
 from models.adapters import AdapterSet
-from models.modes import Group, Residency, is_cpu
+from models.modes import Group, Residency, is_cpu, same_device
 from models.pipeline import (
     DEFAULT_MAX_AREA,
     KONTEXT_BUCKETS,
@@ -110,6 +110,8 @@ class Engine:
         self.max_area = settings.max_area or (TINY_MAX_AREA if tiny else DEFAULT_MAX_AREA)
         #: The planner's prediction the engine was started under (None: not checked, e.g. on a CPU).
         self.memory_plan: MemoryPlan | None = None
+        #: The last job's GPU peaks, (device, "allocated" | "reserved") -> bytes; empty on a CPU.
+        self.last_gpu_peak: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -221,6 +223,9 @@ class Engine:
         progress = on_progress or (lambda stage, step, total: None)
         cancel = should_cancel or (lambda: False)
         with self._lock:
+            gpus = self._gpus()
+            for gpu in gpus:
+                torch.cuda.reset_peak_memory_stats(gpu)
             try:
                 return self._run(job, pil_images, progress, cancel)
             except torch.OutOfMemoryError as exc:
@@ -232,6 +237,22 @@ class Engine:
                     "lower memory mode (`python -m models plan` shows what each needs).",
                     details={"images": len(images), "memory_mode": self.settings.memory.value},
                 ) from exc
+            finally:
+                self.last_gpu_peak = {}
+                for gpu in gpus:
+                    self.last_gpu_peak[(gpu, "allocated")] = torch.cuda.max_memory_allocated(gpu)
+                    self.last_gpu_peak[(gpu, "reserved")] = torch.cuda.max_memory_reserved(gpu)
+
+    def _gpus(self) -> list[str]:
+        """The CUDA devices this engine computes on (the pipeline's, and the translator's if apart)."""
+        devices = [str(self.placement.device)]
+        if self.placement.translator_device is not None:
+            devices.append(str(self.placement.translator_device))
+        found: list[str] = []
+        for device in devices:
+            if device.startswith("cuda") and not any(same_device(device, d) for d in found):
+                found.append(device)
+        return found
 
     def _run(
         self,

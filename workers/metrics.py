@@ -20,6 +20,12 @@ STAGE_SECONDS = Histogram(
 )  # fmt: skip
 WORKER_READY = Gauge("dreamomni2_worker_ready", "1 once this worker's models are loaded and it takes jobs.")
 REQUEUED = Counter("dreamomni2_jobs_requeued_total", "Jobs requeued because their worker stopped responding.")
+GPU_PEAK_BYTES = Gauge(
+    "dreamomni2_worker_gpu_peak_bytes",
+    "GPU memory per device: the last job's peak as PyTorch saw it (allocated, reserved), and the "
+    "memory planner's prediction for a job at the image limit (planned).",
+    ["device", "kind"],
+)
 MODEL_LOAD_SECONDS = Gauge(
     "dreamomni2_worker_model_load_seconds", "How long this worker took to load its models."
 )

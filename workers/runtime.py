@@ -82,6 +82,9 @@ class WorkerRuntime:
         self.engine = Engine.from_settings(self.engine_settings)
         load_s = time.perf_counter() - started
         metrics.MODEL_LOAD_SECONDS.set(load_s)
+        if self.engine.memory_plan is not None:
+            for device, planned in self.engine.memory_plan.devices.items():
+                metrics.GPU_PEAK_BYTES.labels(device, "planned").set(planned)
         metrics.WORKER_READY.set(1)
         models = self.engine.describe()
         self._info.update(
@@ -239,6 +242,8 @@ class WorkerRuntime:
             )
             for stage, seconds in output.metadata.timings.items():
                 metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+            for (device, kind), peak in self.engine.last_gpu_peak.items():
+                metrics.GPU_PEAK_BYTES.labels(device, kind).set(peak)
         except LeaseLost:
             logger.warning("job %s: run abandoned after losing its lease", job_id)
             return "abandoned"
