@@ -177,23 +177,25 @@ def test_a_worker_that_cannot_fit_refuses_before_loading(tiny_root, tmp_path, mo
 
 def test_the_plan_command_prints_one_json_object():
     result = subprocess.run(
-        [sys.executable, "-m", "models", "plan", "--memory", "low", "--images", "2", "--json",
-         "--card", "24"],
+        [sys.executable, "-m", "models", "plan", "--memory", "low", "--images", "2", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     plan = json.loads(result.stdout)
-    assert set(plan["components"]) == {
-        "transformer",
-        "edit_lora",
-        "gen_lora",
-        "t5_xxl",
-        "clip_l",
-        "vae",
-        "translator",
-    }
+    names = {"transformer", "edit_lora", "gen_lora", "t5_xxl", "clip_l", "vae", "translator"}
+    assert set(plan["components"]) == names
     assert all(isinstance(c["bytes"], int) and c["bytes"] > 0 for c in plan["components"].values())
     assert set(plan["activations"]) == {"translate", "encode_prompt", "encode_images", "denoise", "decode"}
     assert all(isinstance(n, int) for n in plan["activations"].values())
     assert isinstance(plan["peak_bytes"], int) and plan["peak_bytes"] < 24 * GiB
+
+
+def test_the_plan_command_checks_a_card(sizes, capsys):
+    from models.__main__ import main
+
+    assert main(["plan", "--memory", "low", "--images", "5", "--card", "24", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] is True and plan["max_images"] >= 5
+    assert main(["plan", "--memory", "resident", "--images", "5", "--card", "40"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["plan", "--images", "-1"]) == 2
