@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_schemas.common import AdapterChoice, Task
+from api_schemas.common import AdapterChoice, Task, WebhookEvent
 from api_schemas.jobs import JobParameters
 
 
@@ -71,15 +71,9 @@ class ResultInfo(BaseModel):
     bytes: int
 
 
-class WebhookEventName(StrEnum):
-    STARTED = "started"
-    PROGRESS = "progress"
-    COMPLETED = "completed"
-
-
 class WebhookDelivery(BaseModel):
     id: str = Field(description="The `webhook-id` of the delivery (the same on every attempt).")
-    event: WebhookEventName
+    event: WebhookEvent
     status: str = Field(description="pending, retrying, delivered or failed.")
     attempts: int
     status_code: int | None = Field(default=None, description="The receiver's last HTTP status.")
@@ -89,7 +83,7 @@ class WebhookDelivery(BaseModel):
 
 class WebhookInfo(BaseModel):
     url: str
-    events: list[WebhookEventName]
+    events: list[WebhookEvent]
     last_delivery: WebhookDelivery | None = Field(default=None, description="The latest delivery's outcome.")
 
 
@@ -180,7 +174,7 @@ class JobOptions(JobParameters):
     webhook_url: str | None = Field(
         default=None, max_length=2048, description="Where to POST signed job events (Standard Webhooks)."
     )
-    webhook_events: list[WebhookEventName] | None = Field(
+    webhook_events: list[WebhookEvent] | None = Field(
         default=None, description="Which events to send: started, progress, completed (default: completed)."
     )
     deadline_s: float | None = Field(

@@ -16,3 +16,11 @@ class AdapterChoice(StrEnum):
     BASE = "base"
     EDIT = "edit"
     GENERATION = "generation"
+
+
+class WebhookEvent(StrEnum):
+    """What a job's webhook is sent for: it started, it moved (throttled), it ended."""
+
+    STARTED = "started"
+    PROGRESS = "progress"
+    COMPLETED = "completed"

@@ -1,30 +1,175 @@
-"""One error hierarchy for the whole service.
+"""One error hierarchy and one catalogue of error codes for the whole service.
 
-Every error carries a stable machine-readable `code`, a message a person can act on, and the HTTP
-status the gateway answers with. Workers store `code` and `message` on a failed job; the gateway maps
-the classes to statuses in one place (`app.errors`).
+Every error carries a stable machine-readable `code` from `ErrorCode`, a message a person can act on,
+and the HTTP status the gateway answers with. `ERROR_CODES` says for each code where it appears (an
+HTTP answer, a job's `error`, or both), its status and what it means; the README's error table is
+checked against it. Workers store `code` and `message` on a failed job; the gateway maps the classes
+to statuses in one place (`app.errors`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
+
+
+class ErrorCode(StrEnum):
+    """Every code the service can answer with or end a job with."""
+
+    # The request itself.
+    INVALID_REQUEST = "invalid_request"
+    INVALID_INPUT = "invalid_input"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    BAD_REQUEST = "bad_request"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    NOT_ACCEPTABLE = "not_acceptable"
+    NOT_FOUND = "not_found"
+    # Images.
+    INVALID_IMAGE = "invalid_image"
+    IMAGE_FILE_TOO_LARGE = "image_file_too_large"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_SMALL = "image_too_small"
+    IMAGE_ASPECT_RATIO = "image_aspect_ratio"
+    TOO_MANY_IMAGES = "too_many_images"
+    EDIT_NEEDS_IMAGE = "edit_needs_image"
+    # Parameters.
+    EMPTY_INSTRUCTION = "empty_instruction"
+    INSTRUCTION_TOO_LONG = "instruction_too_long"
+    INVALID_STEPS = "invalid_steps"
+    INVALID_GUIDANCE = "invalid_guidance"
+    INVALID_SEED = "invalid_seed"
+    INVALID_WIDTH = "invalid_width"
+    INVALID_HEIGHT = "invalid_height"
+    INVALID_SIZE = "invalid_size"
+    SIZE_WITH_EDIT = "size_with_edit"
+    # Webhooks and idempotency.
+    WEBHOOKS_UNAVAILABLE = "webhooks_unavailable"
+    WEBHOOK_URL_REFUSED = "webhook_url_refused"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    IDEMPOTENCY_KEY_IN_USE = "idempotency_key_in_use"
+    # Who is asking.
+    UNAUTHORIZED = "unauthorized"
+    MISSING_API_KEY = "missing_api_key"
+    INVALID_API_KEY = "invalid_api_key"
+    FORBIDDEN = "forbidden"
+    TOO_MANY_REQUESTS = "too_many_requests"
+    # A job's state.
+    JOB_NOT_FOUND = "job_not_found"
+    RESULT_EXPIRED = "result_expired"
+    JOB_NOT_FINISHED = "job_not_finished"
+    JOB_FINISHED = "job_finished"
+    JOB_FAILED = "job_failed"
+    JOB_CANCELED = "job_canceled"
+    CONFLICT = "conflict"
+    # How a job ended, when it did not succeed.
+    CANCELED = "canceled"
+    DEADLINE = "deadline"
+    TIMEOUT = "timeout"
+    OUT_OF_MEMORY = "out_of_memory"
+    WORKER_LOST = "worker_lost"
+    QUEUE_UNAVAILABLE = "queue_unavailable"
+    LEASE_LOST = "lease_lost"
+    # The service.
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class Where(StrEnum):
+    """Where a code appears: an HTTP error answer, a job's `error`, or both."""
+
+    HTTP = "http"
+    JOB = "job"
+    BOTH = "http, job"
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    status: int
+    where: Where
+    meaning: str
+
+
+_I, _H, _J, _B = 422, Where.HTTP, Where.JOB, Where.BOTH
+#: The catalogue: every code, where it appears, its HTTP status, and what it means.
+ERROR_CODES: dict[ErrorCode, CodeInfo] = {
+    ErrorCode.INVALID_REQUEST: CodeInfo(_I, _H, "a field, header or the body is malformed; details name it"),
+    ErrorCode.INVALID_INPUT: CodeInfo(_I, _B, "the request cannot be run as given"),
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: CodeInfo(415, _H, "the body is neither multipart/form-data nor JSON"),
+    ErrorCode.PAYLOAD_TOO_LARGE: CodeInfo(413, _H, "the whole request body is over its byte limit"),
+    ErrorCode.BAD_REQUEST: CodeInfo(400, _H, "the HTTP request could not be understood"),
+    ErrorCode.METHOD_NOT_ALLOWED: CodeInfo(405, _H, "the route does not take this method"),
+    ErrorCode.NOT_ACCEPTABLE: CodeInfo(406, _H, "no representation matches the Accept header"),
+    ErrorCode.NOT_FOUND: CodeInfo(404, _H, "no such route"),
+    ErrorCode.INVALID_IMAGE: CodeInfo(_I, _B, "an image is empty, not a known format, truncated or corrupt"),
+    ErrorCode.IMAGE_FILE_TOO_LARGE: CodeInfo(413, _B, "an image file is over DREAMOMNI2_MAX_IMAGE_BYTES"),
+    ErrorCode.IMAGE_TOO_LARGE: CodeInfo(_I, _B, "an image has more pixels than DREAMOMNI2_MAX_IMAGE_PIXELS"),
+    ErrorCode.IMAGE_TOO_SMALL: CodeInfo(_I, _B, "an image side is under DREAMOMNI2_MIN_IMAGE_SIDE"),
+    ErrorCode.IMAGE_ASPECT_RATIO: CodeInfo(_I, _B, "an image is more elongated than allowed"),
+    ErrorCode.TOO_MANY_IMAGES: CodeInfo(_I, _B, "more images than DREAMOMNI2_MAX_IMAGES"),
+    ErrorCode.EDIT_NEEDS_IMAGE: CodeInfo(_I, _B, "task=edit with no image to edit"),
+    ErrorCode.EMPTY_INSTRUCTION: CodeInfo(_I, _B, "the instruction is empty or blank"),
+    ErrorCode.INSTRUCTION_TOO_LONG: CodeInfo(_I, _B, "the instruction is over its character limit"),
+    ErrorCode.INVALID_STEPS: CodeInfo(_I, _B, "steps is outside DREAMOMNI2_MIN_STEPS..DREAMOMNI2_MAX_STEPS"),
+    ErrorCode.INVALID_GUIDANCE: CodeInfo(_I, _B, "guidance is outside its range"),
+    ErrorCode.INVALID_SEED: CodeInfo(_I, _B, "seed is outside 0..2^63-1"),
+    ErrorCode.INVALID_WIDTH: CodeInfo(_I, _B, "width is outside DREAMOMNI2_MIN_SIZE..DREAMOMNI2_MAX_SIZE"),
+    ErrorCode.INVALID_HEIGHT: CodeInfo(_I, _B, "height is outside DREAMOMNI2_MIN_SIZE..DREAMOMNI2_MAX_SIZE"),
+    ErrorCode.INVALID_SIZE: CodeInfo(_I, _B, "the requested size is longer than DREAMOMNI2_MAX_ASPECT_RATIO"),
+    ErrorCode.SIZE_WITH_EDIT: CodeInfo(_I, _B, "width/height sent with an edit (they are for generation)"),
+    ErrorCode.WEBHOOKS_UNAVAILABLE: CodeInfo(_I, _H, "webhook_url sent, but no signing secret is configured"),
+    ErrorCode.WEBHOOK_URL_REFUSED: CodeInfo(_I, _H, "webhook_url is not a public http(s) destination"),
+    ErrorCode.IDEMPOTENCY_KEY_REUSED: CodeInfo(_I, _H, "the Idempotency-Key was used with a different body"),
+    ErrorCode.IDEMPOTENCY_KEY_IN_USE: CodeInfo(409, _H, "the first request with this key is still running"),
+    ErrorCode.UNAUTHORIZED: CodeInfo(401, _H, "authentication failed"),
+    ErrorCode.MISSING_API_KEY: CodeInfo(401, _H, "no `Authorization: Bearer <key>` header"),
+    ErrorCode.INVALID_API_KEY: CodeInfo(401, _H, "the API key is not known"),
+    ErrorCode.FORBIDDEN: CodeInfo(403, _H, "not allowed"),
+    ErrorCode.TOO_MANY_REQUESTS: CodeInfo(429, _H, "slow down"),
+    ErrorCode.JOB_NOT_FOUND: CodeInfo(404, _H, "no such job for this API key, or it expired"),
+    ErrorCode.RESULT_EXPIRED: CodeInfo(404, _H, "the job succeeded but its image has expired"),
+    ErrorCode.JOB_NOT_FINISHED: CodeInfo(409, _H, "the job is queued or running: no result yet"),
+    ErrorCode.JOB_FINISHED: CodeInfo(409, _H, "the job already ended: it cannot be canceled"),
+    ErrorCode.JOB_FAILED: CodeInfo(409, _H, "the job failed: it has no result (its error says why)"),
+    ErrorCode.JOB_CANCELED: CodeInfo(409, _H, "the job was canceled: it has no result"),
+    ErrorCode.CONFLICT: CodeInfo(409, _H, "the job is not in a state that allows this"),
+    ErrorCode.CANCELED: CodeInfo(409, _J, "canceled at its owner's request"),
+    ErrorCode.DEADLINE: CodeInfo(409, _J, "no worker started it before deadline_s / Cancel-After"),
+    ErrorCode.TIMEOUT: CodeInfo(504, _J, "it ran longer than DREAMOMNI2_JOB_TIMEOUT_S"),
+    ErrorCode.OUT_OF_MEMORY: CodeInfo(507, _J, "the GPU or the host ran out of memory for it"),
+    ErrorCode.WORKER_LOST: CodeInfo(500, _J, "its worker died DREAMOMNI2_MAX_ATTEMPTS times"),
+    ErrorCode.QUEUE_UNAVAILABLE: CodeInfo(503, _B, "the job queue was unreachable when it was submitted"),
+    ErrorCode.LEASE_LOST: CodeInfo(500, _J, "internal: a run lost its lease to another run (never stored)"),
+    ErrorCode.UNAVAILABLE: CodeInfo(503, _H, "the job store (Redis) is unreachable; retry shortly"),
+    ErrorCode.INTERNAL: CodeInfo(500, _B, "an unexpected error; it is in the logs"),
+}  # fmt: skip
+
+
+def error_table() -> str:
+    """The README's error table (Markdown), from the catalogue."""
+    rows = ["| code | HTTP | appears in | meaning |", "|---|---|---|---|"]
+    for code, info in ERROR_CODES.items():
+        rows.append(f"| `{code.value}` | {info.status} | {info.where.value} | {info.meaning} |")
+    return "\n".join(rows)
 
 
 class ServiceError(Exception):
     """Base of every error the service reports to a caller."""
 
-    code: str = "internal"
+    code: ErrorCode = ErrorCode.INTERNAL
     http_status: int = 500
 
-    def __init__(self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None):
+    def __init__(self, message: str, *, code: ErrorCode | None = None, details: dict[str, Any] | None = None):
         super().__init__(message)
         self.message = message
         if code is not None:
-            self.code = code
+            # A code outside the catalogue is a bug: fail where it is made, not in a caller's parser.
+            self.code = ErrorCode(code)
         self.details = details or {}
 
     def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        body: dict[str, Any] = {"code": self.code.value, "message": self.message}
         if self.details:
             body["details"] = self.details
         return body
@@ -33,46 +178,66 @@ class ServiceError(Exception):
 class InvalidInput(ServiceError):
     """The request cannot be run as given; the message names the problem and the limit."""
 
-    code = "invalid_input"
+    code = ErrorCode.INVALID_INPUT
     http_status = 422
 
 
 class PayloadTooLarge(InvalidInput):
     """An upload, or the whole request, is over a byte limit."""
 
-    code = "payload_too_large"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
     http_status = 413
 
 
 class Unauthorized(ServiceError):
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
     http_status = 401
 
 
 class NotFound(ServiceError):
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND
     http_status = 404
 
 
 class Conflict(ServiceError):
-    code = "conflict"
+    code = ErrorCode.CONFLICT
     http_status = 409
+
+
+class UnsupportedMediaType(ServiceError):
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+    http_status = 415
+
+
+class ServiceUnavailable(ServiceError):
+    """A dependency of the service (the queue) is unreachable."""
+
+    code = ErrorCode.UNAVAILABLE
+    http_status = 503
 
 
 class ModelOutOfMemory(ServiceError):
     """The accelerator ran out of memory for this job; smaller inputs may fit."""
 
-    code = "out_of_memory"
+    code = ErrorCode.OUT_OF_MEMORY
     http_status = 507
 
 
 class JobCanceled(ServiceError):
     """The job was canceled (by its owner or its deadline) before it finished."""
 
-    code = "canceled"
+    code = ErrorCode.CANCELED
     http_status = 409
 
 
-class UnsupportedMediaType(ServiceError):
-    code = "unsupported_media_type"
-    http_status = 415
+class JobTimeout(ServiceError):
+    """The job ran past `DREAMOMNI2_JOB_TIMEOUT_S` and was stopped."""
+
+    code = ErrorCode.TIMEOUT
+    http_status = 504
+
+
+class LeaseLost(ServiceError):
+    """This run's lease lapsed and the job was handed to another run: stop, write nothing."""
+
+    code = ErrorCode.LEASE_LOST

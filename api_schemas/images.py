@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageChops
 
-from api_schemas.errors import InvalidInput, PayloadTooLarge
+from api_schemas.errors import ErrorCode, InvalidInput, PayloadTooLarge
 
 # PIL's format names, the only plugins `Image.open` may try.
 ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -115,7 +115,7 @@ def load_image(
         # PIL's message only repeats the buffer's repr; there is nothing in it worth chaining.
         raise InvalidInput(
             f"{label} is not a {_ACCEPTED_FORMATS_TEXT} image.",
-            code="invalid_image",
+            code=ErrorCode.INVALID_IMAGE,
             details={"image": label, "accepted_formats": list(ACCEPTED_FORMATS)},
         ) from None
     except Exception as exc:
@@ -123,7 +123,7 @@ def load_image(
         # struct.error, ...); to the caller they all mean the same thing.
         raise InvalidInput(
             f"{label} is truncated or corrupt and could not be decoded. Re-export or re-upload it.",
-            code="invalid_image",
+            code=ErrorCode.INVALID_IMAGE,
             details={"image": label, "reason": str(exc) or type(exc).__name__},
         ) from exc
 
@@ -149,13 +149,13 @@ def check_byte_size(data: bytes, limits: ImageLimits, label: str) -> None:
         raise PayloadTooLarge(
             f"{label} is {size} bytes; the limit is {limits.max_bytes} bytes "
             f"({limits.max_bytes / _MIB:g} MiB). Compress or downscale it.",
-            code="image_file_too_large",
+            code=ErrorCode.IMAGE_FILE_TOO_LARGE,
             details={"image": label, "bytes": size, "max_bytes": limits.max_bytes},
         )
     if size == 0:
         raise InvalidInput(
             f"{label} is empty (0 bytes); upload a {_ACCEPTED_FORMATS_TEXT} image.",
-            code="invalid_image",
+            code=ErrorCode.INVALID_IMAGE,
             details={"image": label, "bytes": 0},
         )
 
@@ -169,7 +169,7 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits, label: str) ->
         raise InvalidInput(
             f"{label} has {width}x{height} = {pixels} pixels; the limit is {limits.max_pixels}. "
             "Downscale it and try again.",
-            code="image_too_large",
+            code=ErrorCode.IMAGE_TOO_LARGE,
             details={
                 "image": label,
                 "width": width,
@@ -182,7 +182,7 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits, label: str) ->
     if short_side < limits.min_side:
         raise InvalidInput(
             f"{label} is {width}x{height} pixels; each side must be at least {limits.min_side} pixels.",
-            code="image_too_small",
+            code=ErrorCode.IMAGE_TOO_SMALL,
             details={"image": label, "width": width, "height": height, "min_side": limits.min_side},
         )
     if long_side > limits.max_aspect_ratio * short_side:
@@ -190,7 +190,7 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits, label: str) ->
         raise InvalidInput(
             f"{label} is {width}x{height} pixels, an aspect ratio of {ratio:.3g}:1; the limit is "
             f"{limits.max_aspect_ratio:g}:1. Crop it closer to square.",
-            code="image_aspect_ratio",
+            code=ErrorCode.IMAGE_ASPECT_RATIO,
             details={
                 "image": label,
                 "width": width,
@@ -212,7 +212,7 @@ def _pil_pixel_guard_error(exc: Exception, limits: ImageLimits, label: str) -> I
         limit = min(limit, pil_limit)
     return InvalidInput(
         f"{label} has more pixels than the limit of {limit}. Downscale it and try again.",
-        code="image_too_large",
+        code=ErrorCode.IMAGE_TOO_LARGE,
         details={"image": label, "max_pixels": limit},
     )
 
@@ -246,7 +246,7 @@ def _to_rgb(im: Image.Image, label: str) -> Image.Image:
         raise InvalidInput(
             f"{label} uses the colour mode {im.mode}, which cannot be converted to RGB. "
             "Save it as 8-bit RGB and try again.",
-            code="invalid_image",
+            code=ErrorCode.INVALID_IMAGE,
             details={"image": label, "mode": im.mode},
         ) from exc
 

@@ -6,14 +6,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api_schemas.common import AdapterChoice, Task
-from api_schemas.errors import InvalidInput
+from api_schemas.errors import ErrorCode, InvalidInput
 from api_schemas.images import ImageLimits
 
 
 class JobParameters(BaseModel):
     """The user's request, less the images. Unset numbers take the deployment's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Non-finite numbers are refused here: they cannot be compared with a limit or rendered as JSON.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     instruction: str = Field(
         description="What to do, in plain words; images are referred to as image 1, 2, ..."
@@ -105,7 +106,7 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise InvalidInput(
             f"{name} must be between {low} and {high}; got {value}.",
-            code=f"invalid_{name}",
+            code=ErrorCode(f"invalid_{name}"),
             details={"field": name, "value": value, "min": low, "max": high},
         )
 
@@ -116,25 +117,25 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
         raise InvalidInput(
             f"{image_count} images were sent; at most {limits.max_images} are allowed "
             "(image 1 plus references).",
-            code="too_many_images",
+            code=ErrorCode.TOO_MANY_IMAGES,
             details={"images": image_count, "max": limits.max_images},
         )
     task = params.task or (Task.EDIT if image_count else Task.GENERATE)
     if task is Task.EDIT and image_count == 0:
         raise InvalidInput(
             "An edit needs the image to edit as image 1; send at least one image, or use task=generate.",
-            code="edit_needs_image",
+            code=ErrorCode.EDIT_NEEDS_IMAGE,
         )
     instruction = params.instruction.strip()
     if not instruction:
         raise InvalidInput(
-            "The instruction is empty; say what to do with the images.", code="empty_instruction"
+            "The instruction is empty; say what to do with the images.", code=ErrorCode.EMPTY_INSTRUCTION
         )
     if len(instruction) > limits.max_instruction_chars:
         raise InvalidInput(
             f"The instruction has {len(instruction)} characters; "
             f"the limit is {limits.max_instruction_chars}.",
-            code="instruction_too_long",
+            code=ErrorCode.INSTRUCTION_TOO_LONG,
             details={"length": len(instruction), "max": limits.max_instruction_chars},
         )
     steps = params.steps if params.steps is not None else limits.default_steps
@@ -148,7 +149,7 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
     if task is Task.EDIT and (width is not None or height is not None):
         raise InvalidInput(
             "width and height apply to generation only; an edit keeps the aspect ratio of image 1.",
-            code="size_with_edit",
+            code=ErrorCode.SIZE_WITH_EDIT,
         )
     if task is Task.GENERATE:
         # Check the sides as sent first: a side left out copies the other, and the error must name
@@ -165,7 +166,7 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
             raise InvalidInput(
                 f"A {width}x{height} output has an aspect ratio of {ratio:.2f}:1; "
                 f"the limit is {limits.max_aspect_ratio}:1.",
-                code="invalid_size",
+                code=ErrorCode.INVALID_SIZE,
                 details={"width": width, "height": height, "max_aspect_ratio": limits.max_aspect_ratio},
             )
     return ResolvedJob(

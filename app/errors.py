@@ -12,23 +12,24 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api_schemas.api import ErrorEnvelope
-from api_schemas.errors import ServiceError
+from api_schemas.errors import ErrorCode, ServiceError
 
 logger = logging.getLogger(__name__)
 
+#: The codes of the errors Starlette raises itself (unknown route, wrong method, ...).
 _HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    409: "conflict",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_input",
-    429: "too_many_requests",
-    503: "unavailable",
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    406: ErrorCode.NOT_ACCEPTABLE,
+    409: ErrorCode.CONFLICT,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    422: ErrorCode.INVALID_INPUT,
+    429: ErrorCode.TOO_MANY_REQUESTS,
+    503: ErrorCode.UNAVAILABLE,
 }
 
 #: For OpenAPI: every documented error response has the envelope's shape.
@@ -45,8 +46,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_response(status: int, code: str, message: str, details: Any = None, headers=None) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message}
+def error_response(
+    status: int, code: ErrorCode, message: str, details: object = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body: dict[str, Any] = {"code": code.value, "message": message}
     if details:
         body["details"] = details
     return JSONResponse({"error": body}, status_code=status, headers=headers)
@@ -66,13 +69,15 @@ def install_error_handlers(app: FastAPI) -> None:
             problems.append({"field": where, "problem": error.get("msg", "invalid")})
         summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems) or "invalid request"
         return error_response(
-            422, "invalid_request", f"The request is invalid: {summary}.", {"errors": problems}
+            422, ErrorCode.INVALID_REQUEST, f"The request is invalid: {summary}.", {"errors": problems}
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "error")
-        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        code = _HTTP_CODES.get(
+            exc.status_code, ErrorCode.BAD_REQUEST if exc.status_code < 500 else ErrorCode.INTERNAL
+        )
+        message = exc.detail if isinstance(exc.detail, str) else code.value.replace("_", " ")
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
     # Its own handler, not a branch of the catch-all below: Starlette re-raises whatever reaches the
@@ -80,9 +85,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.RedisError)
     async def store_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
         logger.error("Redis error on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(503, "unavailable", "The job store (Redis) is unreachable; try again shortly.")
+        return error_response(
+            503, ErrorCode.UNAVAILABLE, "The job store (Redis) is unreachable; try again shortly."
+        )
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal", "Unexpected error; it has been logged.")
+        return error_response(500, ErrorCode.INTERNAL, "Unexpected error; it has been logged.")

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import redis.asyncio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from api_schemas.api import JobStatus
-from workers.store import Event, JobStore, parse_events
+from workers.store import Event, parse_events
+from workers.store.jobs import EVENTS_PER_READ
+
+if TYPE_CHECKING:
+    from app.service import JobService
 
 TERMINAL = {status.value for status in JobStatus if status.is_terminal()}
 
@@ -22,10 +27,9 @@ def _sse(event: Event, data: dict) -> dict[str, str]:
 async def job_events(
     request: Request,
     aredis: redis.asyncio.Redis,
-    store: JobStore,
+    service: JobService,
     job_id: str,
     last_event_id: str | None,
-    render: Callable[[str], dict],
     block_ms: int = 2_000,
 ) -> AsyncIterator[dict[str, str]]:
     """`queued` (with position), `started`, `progress`, then one final event carrying the job object.
@@ -33,20 +37,25 @@ async def job_events(
     Resumes after `last_event_id`. A client that connected (or reconnected) after the end still gets
     the final event, so every stream ends with one.
     """
-    key = store.events_key(job_id)
+    store = service.store.jobs
+    render = service.render_id
+    key = store.keys.events(job_id)
     after = last_event_id or "0-0"
     # A job that has already ended has all its events in the stream: read them without blocking, so a
     # client reconnecting after the end gets the final event at once.
-    ended = (await run_in_threadpool(store.get, job_id)).status.is_terminal()
+    record = await run_in_threadpool(store.get, job_id)
+    ended = record is None or record.status.is_terminal()
     while True:
         # The block stays well under redis-py's default 5 s socket timeout, which would otherwise end
         # the read (and the stream) with a TimeoutError whenever a job has no event for that long.
-        reply = await aredis.xread({key: after}, count=100, block=None if ended else block_ms)
+        reply = await aredis.xread({key: after}, count=EVENTS_PER_READ, block=None if ended else block_ms)
         events = parse_events(reply)
         if not events:
             if await request.is_disconnected():
                 return
             record = await run_in_threadpool(store.get, job_id)
+            if record is None:  # expired while streaming: nothing more will come
+                return
             if record.status.is_terminal():
                 # Nothing after the client's position although the job ended: it saw the final event
                 # already (or the stream was trimmed). Send the final event again, then close.

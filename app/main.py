@@ -7,56 +7,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio.to_thread
 import redis.asyncio
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from api_schemas.api import ErrorEnvelope, JobRequestJSON
+from api_schemas.api import ErrorEnvelope
 from app.auth import KeyRing
 from app.errors import install_error_handlers
 from app.metrics import GatewayMetrics
 from app.middleware import BodySizeLimit, RequestMetrics
+from app.openapi import DESCRIPTION, openapi_document
 from app.routes import health_router, jobs_router
 from app.service import JobService
 from app.settings import GatewaySettings
 from workers.celery_app import create_celery
-from workers.store import JobStore
+from workers.store import Store
 
 logger = logging.getLogger(__name__)
-
-DESCRIPTION = """
-Multimodal instruction-based image editing and generation with DreamOmni2 (FLUX.1 Kontext +
-DreamOmni2 LoRAs + a Qwen2.5-VL instruction translator).
-
-Submit images and a plain-words instruction (`POST /v1/jobs`), then poll the job
-(`GET /v1/jobs/{id}`) or hold the request with `Prefer: wait=N`, and download the image
-(`GET /v1/jobs/{id}/result`). Every error has the shape `{"error": {"code", "message", "details"}}`.
-Authenticate with `Authorization: Bearer <key>` when the deployment has API keys.
-"""
-
-
-def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's OpenAPI document plus the JSON body schema that `POST /v1/jobs` refers to by `$ref`.
-
-    That route reads its body itself (multipart or JSON), so FastAPI does not collect the model.
-    """
-    if app.openapi_schema is None:
-        document = FastAPI.openapi(app)
-        body = JobRequestJSON.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        for name, definition in body.pop("$defs", {}).items():
-            schemas.setdefault(name, definition)
-        schemas["JobRequestJSON"] = body
-    return app.openapi_schema
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    store = JobStore.from_url(settings.redis_url, settings.redis_prefix)
+    store = Store.from_url(settings.redis_url, settings.redis_prefix)
     metrics = GatewayMetrics(store)
 
     jobs = JobService(settings, store, create_celery(settings), metrics)
@@ -72,14 +48,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await asyncio.sleep(settings.deadline_sweep_s)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Blocking Redis calls (including `Prefer: wait`) run in threads: allow enough of them.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
-        app.state.aredis = redis.asyncio.Redis.from_url(settings.redis_url, health_check_interval=30)
+        jobs.aredis = redis.asyncio.Redis.from_url(settings.redis_url, health_check_interval=30)
         sweeper = asyncio.create_task(expire_deadlines())
         yield
         sweeper.cancel()
-        await app.state.aredis.aclose()
+        await jobs.aredis.aclose()
         store.redis.close()
 
     app = FastAPI(

@@ -10,21 +10,21 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from workers.store import JobStore
+from workers.store import Store
 
 logger = logging.getLogger(__name__)
 
 
 class StoreCollector(Collector):
-    def __init__(self, store: JobStore):
+    def __init__(self, store: Store):
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("dreamomni2_queue_depth", "Jobs waiting for a worker.")
         workers = GaugeMetricFamily("dreamomni2_workers", "Worker processes by state.", labels=["state"])
         try:
-            depth.add_metric([], self.store.queue_depth())
-            found = list(self.store.workers())
+            depth.add_metric([], self.store.jobs.queue_depth())
+            found = list(self.store.workers.workers())
             workers.add_metric(["up"], len(found))
             workers.add_metric(["ready"], sum(1 for w in found if w.get("ready")))
             workers.add_metric(["busy"], sum(1 for w in found if w.get("busy")))
@@ -36,7 +36,7 @@ class StoreCollector(Collector):
 
 
 class GatewayMetrics:
-    def __init__(self, store: JobStore):
+    def __init__(self, store: Store):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "dreamomni2_http_requests_total", "HTTP requests by route, method and status.",

@@ -7,6 +7,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api_schemas.errors import ErrorCode
 from app.metrics import GatewayMetrics
 
 
@@ -56,7 +57,7 @@ class BodySizeLimit:
         body = json.dumps(
             {
                 "error": {
-                    "code": "payload_too_large",
+                    "code": ErrorCode.PAYLOAD_TOO_LARGE.value,
                     "message": f"The request body is over the limit of {self.max_bytes} bytes "
                     f"({self.max_bytes // (1024 * 1024)} MiB); send fewer or smaller images.",
                     "details": {"max_bytes": self.max_bytes, "bytes_seen": size},

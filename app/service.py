@@ -1,31 +1,38 @@
-"""The jobs service: everything behind the routes. Checks a request fully before anything is queued."""
+"""The jobs service: everything behind the routes. Checks a request fully before anything is queued.
+
+The store reports what happened (`workers.store.outcomes`); this is where those outcomes become the
+API's errors.
+"""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
-import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import redis.asyncio
 from celery import Celery
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
-from api_schemas.api import Job, JobOptions, JobStatus, WebhookEventName
-from api_schemas.errors import Conflict, InvalidInput, PayloadTooLarge
+from api_schemas.api import Job, JobOptions, JobStatus, Readiness, WorkerCounts
+from api_schemas.common import WebhookEvent
+from api_schemas.errors import Conflict, ErrorCode, InvalidInput, NotFound, ServiceUnavailable
 from api_schemas.images import check_byte_size, load_image
 from api_schemas.jobs import JobParameters, resolve_job
+from api_schemas.records import JobRecord, JobSpec, WebhookSpec
+from app.events import job_events
 from app.metrics import GatewayMetrics
 from app.settings import GatewaySettings
 from workers.celery_app import enqueue
-from workers.store import JobRecord, JobStore
+from workers.destinations import check_destination
+from workers.store import CancelOutcome, Reservation, Store
 from workers.views import job_view
-from workers.webhooks import Notifier, WebhookDeliverer, WebhookEvent, check_destination
+from workers.webhooks import Notifier, WebhookDeliverer
 
 logger = logging.getLogger(__name__)
-
-_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*);base64,", re.ASCII)
 
 
 @dataclass
@@ -37,41 +44,22 @@ class Submission:
     cancel_after_s: float | None = None
 
 
-def decode_data_uri(uri: str, label: str, max_bytes: int) -> bytes:
-    """The bytes of a `data:image/...;base64,` URI; 413 when over `max_bytes`."""
-    match = _DATA_URI.match(uri)
-    if not match:
-        raise InvalidInput(
-            f"{label} must be a data URI like `data:image/png;base64,...`.",
-            code="invalid_image",
-            details={"image": label},
-        )
-    payload = uri[match.end() :]
-    # Base64 carries 3 bytes per 4 characters: refuse before decoding something far too large.
-    if len(payload) * 3 // 4 > max_bytes + 3:
-        raise PayloadTooLarge(
-            f"{label} is about {len(payload) * 3 // 4} bytes; the limit is {max_bytes} bytes.",
-            code="image_file_too_large",
-            details={"image": label, "max_bytes": max_bytes},
-        )
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput(
-            f"{label} is not valid base64 after `;base64,`.", code="invalid_image", details={"image": label}
-        ) from None
-
-
-def request_fingerprint(spec: dict, images: list[bytes], deadline_s: float | None) -> str:
+def request_fingerprint(spec: JobSpec, images: list[bytes], deadline_s: float | None) -> str:
     """What makes two submissions "the same request" for Idempotency-Key, whatever their encoding."""
-    digest = hashlib.sha256(json.dumps({"spec": spec, "deadline_s": deadline_s}, sort_keys=True).encode())
+    payload = {"spec": spec.model_dump(mode="json"), "deadline_s": deadline_s}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     for data in images:
         digest.update(hashlib.sha256(data).digest())
     return digest.hexdigest()
 
 
+def _not_found(job_id: str) -> NotFound:
+    # One answer for a missing job and another key's: other keys' ids are not even confirmed to exist.
+    return NotFound(f"No job {job_id!r}: it does not exist or has expired.", code=ErrorCode.JOB_NOT_FOUND)
+
+
 class JobService:
-    def __init__(self, settings: GatewaySettings, store: JobStore, celery: Celery, metrics: GatewayMetrics):
+    def __init__(self, settings: GatewaySettings, store: Store, celery: Celery, metrics: GatewayMetrics):
         self.settings = settings
         self.limits = settings.limits
         self.store = store
@@ -79,12 +67,13 @@ class JobService:
         self.metrics = metrics
         self.notifier = Notifier(store, celery, settings)
         self.webhooks = WebhookDeliverer(store, settings)
+        #: The async Redis client of the event streams, opened by the app's lifespan.
+        self.aredis: redis.asyncio.Redis | None = None
 
     # Submit -----------------------------------------------------------------------------------------
-    def check(self, owner: str, submission: Submission) -> tuple[dict, list[bytes]]:
+    def check(self, owner: str, submission: Submission) -> JobSpec:
         """Validate everything a worker would refuse, in the order a person would fix it."""
-        options = submission.options
-        images = submission.images
+        options, images = submission.options, submission.images
         image_limits = self.limits.image_limits()
         for n, data in enumerate(images, start=1):
             check_byte_size(data, image_limits, f"image {n}")
@@ -92,129 +81,202 @@ class JobService:
         job = resolve_job(params, len(images), self.limits)
         for n, data in enumerate(images, start=1):
             load_image(data, limits=image_limits, label=f"image {n}")
-        spec = {
-            "params": job.parameters().model_dump(mode="json"),
-            "task": job.task.value,
-            "adapter": job.adapter.value,
-            "image_count": job.image_count,
-            "output_format": options.output_format.value,
-        }
         ttl_s = self.settings.job_ttl_s
-        deadlines = (("deadline_s", options.deadline_s), ("Cancel-After", submission.cancel_after_s))
-        for name, seconds in deadlines:
+        for name, seconds in (
+            ("deadline_s", options.deadline_s),
+            ("Cancel-After", submission.cancel_after_s),
+        ):
             # Also keeps inf and huge values out: they would be stored, then fail to render (a 500).
             if seconds is not None and not seconds <= ttl_s:
                 raise InvalidInput(
                     f"{name} must be at most {ttl_s} seconds (the job's lifetime); got {seconds}.",
-                    code="invalid_request",
+                    code=ErrorCode.INVALID_REQUEST,
                     details={"field": name, "max": ttl_s},
                 )
+        webhook = None
         if options.webhook_url is not None:
-            spec["webhook"] = self.check_webhook(owner, options)
+            webhook = self.check_webhook(owner, options)
         elif options.webhook_events:
-            raise InvalidInput("webhook_events needs a webhook_url.", code="invalid_request")
-        return spec, images
+            raise InvalidInput("webhook_events needs a webhook_url.", code=ErrorCode.INVALID_REQUEST)
+        return JobSpec(
+            params=job.parameters(),
+            task=job.task,
+            adapter=job.adapter,
+            image_count=job.image_count,
+            output_format=options.output_format,
+            webhook=webhook,
+        )
 
-    def check_webhook(self, owner: str, options: JobOptions) -> dict:
+    def check_webhook(self, owner: str, options: JobOptions) -> WebhookSpec:
         if self.webhooks.secret_for(owner) is None:
             raise InvalidInput(
                 "Webhooks are not configured on this deployment (no signing secret); poll the job or use "
                 "its event stream instead.",
-                code="webhooks_unavailable",
+                code=ErrorCode.WEBHOOKS_UNAVAILABLE,
             )
         check_destination(options.webhook_url, self.webhooks.allowlist)
-        events = sorted({e.value for e in options.webhook_events or [WebhookEventName.COMPLETED]})
-        return {"url": options.webhook_url, "events": events}
+        events = sorted(set(options.webhook_events or [WebhookEvent.COMPLETED]))
+        return WebhookSpec(url=options.webhook_url, events=events)
 
     def submit(
         self, owner: str, submission: Submission, idempotency_key: str | None = None
     ) -> tuple[JobRecord, bool]:
         """Queue a checked job; returns it and whether it is the replay of an earlier request."""
         try:
-            spec, images = self.check(owner, submission)
+            spec = self.check(owner, submission)
         except InvalidInput as exc:
-            self.metrics.jobs_rejected.labels(exc.code).inc()
+            self.metrics.jobs_rejected.labels(exc.code.value).inc()
             raise
+        images = submission.images
         deadlines = [s for s in (submission.options.deadline_s, submission.cancel_after_s) if s is not None]
         deadline_s = min(deadlines) if deadlines else None
         ttl_s = self.settings.job_ttl_s
         fingerprint = ""
         if idempotency_key is not None:
             fingerprint = request_fingerprint(spec, images, deadline_s)
-            existing = self.store.reserve_idempotency_key(owner, idempotency_key, fingerprint, ttl_s)
-            if existing is not None:
-                return self.store.get(existing, owner), True
+            replay = self._reserve(owner, idempotency_key, fingerprint)
+            if replay is not None:
+                return replay, True
         try:
-            record = self.store.create(
+            record = self.store.jobs.create(
                 owner=owner, spec=spec, images=images, ttl_s=ttl_s, deadline_s=deadline_s
             )
         except Exception:
             if idempotency_key is not None:
-                self.store.release_idempotency_key(owner, idempotency_key)
+                self.store.idempotency.release(owner, idempotency_key)
             raise
         if idempotency_key is not None:
-            self.store.complete_idempotency_key(owner, idempotency_key, fingerprint, record.id, ttl_s)
+            self.store.idempotency.complete(owner, idempotency_key, fingerprint, record.id, ttl_s)
         try:
             enqueue(self.celery, self.settings, record.id)
         except Exception as exc:
             logger.error("could not enqueue job %s: %s", record.id, exc)
-            self.store.fail_unsent(record.id, "The job queue is unreachable; the job was not queued.")
-            raise
-        self.metrics.jobs_submitted.labels(spec["task"], spec["adapter"]).inc()
+            self.store.jobs.fail_unsent(record.id, "The job queue is unreachable; the job was not queued.")
+            raise ServiceUnavailable(
+                "The job queue is unreachable; the job was not queued. Try again shortly.",
+                code=ErrorCode.QUEUE_UNAVAILABLE,
+            ) from exc
+        self.metrics.jobs_submitted.labels(spec.task.value, spec.adapter.value).inc()
         return record, False
+
+    def _reserve(self, owner: str, key: str, fingerprint: str) -> JobRecord | None:
+        """Reserve the Idempotency-Key; the earlier job when this request replays one."""
+        reservation = self.store.idempotency.reserve(owner, key, fingerprint, self.settings.job_ttl_s)
+        if reservation.outcome is Reservation.BODY_MISMATCH:
+            raise InvalidInput(
+                "This Idempotency-Key was already used with a different request body; "
+                "use a new key for a new request.",
+                code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
+            )
+        if reservation.outcome is Reservation.IN_PROGRESS:
+            raise Conflict(
+                "A request with this Idempotency-Key is still being processed; retry shortly.",
+                code=ErrorCode.IDEMPOTENCY_KEY_IN_USE,
+            )
+        if reservation.outcome is Reservation.REPLAY:
+            return self.get(owner, reservation.job_id)
+        return None
 
     def cancel(self, owner: str, job_id: str) -> tuple[JobRecord, bool]:
         """Cancel a job; returns it and whether the cancel is still under way (it was running)."""
-        self.store.get(job_id, owner)
-        outcome = self.store.cancel(job_id)
-        if outcome == "dequeued":
+        self.get(owner, job_id)
+        outcome = self.store.jobs.cancel(job_id)
+        if outcome is CancelOutcome.MISSING:
+            raise _not_found(job_id)  # it expired between the two reads
+        if outcome is CancelOutcome.DEQUEUED:
             self.notifier.notify(job_id, WebhookEvent.COMPLETED)
-        elif outcome != "cancel_requested":
+        elif outcome is not CancelOutcome.CANCEL_REQUESTED:
             raise Conflict(
-                f"Job {job_id} already {outcome}; only queued or running jobs can be canceled.",
-                code="job_finished",
-                details={"status": outcome},
+                f"Job {job_id} already {outcome.value}; only queued or running jobs can be canceled.",
+                code=ErrorCode.JOB_FINISHED,
+                details={"status": outcome.value},
             )
-        return self.store.get(job_id), outcome == "cancel_requested"
+        return self.get(owner, job_id), outcome is CancelOutcome.CANCEL_REQUESTED
 
     def expire_deadlines(self) -> int:
         """Cancel queued jobs past their deadline (any gateway replica may run this; it is atomic)."""
         expired = 0
-        for job_id in self.store.due_deadlines():
-            if self.store.expire_deadline(job_id):
+        for job_id in self.store.jobs.due_deadlines():
+            if self.store.jobs.expire_deadline(job_id):
                 expired += 1
                 self.notifier.notify(job_id, WebhookEvent.COMPLETED)
         return expired
 
     # Read -------------------------------------------------------------------------------------------
-    def get(self, owner: str, job_id: str) -> JobRecord:
-        return self.store.get(job_id, owner)
+    def get(self, owner: str | None, job_id: str) -> JobRecord:
+        """The job, if it exists and `owner` (None: anyone) owns it; else `NotFound`."""
+        record = self.store.jobs.get(job_id)
+        if record is None or (owner is not None and record.owner != owner):
+            raise _not_found(job_id)
+        return record
 
     def wait(self, record: JobRecord, seconds: float) -> JobRecord:
+        """Hold until the job ends, up to `seconds` (capped by DREAMOMNI2_MAX_WAIT_S)."""
         if seconds <= 0 or record.status.is_terminal():
             return record
-        return self.store.wait_until_terminal(record.id, min(seconds, self.settings.max_wait_s))
+        waited = self.store.jobs.wait_until_terminal(record.id, min(seconds, self.settings.max_wait_s))
+        if waited is None:
+            raise _not_found(record.id)
+        return waited
 
     def result(self, owner: str, job_id: str) -> tuple[bytes, str]:
-        record = self.store.get(job_id, owner)
+        record = self.get(owner, job_id)
         if record.status is JobStatus.SUCCEEDED:
-            data = self.store.result(job_id)
+            data = self.store.jobs.result(job_id)
             if data is not None and record.result:
-                return data, record.result["content_type"]
+                return data, record.result.content_type
+            raise NotFound(
+                f"Job {job_id} succeeded, but its image has expired.",
+                code=ErrorCode.RESULT_EXPIRED,
+                details={"status": record.status.value},
+            )
         if record.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             raise Conflict(
                 f"Job {job_id} is {record.status.value}; the result is ready once its status is succeeded.",
-                code="job_not_finished",
+                code=ErrorCode.JOB_NOT_FINISHED,
                 details={"status": record.status.value},
             )
-        reason = (record.error or {}).get("message", "")
+        reason = record.error.message if record.error else ""
+        code = ErrorCode.JOB_CANCELED if record.status is JobStatus.CANCELED else ErrorCode.JOB_FAILED
         raise Conflict(
             f"Job {job_id} is {record.status.value} and has no result. {reason}".strip(),
-            code=f"job_{record.status.value}",
+            code=code,
             details={"status": record.status.value},
         )
 
     def render(self, record: JobRecord) -> Job:
         """The job object as the API shows it."""
-        position = self.store.queue_position(record.id) if record.status is JobStatus.QUEUED else None
+        position = self.store.jobs.queue_position(record.id) if record.status is JobStatus.QUEUED else None
         return job_view(record, position)
+
+    def render_id(self, job_id: str) -> dict:
+        """The job object of `job_id` as JSON data (the final event of a stream carries it)."""
+        return self.render(self.get(None, job_id)).model_dump(mode="json", by_alias=True)
+
+    async def events(
+        self, request: Request, owner: str, job_id: str, last_event_id: str | None
+    ) -> AsyncIterator[dict[str, str]]:
+        """The job's event stream; `NotFound` is raised here, before any of the stream is sent."""
+        await run_in_threadpool(self.get, owner, job_id)
+        assert self.aredis is not None, "the app's lifespan opens it"
+        return job_events(request, self.aredis, self, job_id, last_event_id)
+
+    # Operations ------------------------------------------------------------------------------------
+    def readiness(self) -> tuple[Readiness, bool]:
+        """Whether this gateway can take jobs (Redis answers), with worker counts by memory mode."""
+        try:
+            self.store.redis.ping()
+            workers = list(self.store.workers.workers())
+            modes: dict[str, int] = {}
+            for worker in workers:
+                mode = (worker.get("memory") or {}).get("mode") if worker.get("ready") else None
+                if mode:
+                    modes[mode] = modes.get(mode, 0) + 1
+            counts = WorkerCounts(
+                up=len(workers), ready=sum(1 for w in workers if w.get("ready")), memory_modes=modes
+            )
+            return Readiness(
+                status="ready", redis="ok", workers=counts, queue_depth=self.store.jobs.queue_depth()
+            ), True
+        except Exception as exc:
+            return Readiness(status="unavailable", redis=f"{type(exc).__name__}: {exc}"), False

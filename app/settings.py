@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from functools import lru_cache
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import NoDecode
 
 from workers.config import ServiceSettings
 
@@ -16,12 +17,32 @@ class AuthMode(StrEnum):
     OFF = "off"
 
 
+def parse_key_entries(entries: object) -> object:
+    """`name:sha256hex,name2:sha256hex` -> {hash: name}; refuses anything that is not a hash.
+
+    The validator of `DREAMOMNI2_API_KEYS` (a mapping from code passes through).
+    """
+    if not isinstance(entries, str):
+        return entries
+    keys: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in entries.split(","))):
+        name, sep, digest = entry.partition(":")
+        digest = digest.strip().lower()
+        if not sep or not name or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ValueError(
+                f"the entry {entry[:12]!r}... is not `name:<sha256 hex>`; make one with "
+                "`python -m app hash-key NAME` (keys are never configured in clear)"
+            )
+        keys[digest] = name.strip()
+    return keys
+
+
 class GatewaySettings(ServiceSettings):
     host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(default=8000, description="Port the gateway listens on (`make up`).")
     auth: AuthMode = Field(default=AuthMode.AUTO, description="`auto`, `on` or `off`.")
-    api_keys: str = Field(
-        default="",
+    api_keys: Annotated[dict[str, str], NoDecode, BeforeValidator(parse_key_entries)] = Field(
+        default_factory=dict,
         description="Comma-separated `name:sha256-hex` entries; `python -m app hash-key` makes one.",
     )
     max_request_bytes: int = Field(
@@ -33,7 +54,10 @@ class GatewaySettings(ServiceSettings):
     )
     threads: int = Field(default=128, ge=8, description="Threads for blocking Redis and image work.")
 
-
-@lru_cache
-def get_settings() -> GatewaySettings:
-    return GatewaySettings()
+    @model_validator(mode="after")
+    def _keys_when_auth_is_on(self) -> GatewaySettings:
+        if self.auth is AuthMode.ON and not self.api_keys:
+            raise ValueError(
+                "DREAMOMNI2_AUTH=on but DREAMOMNI2_API_KEYS is empty: no one could call the API."
+            )
+        return self

@@ -17,8 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -234,7 +236,9 @@ class LocalStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _wait(self, check, process: ManagedProcess | None, what: str, timeout: float) -> None:
+    def _wait(
+        self, check: Callable[[], object], process: ManagedProcess | None, what: str, timeout: float
+    ) -> None:
         deadline = time.monotonic() + timeout
         last_error: Exception | None = None
         while time.monotonic() < deadline:
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(args.workdir, port=args.port, workers=args.workers, persist_redis=True)
     stop = False
 
-    def request_stop(signum, frame) -> None:
+    def request_stop(signum: int, frame: object) -> None:
         nonlocal stop
         stop = True
 
@@ -289,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def temporary_stack(**kwargs) -> LocalStack:
+def temporary_stack(**kwargs: Any) -> Iterator[LocalStack]:
     """A stack in a throw-away folder, stopped and removed on exit (the demo's)."""
     with (
         tempfile.TemporaryDirectory(prefix="dreamomni2-") as workdir,

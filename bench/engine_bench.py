@@ -16,7 +16,9 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -36,7 +38,7 @@ def noise_image(width: int, height: int, seed: int) -> PIL.Image.Image:
     return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def median_seconds(repeats: int, fn, *args, **kwargs) -> float:
+def median_seconds(repeats: int, fn: Callable[..., object], *args: Any, **kwargs: Any) -> float:
     fn(*args, **kwargs)  # warm-up
     times = []
     for _ in range(repeats):
@@ -76,7 +78,7 @@ def main() -> None:
             generator=torch.Generator().manual_seed(0),
         )
 
-    def params(task: Task, translate: bool = False, **kwargs) -> JobParameters:
+    def params(task: Task, translate: bool = False, **kwargs: Any) -> JobParameters:
         return JobParameters(
             instruction="a red bag", task=task, steps=args.steps, seed=0, translate=translate, **kwargs
         )

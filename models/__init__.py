@@ -6,7 +6,6 @@ Names are imported lazily, so `import models.settings` stays light (no torch, no
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 _EXPORTS = {
     "DreamOmni2Pipeline": "models.pipeline",
@@ -24,7 +23,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'models' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

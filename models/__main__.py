@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -19,6 +20,9 @@ from api_schemas.common import Task
 from api_schemas.errors import ServiceError
 from api_schemas.images import load_image
 from api_schemas.jobs import JobParameters, resolve_job
+
+if TYPE_CHECKING:
+    from models.memory import ArchitectureSizes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +91,7 @@ CARD_SETUPS = [
 CONTEXT_ALLOWANCE_GIB = 1.0
 
 
-def card_table(sizes, size: int, limit: int) -> str:
+def card_table(sizes: ArchitectureSizes, size: int, limit: int) -> str:
     from models.memory import GiB, MemoryMode, max_images_that_fit, plan_memory
 
     lines = [

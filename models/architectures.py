@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -138,7 +139,7 @@ def building_on(device: str | torch.device, dtype: torch.dtype) -> Iterator[None
         torch.set_default_dtype(previous)
 
 
-def build_flux_transformer(**overrides) -> FluxTransformer2DModel:
+def build_flux_transformer(**overrides: Any) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(**{**FLUX_TRANSFORMER, **overrides}).eval()
 
 
@@ -151,7 +152,7 @@ def build_clip_l(*, eos_token_id: int = 49407, pad_token_id: int = 49407) -> CLI
     return CLIPTextModel(config).eval()
 
 
-def build_t5_xxl(*, pad_token_id: int = 0, eos_token_id: int = 1, **overrides) -> T5EncoderModel:
+def build_t5_xxl(*, pad_token_id: int = 0, eos_token_id: int = 1, **overrides: Any) -> T5EncoderModel:
     config = T5Config(**{**T5_XXL, **overrides}, pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     return T5EncoderModel(config).eval()
 

@@ -15,9 +15,10 @@ import PIL.Image
 import torch
 
 from api_schemas.common import Task
-from api_schemas.errors import JobCanceled, ModelOutOfMemory
+from api_schemas.errors import ErrorCode, InvalidInput, JobCanceled, ModelOutOfMemory
 from api_schemas.images import load_image, normalize_image
 from api_schemas.jobs import JobMetadata, JobParameters, ResolvedJob, resolve_job
+from api_schemas.records import JobSpec
 from models.adapters import AdapterSet
 from models.modes import Group, Residency, is_cpu, same_device
 from models.pipeline import (
@@ -201,18 +202,28 @@ class Engine:
     def run(
         self,
         images: Sequence[PIL.Image.Image | bytes],
-        params: JobParameters,
+        request: JobParameters | JobSpec,
         *,
         on_progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> JobOutput:
         """Run one job: translate the instruction, pick the adapter, sample, decode.
 
-        ``images`` are PIL images or encoded bytes (checked and decoded here). Raises `InvalidInput`
-        for a request the model cannot run, `JobCanceled` when ``should_cancel()`` turns true (checked
-        before sampling and after every denoising step) and `ModelOutOfMemory` when the accelerator
-        runs out of memory.
+        ``request`` is the caller's parameters, or a queued job's spec (as the worker runs it); either
+        way it is checked again here against this engine's limits. ``images`` are PIL images or
+        encoded bytes (checked and decoded here). Raises `InvalidInput` for a request the model
+        cannot run, `JobCanceled` when ``should_cancel()`` turns true (checked before sampling and
+        after every denoising step) and `ModelOutOfMemory` when the accelerator runs out of memory.
         """
+        params = request
+        if isinstance(request, JobSpec):
+            params = request.params
+            if request.image_count != len(images):
+                raise InvalidInput(
+                    f"The job was queued with {request.image_count} image(s) but {len(images)} are stored.",
+                    code=ErrorCode.INVALID_INPUT,
+                    details={"expected": request.image_count, "found": len(images)},
+                )
         job = self.check(params, len(images))
         pil_images = [
             load_image(image, limits=self.limits.image_limits(), label=f"image {n}")

@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,6 +49,9 @@ from models.modes import (
     same_device,
     translator_residency,
 )
+
+if TYPE_CHECKING:
+    from models.architectures import FullSizeModels
 
 GiB = 1024**3
 #: Spare memory the start-up check keeps beyond the prediction (allocator fragmentation, cuBLAS and
@@ -99,7 +102,13 @@ class _LiveBytes(TorchDispatchMode):
         self.live -= size
         self._seen.discard(key)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self,
+        func: Callable[..., Any],
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:  # noqa: ANN401 (whatever the operator returns)
         out = func(*args, **(kwargs or {}))
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
@@ -110,13 +119,15 @@ class _LiveBytes(TorchDispatchMode):
 def traced_peak_bytes(build: Callable[[], torch.nn.Module], run: Callable[[torch.nn.Module], Any]) -> int:
     """Peak bytes of the tensors `run(model)` creates, on fake tensors: no memory used, no compute done.
 
-    `build` makes the model on the meta device; its weights become fake tensors of the same shapes
-    and dtypes. Inputs should be made inside `run`, so that they count; so does the output while it
-    is alive.
+    `build` makes the model (on the meta device, in bf16 unless it says otherwise); its weights become
+    fake tensors of the same shapes and dtypes. Inputs should be made inside `run`, so that they
+    count; so does the output while it is alive.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with torch.device("meta"):
+    from models.architectures import building_on
+
+    with building_on("meta", torch.bfloat16):
         model = build()
     with FakeTensorMode():
         _fake_weights(model)
@@ -197,7 +208,7 @@ class ArchitectureSizes:
     @classmethod
     def build(
         cls,
-        models,
+        models: FullSizeModels,
         *,
         vlm_pixels: tuple[int, int],
         lora_files: dict[str, Path] | None = None,
@@ -281,7 +292,7 @@ class ArchitectureSizes:
         )
 
 
-def _pick(config, *names: str) -> dict[str, int]:
+def _pick(config: object | None, *names: str) -> dict[str, int]:
     return {} if config is None else {name: getattr(config, name) for name in names}
 
 
@@ -409,19 +420,15 @@ def _denoise_bytes(config_json: str, lora_rank: int, lora_targets: tuple[str, ..
     config.update(num_layers=1, num_single_layers=1)
     text_dim = config["joint_attention_dim"]
 
-    def build():
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            model = FluxTransformer2DModel.from_config(config).eval()
-            if lora_rank:
-                model.add_adapter(
-                    LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(lora_targets))
-                )
-        finally:
-            torch.set_default_dtype(torch.float32)
+    def build() -> torch.nn.Module:
+        model = FluxTransformer2DModel.from_config(config).eval()
+        if lora_rank:
+            model.add_adapter(
+                LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(lora_targets))
+            )
         return model
 
-    def run(model):
+    def run(model: torch.nn.Module) -> object:
         bf16 = torch.bfloat16
         return model(
             hidden_states=torch.empty(1, tokens, config["in_channels"], dtype=bf16),
@@ -443,21 +450,14 @@ def _vae_bytes(config_json: str, width: int, height: int, decode: bool) -> int:
 
     config = json.loads(config_json)
 
-    def build():
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            return AutoencoderKL.from_config(config).eval()
-        finally:
-            torch.set_default_dtype(torch.float32)
-
-    def run(model):
+    def run(model: torch.nn.Module) -> object:
         if decode:
             latents = torch.empty(1, config["latent_channels"], height // 8, width // 8, dtype=torch.bfloat16)
             return model.decode(latents, return_dict=False)[0]
         pixels = torch.empty(1, 3, height, width, dtype=torch.bfloat16)
         return model.encode(pixels).latent_dist.mode()
 
-    return traced_peak_bytes(build, run)
+    return traced_peak_bytes(lambda: AutoencoderKL.from_config(config).eval(), run)
 
 
 @functools.cache
@@ -467,15 +467,10 @@ def _text_encoder_bytes(t5_json: str, clip_json: str) -> int:
     t5 = T5Config.from_dict({**json.loads(t5_json), "num_layers": 1})
     clip = CLIPTextConfig.from_dict({**json.loads(clip_json), "num_hidden_layers": 1})
 
-    def measure(model_cls, config, tokens):
-        def build():
-            torch.set_default_dtype(torch.bfloat16)
-            try:
-                return model_cls(config).eval()
-            finally:
-                torch.set_default_dtype(torch.float32)
-
-        return traced_peak_bytes(build, lambda m: m(torch.zeros(1, tokens, dtype=torch.long))[0])
+    def measure(model_cls: type[torch.nn.Module], config: object, tokens: int) -> int:
+        return traced_peak_bytes(
+            lambda: model_cls(config).eval(), lambda m: m(torch.zeros(1, tokens, dtype=torch.long))[0]
+        )
 
     # The pipeline keeps CLIP's pooled output while T5 runs: both are tiny next to T5's temporaries.
     return max(measure(T5EncoderModel, t5, T5_TOKENS), measure(CLIPTextModel, clip, CLIP_TOKENS))
@@ -638,7 +633,6 @@ def plan_memory(
     if size < 64 or size % 16:
         raise ValueError(f"size must be a multiple of 16 of at least 64, got {size}")
     mode = MemoryMode(mode)
-    spec = MODES[mode]
     sizes = sizes or published_sizes()
     new_tokens = DEFAULT_MAX_NEW_TOKENS if new_tokens is None else new_tokens
     if translator_device == "auto":
@@ -648,58 +642,16 @@ def plan_memory(
     if translator_device is None:
         act[Stage.TRANSLATE.value] = 0
 
-    bf16 = "bfloat16"
-    transformer_bytes = (
-        sizes.transformer_fp8_bytes if spec.fp8_transformer else sizes.bytes_bf16["transformer"]
-    )
-    transformer_dtype = "float8_e4m3fn + bfloat16" if spec.fp8_transformer else bf16
-    tr, tg = spec.transformer.value, Group.TRANSFORMER.value
-    components = {
-        "transformer": ComponentPlan(transformer_bytes, transformer_dtype, device, tr, tg),
-        "edit_lora": ComponentPlan(sizes.lora_numel["edit_lora"] * 2, bf16, device, tr, tg),
-        "gen_lora": ComponentPlan(sizes.lora_numel["gen_lora"] * 2, bf16, device, tr, tg),
-        "t5_xxl": ComponentPlan(sizes.bytes_bf16["t5_xxl"], bf16, device, spec.text_encoders.value,
-                                Group.TEXT_ENCODERS.value),
-        "clip_l": ComponentPlan(sizes.bytes_bf16["clip_l"], bf16, device, spec.text_encoders.value,
-                                Group.TEXT_ENCODERS.value),
-        "vae": ComponentPlan(sizes.bytes_bf16["vae"], bf16, device, Residency.RESIDENT.value, None),
-    }  # fmt: skip
-    if translator_device is not None:
-        residency = translator_residency(mode, device, translator_device)
-        components["translator"] = ComponentPlan(
-            sizes.bytes_bf16["translator"],
-            bf16,
-            str(translator_device),
-            residency.value,
-            Group.TRANSLATOR.value,
-        )
-
-    # Extra transient weights: layerwise casting upcasts one layer at a time; streaming holds the
-    # running block and the next one it prefetches, plus the layers outside the blocks.
-    extra_weights = {}
-    if spec.fp8_transformer:
-        extra_weights = dict.fromkeys(GROUP_STAGES[Group.TRANSFORMER], sizes.largest_cast_layer_bytes)
-    stages: dict[str, dict[str, int]] = {}
-    for stage in Stage:
-        per_device: dict[str, int] = {}
-        stage_device = translator_device if stage is Stage.TRANSLATE else device
-        for comp in components.values():
-            weight = comp.bytes_in(stage, sizes.stream_window_bytes)
-            if weight and not is_cpu(comp.device):
-                per_device[comp.device] = per_device.get(comp.device, 0) + weight
-        if stage_device is not None and not is_cpu(stage_device):
-            key = _device_key(stage_device, components)
-            per_device[key] = per_device.get(key, 0) + act[stage.value] + extra_weights.get(stage, 0)
-        stages[stage.value] = per_device
+    components = plan_components(mode, sizes, device, translator_device)
+    stages = stage_totals(mode, sizes, components, act, device, translator_device)
     devices: dict[str, int] = {}
     for per_device in stages.values():
         for d, n in per_device.items():
             devices[d] = max(devices.get(d, 0), n)
-    peak_device, peak_bytes, peak_stage = str(device), 0, Stage.DENOISE.value
-    for stage, per_device in stages.items():
-        for d, n in per_device.items():
-            if n > peak_bytes:
-                peak_device, peak_bytes, peak_stage = d, n, stage
+    peak_bytes, peak_device, peak_stage = max(
+        ((n, d, stage) for stage, per_device in stages.items() for d, n in per_device.items()),
+        default=(0, str(device), Stage.DENOISE.value),
+    )
     notes = []
     if sizes.lora_rank_assumed:
         notes.append(
@@ -726,6 +678,65 @@ def plan_memory(
     )
 
 
+def plan_components(
+    mode: MemoryMode, sizes: ArchitectureSizes, device: str, translator_device: str | None
+) -> dict[str, ComponentPlan]:
+    """Each component's bytes as stored in `mode`, its device, and how it uses that device."""
+    spec = MODES[mode]
+    bf16 = "bfloat16"
+    transformer_bytes = (
+        sizes.transformer_fp8_bytes if spec.fp8_transformer else sizes.bytes_bf16["transformer"]
+    )
+    transformer_dtype = "float8_e4m3fn + bfloat16" if spec.fp8_transformer else bf16
+    tr, tg = spec.transformer.value, Group.TRANSFORMER.value
+    te, teg = spec.text_encoders.value, Group.TEXT_ENCODERS.value
+    components = {
+        "transformer": ComponentPlan(transformer_bytes, transformer_dtype, device, tr, tg),
+        "edit_lora": ComponentPlan(sizes.lora_numel["edit_lora"] * 2, bf16, device, tr, tg),
+        "gen_lora": ComponentPlan(sizes.lora_numel["gen_lora"] * 2, bf16, device, tr, tg),
+        "t5_xxl": ComponentPlan(sizes.bytes_bf16["t5_xxl"], bf16, device, te, teg),
+        "clip_l": ComponentPlan(sizes.bytes_bf16["clip_l"], bf16, device, te, teg),
+        "vae": ComponentPlan(sizes.bytes_bf16["vae"], bf16, device, Residency.RESIDENT.value, None),
+    }
+    if translator_device is not None:
+        residency = translator_residency(mode, device, translator_device)
+        components["translator"] = ComponentPlan(
+            sizes.bytes_bf16["translator"],
+            bf16,
+            str(translator_device),
+            residency.value,
+            Group.TRANSLATOR.value,
+        )
+    return components
+
+
+def stage_totals(
+    mode: MemoryMode,
+    sizes: ArchitectureSizes,
+    components: dict[str, ComponentPlan],
+    act: dict[str, int],
+    device: str,
+    translator_device: str | None,
+) -> dict[str, dict[str, int]]:
+    """Bytes on each GPU during each stage: the weights present then, plus the stage's activations."""
+    # Layerwise casting upcasts one layer at a time to compute with it: a transient of its own.
+    cast = sizes.largest_cast_layer_bytes if MODES[mode].fp8_transformer else 0
+    stages: dict[str, dict[str, int]] = {}
+    for stage in Stage:
+        per_device: dict[str, int] = {}
+        for comp in components.values():
+            weight = comp.bytes_in(stage, sizes.stream_window_bytes)
+            if weight and not is_cpu(comp.device):
+                per_device[comp.device] = per_device.get(comp.device, 0) + weight
+        stage_device = translator_device if stage is Stage.TRANSLATE else device
+        if stage_device is not None and not is_cpu(stage_device):
+            key = _device_key(stage_device, components)
+            extra = cast if stage in GROUP_STAGES[Group.TRANSFORMER] else 0
+            per_device[key] = per_device.get(key, 0) + act[stage.value] + extra
+        stages[stage.value] = per_device
+    return stages
+
+
 def _device_key(device: str, components: dict[str, ComponentPlan]) -> str:
     # Name a device the way the components do, so that `cuda` and `cuda:0` add up in one entry.
     for comp in components.values():
@@ -744,7 +755,7 @@ def fits(plan: MemoryPlan, free: dict[str, int]) -> bool:
     return True
 
 
-def max_images_that_fit(mode: MemoryMode, free: dict[str, int], limit: int, **plan_kwargs) -> int | None:
+def max_images_that_fit(mode: MemoryMode, free: dict[str, int], limit: int, **plan_kwargs: Any) -> int | None:
     """The most input images (0..limit) a job may have in `mode` and still fit; None if none does."""
     best = None
     for images in range(limit + 1):
@@ -758,7 +769,7 @@ class MemoryPlanError(RuntimeError):
     """The configured memory mode cannot fit the GPU; the message names what would."""
 
 
-def check_fit(mode: MemoryMode, images: int, free: dict[str, int], **plan_kwargs) -> MemoryPlan:
+def check_fit(mode: MemoryMode, images: int, free: dict[str, int], **plan_kwargs: Any) -> MemoryPlan:
     """Return the plan if it fits `free` (device -> bytes); raise `MemoryPlanError` naming a fit."""
     plan = plan_memory(mode, images, **plan_kwargs)
     if fits(plan, free):

@@ -198,6 +198,43 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
             latents = latents.to(device=device, dtype=dtype)
         return latents, latent_ids
 
+    def settle_output_size(
+        self, image_tensors: Sequence[torch.Tensor], height: int | None, width: int | None, max_area: int
+    ) -> tuple[int, int]:
+        """The output (height, width): as asked, else image 1's, else the default; then rescaled to
+        about ``max_area`` pixels at that aspect ratio, floored to whole tokens."""
+        if height is None and width is None and image_tensors:
+            height, width = image_tensors[0].shape[-2:]
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        width, height = output_size(width, height, max_area, self.vae_scale_factor * 2)
+        return height, width
+
+    def prepare_timesteps(
+        self, num_inference_steps: int, sigmas: list[float] | None, noise_tokens: int, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        """The schedule, with its dynamic shift `mu` from the noisy latent's length alone."""
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        mu = calculate_shift(
+            noise_tokens,
+            self.scheduler.config.get("base_image_seq_len", 256),
+            self.scheduler.config.get("max_image_seq_len", 4096),
+            self.scheduler.config.get("base_shift", 0.5),
+            self.scheduler.config.get("max_shift", 1.15),
+        )
+        return retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+
+    def decode_latents(
+        self, latents: torch.Tensor, height: int, width: int, output_type: str
+    ) -> torch.Tensor | np.ndarray | list[PIL.Image.Image]:
+        """Unpack, unscale and decode the final latents (``output_type="latent"``: as they are)."""
+        if output_type == "latent":
+            return latents
+        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+        latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -257,11 +294,7 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
 
         # 1. Preprocess the inputs and settle the output size.
         image_tensors = self.preprocess_images(images, resolution_buckets)
-        if height is None and width is None and image_tensors:
-            height, width = image_tensors[0].shape[-2:]
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
-        width, height = output_size(width, height, max_area, self.vae_scale_factor * 2)
+        height, width = self.settle_output_size(image_tensors, height, width, max_area)
 
         self.check_inputs(
             prompt,
@@ -282,12 +315,9 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
         self._current_timestep = None
         self._interrupt = False
 
-        if isinstance(prompt, str):
-            batch_size = 1
-        elif isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = (
+            1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else len(prompt_embeds)
+        )
         lora_scale = self._joint_attention_kwargs.get("scale")
 
         # 2. Encode the prompt (and the negative prompt for true CFG).
@@ -296,7 +326,12 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
         )
         do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
 
-        def encode(text, text_2, embeds, pooled) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def encode(
+            text: str | list[str] | None,
+            text_2: str | list[str] | None,
+            embeds: torch.Tensor | None,
+            pooled: torch.Tensor | None,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return self.encode_prompt(
                 prompt=text,
                 prompt_2=text_2,
@@ -329,16 +364,8 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
             latent_ids = torch.cat([latent_ids, image_ids], dim=0)
 
         # 4. Timesteps: the shift `mu` depends on the output's length only, not on the inputs.
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
-        mu = calculate_shift(
-            latents.shape[1],
-            self.scheduler.config.get("base_image_seq_len", 256),
-            self.scheduler.config.get("max_image_seq_len", 4096),
-            self.scheduler.config.get("base_shift", 0.5),
-            self.scheduler.config.get("max_shift", 1.15),
-        )
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu
+        timesteps, num_inference_steps = self.prepare_timesteps(
+            num_inference_steps, sigmas, latents.shape[1], device
         )
         self._num_timesteps = len(timesteps)
         guidance = None
@@ -348,7 +375,13 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
         timings["encode"] = (now := self._sync(device)) - started
 
         # 5. Denoise: noisy tokens first, then every input image's tokens; keep the noisy part.
-        def predict(model_input, timestep, embeds, pooled, ids) -> torch.Tensor:
+        def predict(
+            model_input: torch.Tensor,
+            timestep: torch.Tensor,
+            embeds: torch.Tensor,
+            pooled: torch.Tensor,
+            ids: torch.Tensor,
+        ) -> torch.Tensor:
             return self.transformer(
                 hidden_states=model_input,
                 timestep=timestep / 1000,
@@ -393,13 +426,7 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
         timings["denoise"] = (now2 := self._sync(device)) - now
 
         # 6. Decode.
-        if output_type == "latent":
-            image = latents
-        else:
-            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
-            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
-            image = self.vae.decode(latents, return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type)
+        image = self.decode_latents(latents, height, width, output_type)
         timings["decode"] = self._sync(device) - now2
 
         self.maybe_free_model_hooks()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api_schemas.jobs import JobLimits
 from models.modes import MemoryMode
+
+if TYPE_CHECKING:
+    import torch
 
 #: The translator's default answer budget in tokens. The reference allows 4096; a useful prompt runs
 #: at most to T5's 512 tokens (a few hundred words), and an answer cut short falls back to the raw
@@ -106,12 +110,12 @@ class EngineSettings(BaseSettings):
 
     @field_validator("memory", "dtype", mode="before")
     @classmethod
-    def _lowercase(cls, value):
+    def _lowercase(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("offload")
     @classmethod
-    def _offload_is_gone(cls, value: str | None):
+    def _offload_is_gone(cls, value: str | None) -> str | None:
         if value is not None:
             raise ValueError(
                 "DREAMOMNI2_OFFLOAD was replaced by DREAMOMNI2_MEMORY: none -> resident; model -> "
@@ -120,7 +124,7 @@ class EngineSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _refuse_float16(self):
+    def _refuse_float16(self) -> EngineSettings:
         if self.dtype is Dtype.FLOAT16 and not self.allow_float16:
             raise ValueError(
                 "DREAMOMNI2_DTYPE=float16 is refused: T5-XXL overflows in float16 and FLUX then gives NaN "
@@ -139,7 +143,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: Dtype | str, device: str):
+def resolve_dtype(dtype: Dtype | str, device: str) -> torch.dtype:
     """`auto` becomes bfloat16 on an accelerator and float32 on the CPU."""
     import torch
 

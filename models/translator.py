@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers import (
+    BaseImageProcessor,
+    BatchFeature,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+)
 
 from api_schemas import Task
 from api_schemas.images import normalize_image
@@ -73,8 +79,8 @@ class Qwen2_5_VLImageTextProcessor(Qwen2_5_VLProcessor):
 
     def __init__(
         self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
+        image_processor: BaseImageProcessor | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -223,7 +229,7 @@ class InstructionTranslator:
         """The device the VLM runs on."""
         return self.model.device
 
-    def prepare_inputs(self, images: list[Image.Image], instruction: str, task: Task) -> Any:
+    def prepare_inputs(self, images: list[Image.Image], instruction: str, task: Task) -> BatchFeature:
         """The VLM's inputs for one translation: the chat as token ids, and the images as patches.
 
         `images` should be the inputs exactly as the diffusion pipeline gets them (each resized once

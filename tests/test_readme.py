@@ -28,3 +28,9 @@ def test_readme_starts_with_the_two_commands():
     first_block = re.search(r"```sh\n(.*?)```", README, re.DOTALL).group(1)
     commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
     assert commands == ["make demo", "make test"]
+
+
+def test_the_error_table_is_the_catalogue():
+    from api_schemas.errors import error_table
+
+    assert error_table() in README

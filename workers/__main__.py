@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 
-from workers.celery_app import RUN_JOB_TASK
 from workers.config import WorkerSettings
 from workers.runtime import WorkerRuntime
 
@@ -32,16 +31,20 @@ def main(argv: list[str] | None = None) -> int:
         engine_settings = EngineSettings()
     except ValidationError as exc:
         for error in exc.errors():
-            logger.error("invalid setting %s: %s", ".".join(map(str, error["loc"])) or "-", error["msg"])
+            name = "DREAMOMNI2_" + "_".join(map(str, error["loc"])).upper()
+            logger.error("invalid setting %s: %s", name, error["msg"])
         return EXIT_CONFIG
+    from workers.tasks import JobTask
+
     runtime = WorkerRuntime(settings, engine_settings)
-    runtime.celery.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True)(runtime.run_job)
     try:
         runtime.start()
     except MemoryPlanError as exc:
         logger.error("refusing to start: %s", exc)
         runtime.stop()
         return EXIT_CONFIG
+    # Only now, with the models loaded, does this process take messages.
+    JobTask.runtime = runtime
     try:
         runtime.celery.worker_main(
             [

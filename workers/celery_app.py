@@ -1,4 +1,8 @@
-"""The Celery app: Redis as broker and result backend, tuned for long GPU jobs."""
+"""The Celery app: Redis as the broker only, tuned for long GPU jobs. Messages carry only ids.
+
+Celery is the transport here, not the state: job state, inputs and results live in the job store
+(`workers.store`), so there is no result backend and task return values are ignored.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,25 @@ from celery import Celery
 
 from workers.config import ServiceSettings
 
-#: The gateway sends jobs by this name; only workers register the task itself.
+#: The gateway sends jobs by this name; `workers.tasks` defines it.
 RUN_JOB_TASK = "dreamomni2.run_job"
+#: Webhook deliveries, on their own queue (`DREAMOMNI2_WEBHOOK_QUEUE`).
+DELIVER_TASK = "dreamomni2.deliver_webhook"
 
 
 def create_celery(settings: ServiceSettings) -> Celery:
-    """A Celery app whose messages carry only job ids; images and results stay in the job store."""
-    app = Celery("dreamomni2", broker=settings.redis_url, backend=settings.redis_url)
-    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    """The one Celery configuration of every process (gateway, GPU workers, webhook workers)."""
+    app = Celery("dreamomni2", broker=settings.redis_url, set_as_current=True)
     app.conf.update(
         task_default_queue=settings.queue,
-        # Acknowledge after the job, so a message of a worker that died is not lost; the job store's
-        # run tokens make a second delivery harmless.
+        task_ignore_result=True,
+        # Acknowledge after the task, so the message of a worker that died is delivered again; the job
+        # store's run tokens make a second delivery harmless.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options=transport,
-        result_backend_transport_options=transport,
-        result_expires=settings.job_ttl_s,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         task_serializer="json",
-        result_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

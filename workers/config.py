@@ -4,11 +4,51 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from standardwebhooks import Webhook
 
 from api_schemas.jobs import JobLimits
+from workers.destinations import Allowlist
+
+
+def comma_separated(value: object) -> object:
+    """`a, b,,c` -> ["a", "b", "c"]; lists (from code) pass through."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def parse_webhook_secrets(value: object) -> object:
+    """`name:whsec_...,name2:whsec_...` -> {owner name: secret}, each secret checked."""
+    if not isinstance(value, str):
+        return value
+    secrets: dict[str, str] = {}
+    for entry in comma_separated(value):
+        name, _, secret = entry.partition(":")
+        secret = secret.strip()
+        if not name.strip() or not secret.startswith("whsec_"):
+            raise ValueError(f"the entry for {name.strip()!r} is not `name:whsec_...`")
+        try:
+            Webhook(secret)
+        except Exception:
+            raise ValueError(f"the secret for {name.strip()!r} is not `whsec_` + base64") from None
+        secrets[name.strip()] = secret
+    return secrets
+
+
+def parse_allowlist(value: object) -> object:
+    return Allowlist.parse(value) if isinstance(value, str) else value
+
+
+def check_webhook_secret(value: object) -> object:
+    """The deployment's secret, if set, must be `whsec_` + base64 like the per-key ones."""
+    if isinstance(value, str) and value.strip():
+        parse_webhook_secrets(f"deployment:{value.strip()}")
+        return value.strip()
+    return value
 
 
 class ServiceSettings(BaseSettings):
@@ -24,14 +64,16 @@ class ServiceSettings(BaseSettings):
         default=900, ge=1, description="Longest a job may run before it fails (timeout)."
     )
     max_attempts: int = Field(default=3, ge=1, description="Runs of a job whose worker died before it fails.")
-    webhook_secret: str = Field(
+    webhook_secret: Annotated[str, BeforeValidator(check_webhook_secret)] = Field(
         default="", description="The deployment's `whsec_...` secret signing webhooks (Standard Webhooks)."
     )
-    webhook_secrets: str = Field(
-        default="", description="Per-API-key secrets, `name:whsec_...` comma-separated; override the above."
+    webhook_secrets: Annotated[dict[str, str], NoDecode, BeforeValidator(parse_webhook_secrets)] = Field(
+        default_factory=dict,
+        description="Per-API-key secrets, `name:whsec_...` comma-separated; override the above.",
     )
-    webhook_allowlist: str = Field(
-        default="", description="Hosts or CIDRs admitted as webhook destinations although not public."
+    webhook_allowlist: Annotated[Allowlist, NoDecode, BeforeValidator(parse_allowlist)] = Field(
+        default_factory=Allowlist.empty,
+        description="Hosts or CIDRs admitted as webhook destinations although not public.",
     )
     webhook_backoff_s: float = Field(
         default=30.0, gt=0, description="First retry delay; it doubles each time."

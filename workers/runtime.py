@@ -6,16 +6,21 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from api_schemas.api import JobStatus, OutputFormat
-from api_schemas.errors import JobCanceled, ServiceError
-from api_schemas.jobs import JobParameters
+from api_schemas.api import OutputFormat, Progress
+from api_schemas.common import WebhookEvent
+from api_schemas.errors import JobTimeout, LeaseLost, ServiceError
+from api_schemas.jobs import JobMetadata
+from api_schemas.records import JobRecord, StoredResult
 from workers import metrics
 from workers.celery_app import create_celery, enqueue
 from workers.config import WorkerSettings
-from workers.store import JobStore
-from workers.webhooks import Notifier, WebhookEvent
+from workers.failures import SUCCEEDED, job_end
+from workers.store import RequeueOutcome, Store
+from workers.webhooks import Notifier
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -24,17 +29,6 @@ if TYPE_CHECKING:
     from models.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
-
-
-class JobTimeout(ServiceError):
-    code = "timeout"
-    http_status = 504
-
-
-class LeaseLost(ServiceError):
-    """This run's lease lapsed and the job was handed to another run: stop, write nothing."""
-
-    code = "lease_lost"
 
 
 def encode_image(image: PIL.Image.Image, output_format: OutputFormat) -> bytes:
@@ -48,6 +42,15 @@ def encode_image(image: PIL.Image.Image, output_format: OutputFormat) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class EngineResult:
+    """What a successful run stores: the engine's metadata, the result's description and bytes."""
+
+    metadata: JobMetadata
+    result: StoredResult
+    data: bytes
+
+
 class WorkerRuntime:
     """Everything a worker process holds between jobs.
 
@@ -58,7 +61,7 @@ class WorkerRuntime:
     def __init__(self, settings: WorkerSettings, engine_settings: EngineSettings):
         self.settings = settings
         self.engine_settings = engine_settings
-        self.store = JobStore.from_url(settings.redis_url, settings.redis_prefix)
+        self.store = Store.from_url(settings.redis_url, settings.redis_prefix)
         self.celery = create_celery(settings)
         self.notifier = Notifier(self.store, self.celery, settings)
         self.engine: Engine | None = None
@@ -107,17 +110,17 @@ class WorkerRuntime:
         metrics.WORKER_READY.set(0)
         self.settings.liveness_file.unlink(missing_ok=True)
         try:
-            self.store.retire_worker(self.settings.worker_name)
+            self.store.workers.retire(self.settings.worker_name)
         except Exception:
             logger.warning("could not retire worker %s from Redis", self.settings.worker_name)
 
-    def _spawn(self, target, name: str) -> None:
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 
     def _announce(self) -> None:
-        self.store.announce_worker(
+        self.store.workers.announce(
             self.settings.worker_name,
             {**self._info, "busy": self._current is not None},
             3 * self.settings.heartbeat_s,
@@ -142,7 +145,7 @@ class WorkerRuntime:
                 self._announce()
                 self._touch_liveness()
                 current = self._current
-                if current and not self.store.renew_lease(*current, self.settings.lease_ttl_s):
+                if current and not self.store.jobs.renew_lease(*current, self.settings.lease_ttl_s):
                     logger.warning("lost the lease of job %s; stopping it", current[0])
                     self._lease_lost.set()
             except Exception:
@@ -158,46 +161,77 @@ class WorkerRuntime:
 
     def reap(self) -> None:
         """Requeue jobs whose worker stopped renewing its lease (dead, or cut off from Redis)."""
-        for job_id, outcome in self.store.requeue_lost(self.settings.max_attempts):
-            if outcome == 1:
+        for job_id, outcome in self.store.jobs.requeue_lost(self.settings.max_attempts):
+            if outcome is RequeueOutcome.REQUEUED:
                 metrics.REQUEUED.inc()
                 enqueue(self.celery, self.settings, job_id)
                 logger.warning("job %s lost its worker; requeued", job_id)
             else:
                 logger.error("job %s lost its worker %d times; failed", job_id, self.settings.max_attempts)
                 self.notifier.notify(job_id, WebhookEvent.COMPLETED)
-        self.store.prune_queue()
+        self.store.jobs.prune_queue()
 
     # The job ---------------------------------------------------------------------------------------
-    def run_job(self, job_id: str) -> dict[str, Any]:
-        """The Celery task body. Safe to receive twice: only a queued job is claimed."""
-        claim = self.store.claim(
+    def run_job(self, job_id: str) -> str:
+        """The job body of a `run_job` message. Safe to receive twice: only a queued job is claimed."""
+        claim = self.store.jobs.claim(
             job_id, worker=self.settings.worker_name, lease_ttl_s=self.settings.lease_ttl_s
         )
         if not claim.claimed:
-            logger.info("job %s not run: it is %s", job_id, claim.outcome)
-            return {"job_id": job_id, "skipped": claim.outcome}
+            logger.info("job %s not run: it is %s", job_id, claim.outcome.value)
+            return claim.outcome.value
         self._lease_lost.clear()
         self._last_progress = time.monotonic()
         self._current = (job_id, claim.token)
         self._announce()
         self.notifier.notify(job_id, WebhookEvent.STARTED)
         try:
-            status = self._execute(job_id, claim.token)
+            return self._execute(job_id, claim.token)
         finally:
             self._current = None
             self._announce()
-        return {"job_id": job_id, "status": status, "attempt": claim.attempt}
 
     def _execute(self, job_id: str, token: str) -> str:
         assert self.engine is not None, "start() loads the engine before jobs are taken"
-        record = self.store.get(job_id)
-        spec = record.spec
-        task, adapter = spec["task"], spec["adapter"]
+        record = self.store.jobs.get(job_id)
+        if record is None:  # expired between the claim and now: nothing left to run or report
+            logger.warning("job %s expired as it started", job_id)
+            return "expired"
         if record.started_at is not None:
             metrics.QUEUE_WAIT.observe(max(0.0, record.started_at - record.created_at))
+        try:
+            end, output = SUCCEEDED, self._run_engine(record, token)
+        except LeaseLost:
+            logger.warning("job %s: run abandoned after losing its lease", job_id)
+            return "abandoned"
+        except Exception as exc:  # MemoryError included: the table says what each one means
+            if not isinstance(exc, ServiceError | MemoryError):
+                logger.exception("job %s failed", job_id)
+            end, output = job_end(exc), None
+        written = self.store.jobs.finish(
+            job_id,
+            token,
+            end.status,
+            ttl_s=record.ttl_s,
+            metadata=output.metadata if output else None,
+            error=end.error,
+            result=output.result if output else None,
+            result_bytes=output.data if output else b"",
+        )
+        adapter = output.metadata.adapter if output else record.spec.adapter
+        metrics.JOBS.labels(record.spec.task.value, adapter.value, end.outcome).inc()
+        if written:
+            self.notifier.notify(job_id, WebhookEvent.COMPLETED)
+        else:
+            logger.warning("job %s: another run owns it now; this run's outcome was dropped", job_id)
+        return end.status.value
+
+    def _run_engine(self, record: JobRecord, token: str) -> EngineResult:
+        """Run the job's spec on the engine, reporting progress and honouring cancel and timeout."""
+        assert self.engine is not None
+        job_id, spec = record.id, record.spec
         deadline = time.monotonic() + self.settings.job_timeout_s
-        progress_hooks = self.notifier.wants(record, WebhookEvent.PROGRESS)
+        progress_hooks = spec.wants(WebhookEvent.PROGRESS)
         last_progress_hook = 0.0
 
         def should_cancel() -> bool:
@@ -209,65 +243,28 @@ class WorkerRuntime:
                     "use fewer steps or fewer images.",
                     details={"limit_s": self.settings.job_timeout_s},
                 )
-            return self.store.cancel_requested(job_id)
+            return self.store.jobs.cancel_requested(job_id)
 
         def on_progress(stage: str, step: int, total: int) -> None:
             nonlocal last_progress_hook
             self._last_progress = now = time.monotonic()
-            self.store.progress(job_id, token, stage, step, total)
+            self.store.jobs.progress(job_id, token, Progress(stage=stage, step=step, total=total))
             if progress_hooks and now - last_progress_hook >= self.settings.webhook_progress_interval_s:
                 last_progress_hook = now
                 self.notifier.notify(job_id, WebhookEvent.PROGRESS)
 
-        status, outcome = JobStatus.FAILED, "failed"
-        try:
-            output = self.engine.run(
-                self.store.images(job_id),
-                JobParameters(**spec["params"]),
-                on_progress=on_progress,
-                should_cancel=should_cancel,
-            )
-            output_format = OutputFormat(spec["output_format"])
-            data = encode_image(output.image, output_format)
-            result = {
-                "width": output.image.width,
-                "height": output.image.height,
-                "content_type": output_format.content_type,
-                "bytes": len(data),
-            }
-            metadata = output.metadata.model_dump(mode="json")
-            status, outcome, adapter = JobStatus.SUCCEEDED, "succeeded", metadata["adapter"]
-            written = self.store.finish(
-                job_id, token, status, ttl_s=record.ttl_s, metadata=metadata, result=result, result_bytes=data
-            )
-            for stage, seconds in output.metadata.timings.items():
-                metrics.STAGE_SECONDS.labels(stage).observe(seconds)
-            for (device, kind), peak in self.engine.last_gpu_peak.items():
-                metrics.GPU_PEAK_BYTES.labels(device, kind).set(peak)
-        except LeaseLost:
-            logger.warning("job %s: run abandoned after losing its lease", job_id)
-            return "abandoned"
-        except JobCanceled as exc:
-            status, outcome = JobStatus.CANCELED, "canceled"
-            written = self.store.finish(job_id, token, status, ttl_s=record.ttl_s, error=exc.to_dict())
-        except ServiceError as exc:
-            outcome = exc.code
-            written = self.store.finish(job_id, token, status, ttl_s=record.ttl_s, error=exc.to_dict())
-        except MemoryError:
-            outcome = "out_of_memory"
-            error = {"code": "out_of_memory", "message": "The worker ran out of host memory for this job."}
-            written = self.store.finish(job_id, token, status, ttl_s=record.ttl_s, error=error)
-        except Exception:
-            logger.exception("job %s failed", job_id)
-            outcome = "internal"
-            error = {
-                "code": "internal",
-                "message": "The worker hit an unexpected error running this job; it is in the worker log.",
-            }
-            written = self.store.finish(job_id, token, status, ttl_s=record.ttl_s, error=error)
-        metrics.JOBS.labels(task, adapter, outcome).inc()
-        if written:
-            self.notifier.notify(job_id, WebhookEvent.COMPLETED)
-        else:
-            logger.warning("job %s: another run owns it now; this run's outcome was dropped", job_id)
-        return status.value
+        output = self.engine.run(
+            self.store.jobs.images(job_id), spec, on_progress=on_progress, should_cancel=should_cancel
+        )
+        data = encode_image(output.image, spec.output_format)
+        result = StoredResult(
+            width=output.image.width,
+            height=output.image.height,
+            content_type=spec.output_format.content_type,
+            bytes=len(data),
+        )
+        for stage, seconds in output.metadata.timings.items():
+            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+        for (device, kind), peak in self.engine.last_gpu_peak.items():
+            metrics.GPU_PEAK_BYTES.labels(device, kind).set(peak)
+        return EngineResult(output.metadata, result, data)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from api_schemas.api import ErrorInfo, Job, JobLinks, JobStatus, Progress, ResultInfo, WebhookInfo
-from workers.store import JobRecord
+from api_schemas.api import Job, JobLinks, JobStatus, ResultInfo, WebhookInfo
+from api_schemas.records import JobRecord
 
 
 def _time(value: float | None) -> datetime | None:
@@ -13,37 +13,37 @@ def _time(value: float | None) -> datetime | None:
 
 
 def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
-    spec, meta = record.spec, record.metadata or {}
-    params = spec["params"]
+    spec, meta = record.spec, record.metadata
+    params = spec.params
     base = f"/v1/jobs/{record.id}"
     result = None
     if record.status is JobStatus.SUCCEEDED and record.result:
-        result = ResultInfo(url=f"{base}/result", **record.result)
+        result = ResultInfo(url=f"{base}/result", **record.result.model_dump())
     webhook = None
-    if spec.get("webhook"):
-        webhook = WebhookInfo(**spec["webhook"], last_delivery=record.webhook)
+    if spec.webhook is not None:
+        webhook = WebhookInfo(url=spec.webhook.url, events=spec.webhook.events, last_delivery=record.webhook)
     return Job(
         id=record.id,
         status=record.status,
-        task=spec["task"],
-        adapter=meta.get("adapter", spec["adapter"]),
-        image_count=spec["image_count"],
-        instruction=params["instruction"],
-        prompt=meta.get("prompt"),
-        translated=meta.get("translated"),
-        fallback_reason=meta.get("fallback_reason"),
-        seed=meta.get("seed", params.get("seed")),
-        steps=params["steps"],
-        guidance=params["guidance"],
-        output_format=spec["output_format"],
-        progress=Progress(**record.progress) if record.progress else Progress(),
+        task=spec.task,
+        adapter=meta.adapter if meta else spec.adapter,
+        image_count=spec.image_count,
+        instruction=params.instruction,
+        prompt=meta.prompt if meta else None,
+        translated=meta.translated if meta else None,
+        fallback_reason=meta.fallback_reason if meta else None,
+        seed=meta.seed if meta else params.seed,
+        steps=params.steps,
+        guidance=params.guidance,
+        output_format=spec.output_format,
+        progress=record.progress,
         queue_position=queue_position if record.status is JobStatus.QUEUED else None,
         attempts=record.attempts,
         created_at=_time(record.created_at),
         started_at=_time(record.started_at),
         finished_at=_time(record.finished_at),
-        timings=meta.get("timings"),
-        error=ErrorInfo(**record.error) if record.error else None,
+        timings=meta.timings if meta else None,
+        error=record.error,
         result=result,
         cancel_requested=record.cancel_requested,
         cancel_reason=record.cancel_reason,

@@ -456,7 +456,7 @@ def test_selectors_and_targets_find_their_pods(rendered, case):
                     }
 
 
-def existing_names(values: Any, key: str) -> set[str]:
+def existing_names(values: object, key: str) -> set[str]:
     """Every non-empty value of `key` anywhere in the values: objects the chart expects to exist."""
     if isinstance(values, dict):
         found = {v for k, v in values.items() if k == key and isinstance(v, str) and v}
@@ -659,7 +659,7 @@ def test_webhook_workers_run_from_the_gateway_image_with_the_shared_settings(ren
 
 
 def test_webhook_secrets_come_from_the_charts_secret_or_yours(rendered):
-    from workers.webhooks import parse_secrets
+    from workers.config import parse_webhook_secrets as parse_secrets
 
     values = case_values("keda")["webhooks"]
     env = webhook_secret_env(container(workload(rendered["keda"], "webhooks")))

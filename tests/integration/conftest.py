@@ -16,7 +16,7 @@ import redis
 
 from app.auth import hash_key, new_key
 from app.stack import LocalStack, ManagedProcess
-from workers.store import JobStore
+from workers.store import JobStore, Store
 
 from .support import (
     WEBHOOK_BACKOFF_S,
@@ -98,7 +98,7 @@ def service(
     """The main stack; after the test, waits until its worker is idle so tests do not overlap."""
     check_alive(core_processes(main_stack))
     client = redis.Redis.from_url(main_stack.redis_url)
-    running = Service(main_stack, api_keys, client, JobStore(client), webhook_secrets)
+    running = Service(main_stack, api_keys, client, Store.connect(client).jobs, webhook_secrets)
     yield running
     for http in running.clients:
         http.close()

@@ -371,7 +371,7 @@ class ServerSentEvent:
     event: str
     data: str
 
-    def json(self) -> Any:
+    def json(self) -> Any:  # noqa: ANN401 (any JSON value)
         return json.loads(self.data)
 
 

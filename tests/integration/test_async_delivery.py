@@ -288,7 +288,7 @@ def test_event_stream_resumes_after_a_reconnect_to_another_gateway(
     events = first + rest
     keys = [event_id_key(event.id or "") for event in events]
     assert keys == sorted(set(keys)), "ids repeat or go back across the reconnect"
-    stored = [entry.decode() for entry, _ in service.redis.xrange(service.store.events_key(job["id"]))]
+    stored = [entry.decode() for entry, _ in service.redis.xrange(service.store.keys.events(job["id"]))]
     assert [event.id for event in events] == stored, "events were lost across the reconnect"
     types = [event.event for event in events]
     assert types[:2] == ["queued", "started"]

@@ -12,7 +12,7 @@ import httpx
 from PIL import Image
 
 from app.stack import LocalStack, ManagedProcess
-from workers.store import Event, JobStore
+from workers.store import Event, JobStore, Store
 
 from .support import (
     LONG_STEPS,
@@ -63,7 +63,7 @@ def kill_mid_job(
     victim.kill()
     assert not victim.alive()
     job = store.get(job_id)
-    assert job.status.value == "running" and job.progress["step"] < job.progress["total"], job
+    assert job.status.value == "running" and job.progress.step < job.progress.total, job
     return victim, killed_at
 
 
@@ -73,7 +73,7 @@ def test_killed_worker_job_runs_again_exactly_once(tiny_cache: Path, tmp_path: P
         LocalStack(tmp_path, workers=2, env=env) as stack,
         httpx.Client(base_url=stack.url, timeout=30) as client,
     ):
-        store = JobStore.from_url(stack.redis_url)
+        store = Store.from_url(stack.redis_url).jobs
         response = submit_json(client, [], {"instruction": "A long night", "steps": KILL_STEPS, "seed": 11})
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
@@ -116,7 +116,7 @@ def test_killed_worker_job_fails_when_out_of_attempts(tiny_cache: Path, tmp_path
         LocalStack(tmp_path, workers=2, env=env) as stack,
         httpx.Client(base_url=stack.url, timeout=30) as client,
     ):
-        store = JobStore.from_url(stack.redis_url)
+        store = Store.from_url(stack.redis_url).jobs
         response = submit_json(client, [], {"instruction": "A long night", "steps": KILL_STEPS})
         job_id = response.json()["id"]
 
@@ -148,7 +148,7 @@ def test_failed_job_leaves_the_worker_serving(tiny_cache: Path, tmp_path: Path) 
         ) as stack,
         httpx.Client(base_url=stack.url, timeout=30) as client,
     ):
-        store = JobStore.from_url(stack.redis_url)
+        store = Store.from_url(stack.redis_url).jobs
         worker = next(p for p in stack.processes if p.name.startswith("worker"))
         pid = worker.pid
         response = submit_json(client, [], {"instruction": "Too long", "steps": LONG_STEPS})

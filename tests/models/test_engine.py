@@ -32,7 +32,7 @@ def engine(tiny_cache) -> Engine:
     return Engine.from_settings(EngineSettings(preset="tiny", cache_dir=tiny_cache, device="cpu"))
 
 
-def params(**kwargs) -> JobParameters:
+def params(**kwargs: object) -> JobParameters:
     kwargs.setdefault("instruction", "make the bag in image 1 use the pattern of the dress in image 2")
     kwargs.setdefault("steps", 3)
     kwargs.setdefault("seed", 11)

@@ -112,14 +112,15 @@ def test_one_block_of_each_kind_has_the_peak_of_the_whole_stack():
 
     def peak(layers: int) -> int:
         def run(model):
+            bf16 = torch.bfloat16  # the trace builds in bf16, as the planner's does
             return model(
-                hidden_states=torch.empty(1, 300, 64),
-                encoder_hidden_states=torch.empty(1, 20, 64),
-                pooled_projections=torch.empty(1, 32),
-                timestep=torch.ones(1),
+                hidden_states=torch.empty(1, 300, 64, dtype=bf16),
+                encoder_hidden_states=torch.empty(1, 20, 64, dtype=bf16),
+                pooled_projections=torch.empty(1, 32, dtype=bf16),
+                timestep=torch.ones(1, dtype=bf16),
                 guidance=torch.ones(1),
-                img_ids=torch.zeros(300, 3),
-                txt_ids=torch.zeros(20, 3),
+                img_ids=torch.zeros(300, 3, dtype=bf16),
+                txt_ids=torch.zeros(20, 3, dtype=bf16),
                 return_dict=False,
             )
 

@@ -38,7 +38,7 @@ FP8_MEAN_BOUND = 3.0
 FP8_MAX_BOUND = 32
 
 
-def engine_for(tiny_cache, mode: MemoryMode, **kwargs) -> Engine:
+def engine_for(tiny_cache, mode: MemoryMode, **kwargs: object) -> Engine:
     return Engine.from_settings(
         EngineSettings(preset="tiny", cache_dir=tiny_cache, device="cpu", memory=mode, **kwargs)
     )

@@ -2,26 +2,55 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from importlib import resources
 
 import pytest
 import redis
 
-from api_schemas.api import JobStatus
-from api_schemas.errors import NotFound
-from workers.store import JobStore
+from api_schemas.api import ErrorInfo, JobStatus, OutputFormat, Progress
+from api_schemas.common import AdapterChoice, Task
+from api_schemas.jobs import JobParameters
+from api_schemas.records import JobRecord, JobSpec, StoredResult
+from workers.store import ClaimOutcome, JobStore, RequeueOutcome, Reservation, Store
 
-SPEC = {"params": {"instruction": "x"}, "task": "generate", "adapter": "base", "image_count": 0}
+SPEC = JobSpec(
+    params=JobParameters(instruction="x", task=Task.GENERATE, steps=4, guidance=3.5, width=64, height=64),
+    task=Task.GENERATE,
+    adapter=AdapterChoice.BASE,
+    image_count=0,
+    output_format=OutputFormat.PNG,
+)
+RESULT = StoredResult(width=64, height=64, content_type="image/png", bytes=3)
 
 
 @pytest.fixture
-def store(redis_url) -> JobStore:
-    return JobStore(redis.Redis.from_url(redis_url), prefix=f"t{uuid.uuid4().hex[:8]}")
+def stores(redis_url) -> Store:
+    return Store.connect(redis.Redis.from_url(redis_url), prefix=f"t{uuid.uuid4().hex[:8]}")
 
 
-def new_job(store: JobStore, images: list[bytes] | None = None, owner: str = "alice"):
+@pytest.fixture
+def store(stores: Store) -> JobStore:
+    return stores.jobs
+
+
+def new_job(store: JobStore, images: list[bytes] | None = None, owner: str = "alice") -> JobRecord:
     return store.create(owner=owner, spec=SPEC, images=images or [], ttl_s=60)
+
+
+def test_the_scripts_ship_as_package_resources():
+    names = {p.name for p in resources.files("workers.store").joinpath("lua").iterdir()}
+    assert {"claim.lua", "finish.lua", "requeue_lost.lua", "cancel.lua", "progress.lua", "renew.lua"} <= names
+
+
+def test_the_record_round_trips_typed(store):
+    job = new_job(store, [b"one"])
+    record = store.get(job.id)
+    assert record.spec == SPEC and record.progress == Progress()
+    assert record.metadata is None and record.error is None and record.result is None
+    assert record.deadline_at is None and record.cancel_requested is False
 
 
 def test_create_queues_with_positions_and_inputs(store):
@@ -30,17 +59,13 @@ def test_create_queues_with_positions_and_inputs(store):
     assert store.queue_position(first.id) == 1 and store.queue_position(second.id) == 2
     assert store.images(first.id) == [b"one", b"two"]
     assert [e.type for e in store.events(first.id)] == ["queued"]
-    assert 0 < store.redis.ttl(store._job(first.id)) <= 60
+    assert 0 < store.redis.ttl(store.keys.job(first.id)) <= 60
 
 
-def test_other_owners_and_unknown_ids_are_not_found(store):
-    job = new_job(store)
-    with pytest.raises(NotFound):
-        store.get(job.id, owner="bob")
-    with pytest.raises(NotFound):
-        store.get("j_does_not_exist")
-    with pytest.raises(NotFound):
-        store.get("../etc/passwd")
+def test_unknown_ids_are_none(store):
+    # Whose job it is, and what a missing one means to a caller, is the service's to decide.
+    assert store.get("j_does_not_exist") is None
+    assert store.get("../etc/passwd") is None
 
 
 def test_claim_is_exclusive_and_a_second_delivery_is_skipped(store):
@@ -48,11 +73,11 @@ def test_claim_is_exclusive_and_a_second_delivery_is_skipped(store):
     first = store.claim(job.id, worker="w1", lease_ttl_s=5)
     second = store.claim(job.id, worker="w2", lease_ttl_s=5)
     assert first.claimed and first.attempt == 1
-    assert not second.claimed and second.outcome == "running"
+    assert not second.claimed and second.outcome is ClaimOutcome.RUNNING
     record = store.get(job.id)
     assert record.status is JobStatus.RUNNING and record.worker == "w1" and record.attempts == 1
     assert store.queue_position(job.id) is None
-    assert store.claim("j_missing", worker="w1", lease_ttl_s=5).outcome == "missing"
+    assert store.claim("j_missing", worker="w1", lease_ttl_s=5).outcome is ClaimOutcome.MISSING
 
 
 def test_finish_writes_once_and_only_for_the_owning_run(store):
@@ -64,12 +89,13 @@ def test_finish_writes_once_and_only_for_the_owning_run(store):
         claim.token,
         JobStatus.SUCCEEDED,
         ttl_s=60,
-        result={"content_type": "image/png"},
+        result=RESULT,
         result_bytes=b"PNG",
     )
-    assert not store.finish(job.id, claim.token, JobStatus.FAILED, ttl_s=60, error={"code": "x"})
+    error = ErrorInfo(code="internal", message="x")
+    assert not store.finish(job.id, claim.token, JobStatus.FAILED, ttl_s=60, error=error)
     record = store.get(job.id)
-    assert record.status is JobStatus.SUCCEEDED and record.error is None
+    assert record.status is JobStatus.SUCCEEDED and record.error is None and record.result == RESULT
     assert store.result(job.id) == b"PNG"
     assert store.images(job.id) == []  # inputs are dropped once the job ends
     assert [e.type for e in store.events(job.id)] == ["queued", "started", "succeeded"]
@@ -78,9 +104,9 @@ def test_finish_writes_once_and_only_for_the_owning_run(store):
 def test_progress_from_a_stale_run_is_ignored(store):
     job = new_job(store)
     claim = store.claim(job.id, worker="w1", lease_ttl_s=5)
-    store.progress(job.id, claim.token, "denoise", 3, 30)
-    store.progress(job.id, "stale", "denoise", 29, 30)
-    assert store.get(job.id).progress == {"stage": "denoise", "step": 3, "total": 30}
+    assert store.progress(job.id, claim.token, Progress(stage="denoise", step=3, total=30))
+    assert not store.progress(job.id, "stale", Progress(stage="denoise", step=29, total=30))
+    assert store.get(job.id).progress == Progress(stage="denoise", step=3, total=30)
 
 
 def test_a_lapsed_lease_is_requeued_and_the_old_run_cannot_write(store):
@@ -88,7 +114,7 @@ def test_a_lapsed_lease_is_requeued_and_the_old_run_cannot_write(store):
     old = store.claim(job.id, worker="w1", lease_ttl_s=0.2)
     assert store.requeue_lost(max_attempts=3) == []  # lease still alive
     time.sleep(0.3)
-    assert store.requeue_lost(max_attempts=3) == [(job.id, 1)]
+    assert store.requeue_lost(max_attempts=3) == [(job.id, RequeueOutcome.REQUEUED)]
     assert store.get(job.id).status is JobStatus.QUEUED and store.queue_position(job.id) == 1
     new = store.claim(job.id, worker="w2", lease_ttl_s=5)
     assert new.claimed and new.attempt == 2
@@ -111,9 +137,9 @@ def test_out_of_attempts_fails_with_worker_lost(store):
     job = new_job(store, [b"img"])
     store.claim(job.id, worker="w1", lease_ttl_s=0.1)
     time.sleep(0.2)
-    assert store.requeue_lost(max_attempts=1) == [(job.id, 2)]
+    assert store.requeue_lost(max_attempts=1) == [(job.id, RequeueOutcome.FAILED)]
     record = store.get(job.id)
-    assert record.status is JobStatus.FAILED and record.error["code"] == "worker_lost"
+    assert record.status is JobStatus.FAILED and record.error.code == "worker_lost"
     assert store.images(job.id) == []
     assert store.events(job.id)[-1].type == "failed"
 
@@ -122,7 +148,6 @@ def test_wait_until_terminal_wakes_on_the_final_event(store):
     job = new_job(store)
     claim = store.claim(job.id, worker="w1", lease_ttl_s=5)
     assert store.wait_until_terminal(job.id, 0.2).status is JobStatus.RUNNING
-    import threading
 
     threading.Timer(0.2, lambda: store.finish(job.id, claim.token, JobStatus.SUCCEEDED, ttl_s=60)).start()
     started = time.monotonic()
@@ -132,14 +157,35 @@ def test_wait_until_terminal_wakes_on_the_final_event(store):
 
 def test_prune_drops_queue_entries_of_expired_jobs(store):
     job = new_job(store)
-    store.redis.delete(store._job(job.id))
+    store.redis.delete(store.keys.job(job.id))
     assert store.prune_queue() == 1
     assert store.queue_depth() == 0
 
 
-def test_worker_registry(store):
-    store.announce_worker("w1", {"name": "w1", "ready": True}, ttl_s=5)
-    store.announce_worker("w2", {"name": "w2", "ready": False}, ttl_s=5)
-    assert sorted(w["name"] for w in store.workers()) == ["w1", "w2"]
-    store.retire_worker("w1")
-    assert [w["name"] for w in store.workers()] == ["w2"]
+def test_worker_registry(stores):
+    stores.workers.announce("w1", {"name": "w1", "ready": True}, ttl_s=5)
+    stores.workers.announce("w2", {"name": "w2", "ready": False}, ttl_s=5)
+    assert sorted(w["name"] for w in stores.workers.workers()) == ["w1", "w2"]
+    stores.workers.retire("w1")
+    assert [w["name"] for w in stores.workers.workers()] == ["w2"]
+
+
+def test_idempotency_reservations(stores):
+    keys = stores.idempotency
+    assert keys.reserve("alice", "k1", "body-a", ttl_s=60).outcome is Reservation.NEW
+    assert keys.reserve("alice", "k1", "body-b", ttl_s=60).outcome is Reservation.BODY_MISMATCH
+    # Another owner's key of the same name is another key.
+    assert keys.reserve("bob", "k1", "body-b", ttl_s=60).outcome is Reservation.NEW
+    keys.complete("alice", "k1", "body-a", "j_1", ttl_s=60)
+    replay = keys.reserve("alice", "k1", "body-a", ttl_s=60)
+    assert replay.outcome is Reservation.REPLAY and replay.job_id == "j_1"
+    keys.release("bob", "k1")
+    assert keys.reserve("bob", "k1", "body-c", ttl_s=60).outcome is Reservation.NEW
+
+
+def test_a_key_still_being_created_is_in_progress(stores, monkeypatch):
+    import workers.store.idempotency as idempotency
+
+    monkeypatch.setattr(idempotency, "WAIT_FOR_FIRST_S", 0.1)
+    assert stores.idempotency.reserve("alice", "k2", "body", ttl_s=60).outcome is Reservation.NEW
+    assert stores.idempotency.reserve("alice", "k2", "body", ttl_s=60).outcome is Reservation.IN_PROGRESS

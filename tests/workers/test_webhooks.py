@@ -14,16 +14,9 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from api_schemas.errors import InvalidInput
-from workers.webhooks import (
-    Allowlist,
-    attempt_delivery,
-    backoff_s,
-    check_destination,
-    parse_secrets,
-    pinned_request_url,
-    signed_headers,
-    total_schedule_s,
-)
+from workers.config import ServiceSettings, parse_webhook_secrets
+from workers.destinations import Allowlist, check_destination, pinned_request_url
+from workers.webhooks import attempt_delivery, backoff_s, signed_headers, total_schedule_s
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 NOBODY = Allowlist.parse("")
@@ -104,7 +97,7 @@ def test_malformed_urls_are_refused(url):
 
 
 def test_unresolvable_host_is_refused():
-    def fail(*args, **kwargs):
+    def fail(*args: object, **kwargs: object):
         raise socket.gaierror(-2, "Name or service not known")
 
     with pytest.raises(InvalidInput) as info:
@@ -137,9 +130,27 @@ def test_retry_schedule_is_about_an_hour():
 
 
 def test_secret_entries():
-    assert parse_secrets(f"alice:{SECRET}") == {"alice": SECRET}
+    assert parse_webhook_secrets(f"alice:{SECRET}") == {"alice": SECRET}
     with pytest.raises(ValueError):
-        parse_secrets("alice:plain")
+        parse_webhook_secrets("alice:plain")
+
+
+def test_webhook_settings_are_parsed_once_and_refused_at_start(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("DREAMOMNI2_WEBHOOK_SECRETS", f"alice:{SECRET}, bob:{SECRET}")
+    monkeypatch.setenv("DREAMOMNI2_WEBHOOK_ALLOWLIST", "receiver.internal, 10.0.0.0/8")
+    settings = ServiceSettings()
+    assert settings.webhook_secrets == {"alice": SECRET, "bob": SECRET}
+    assert settings.webhook_allowlist.hosts == {"receiver.internal"}
+    assert settings.webhook_allowlist.admits(ipaddress.ip_address("10.1.2.3"))
+    monkeypatch.setenv("DREAMOMNI2_WEBHOOK_SECRETS", "alice:plain")
+    with pytest.raises(ValidationError, match="webhook_secrets"):
+        ServiceSettings()
+    monkeypatch.delenv("DREAMOMNI2_WEBHOOK_SECRETS")
+    monkeypatch.setenv("DREAMOMNI2_WEBHOOK_SECRET", "not-a-secret")
+    with pytest.raises(ValidationError, match="webhook_secret"):
+        ServiceSettings()
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
@@ -156,7 +167,7 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         self.send_header("content-length", "0")
         self.end_headers()
 
-    def log_message(self, *args):
+    def log_message(self, *args: object):
         pass
 
 

@@ -1,0 +1,120 @@
+"""What crosses Redis: the stored job (its spec, progress, metadata, result) and webhook deliveries.
+
+The gateway writes a `JobSpec` when it queues a job; the worker reads the `JobRecord` back and runs
+`record.spec`; the job view and the webhooks render the same record. Every field is typed: a record
+is validated as it is read from its Redis hash (`JobRecord.from_hash`), so a malformed or foreign
+hash fails there, with pydantic's message, and nowhere downstream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from api_schemas.api import ErrorInfo, JobStatus, OutputFormat, Progress, WebhookDelivery
+from api_schemas.common import AdapterChoice, Task, WebhookEvent
+from api_schemas.jobs import JobMetadata, JobParameters
+
+
+def _json(value: object) -> object:
+    # Redis hash fields hold JSON text; an empty field means "not set".
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        return json.loads(value) if value else None
+    return value
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value in ("", b"") else value
+
+
+def _flag(value: object) -> object:
+    return value == "1" if isinstance(value, str) else value
+
+
+StoredJson = BeforeValidator(_json)
+EmptyIsNone = BeforeValidator(_empty_is_none)
+
+
+class WebhookSpec(BaseModel):
+    """Where a job's webhooks go and for which events."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    events: list[WebhookEvent]
+
+
+class JobSpec(BaseModel):
+    """A checked job, every default filled in: what the gateway queued and the worker runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    params: JobParameters  # resolved: task, steps, guidance and size filled in
+    task: Task
+    adapter: AdapterChoice  # the adapter rule's choice at submit (the engine applies the same rule)
+    image_count: int
+    output_format: OutputFormat
+    webhook: WebhookSpec | None = None
+
+    def wants(self, event: WebhookEvent) -> bool:
+        """Whether this job's webhook is sent for `event`."""
+        return self.webhook is not None and event in self.webhook.events
+
+
+class StoredResult(BaseModel):
+    """The result image's description (its bytes live under their own key)."""
+
+    width: int
+    height: int
+    content_type: str
+    bytes: int
+
+
+class JobRecord(BaseModel):
+    """A job as stored in its Redis hash, decoded and validated."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    owner: str = ""
+    status: JobStatus
+    spec: Annotated[JobSpec, StoredJson]
+    created_at: float
+    ttl_s: int
+    attempts: int = 0
+    run_token: Annotated[str | None, EmptyIsNone] = None
+    started_at: Annotated[float | None, EmptyIsNone] = None
+    finished_at: Annotated[float | None, EmptyIsNone] = None
+    worker: Annotated[str | None, EmptyIsNone] = None
+    progress: Annotated[Progress, BeforeValidator(lambda v: _json(v) or {})] = Progress()
+    metadata: Annotated[JobMetadata | None, StoredJson] = None
+    error: Annotated[ErrorInfo | None, StoredJson] = None
+    result: Annotated[StoredResult | None, StoredJson] = None
+    deadline_at: Annotated[float | None, EmptyIsNone] = None
+    cancel_requested: Annotated[bool, BeforeValidator(_flag)] = False
+    cancel_reason: Annotated[str | None, EmptyIsNone] = None
+    webhook: Annotated[WebhookDelivery | None, StoredJson] = None
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:
+        """Validate a job from the fields of its Redis hash."""
+        return cls.model_validate({k.decode(): v.decode() for k, v in raw.items()})
+
+
+class DeliveryRecord(BaseModel):
+    """One webhook delivery as stored: the body is fixed at creation, the same on every attempt."""
+
+    job_id: str
+    owner: str
+    url: str
+    event: WebhookEvent
+    body: str
+    attempts: int = 0
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> DeliveryRecord:
+        return cls.model_validate({k.decode(): v.decode() for k, v in raw.items()})

@@ -1,0 +1,40 @@
+"""Operations: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api_schemas.api import Readiness
+from app.dependencies import Service
+
+health_router = APIRouter(tags=["operations"])
+
+
+@health_router.get("/healthz", operation_id="healthz", summary="Liveness")
+def healthz() -> dict[str, str]:
+    """200 while the process serves requests; depends on nothing else."""
+    return {"status": "ok"}
+
+
+@health_router.get(
+    "/readyz",
+    operation_id="readyz",
+    summary="Readiness",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Redis is unreachable."}},
+)
+def readyz(service: Service) -> Response:
+    """200 when this gateway can take jobs (Redis reachable). Workers may scale to zero, so they do not
+    count; the body says how many are up, how many have their models loaded, and their memory modes."""
+    body, ready = service.readiness()
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
+
+
+@health_router.get(
+    "/metrics", operation_id="metrics", summary="Prometheus metrics", response_class=PlainTextResponse
+)
+def metrics(request: Request) -> Response:
+    """Prometheus text format: requests, latency, submissions, queue depth, workers."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,122 @@
+"""`/v1/jobs`: submit, read, download, cancel, stream."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from api_schemas.api import ErrorEnvelope, Job
+from api_schemas.records import JobRecord
+from app.dependencies import Owner, Service, SubmissionBody
+from app.errors import ERROR_RESPONSES
+from app.headers import IdempotencyKey, LastEventId, PreferWait
+from app.openapi import SUBMIT_BODY
+from app.service import JobService
+
+jobs_router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def job_response(
+    service: JobService, record: JobRecord, status_code: int, headers: dict[str, str] | None = None
+) -> Response:
+    job = service.render(record)
+    return JSONResponse(job.model_dump(mode="json", by_alias=True), status_code=status_code, headers=headers)
+
+
+@jobs_router.post(
+    "",
+    operation_id="create_job",
+    summary="Submit a job",
+    status_code=202,
+    response_model=Job,
+    responses={
+        200: {"model": Job, "description": "Finished within `Prefer: wait=N`."},
+        **ERROR_RESPONSES,
+        415: {"model": ErrorEnvelope, "description": "The body is neither multipart/form-data nor JSON."},
+    },
+    openapi_extra=SUBMIT_BODY,
+)
+async def create_job(
+    service: Service, owner: Owner, submission: SubmissionBody, prefer_wait: PreferWait, key: IdempotencyKey
+) -> Response:
+    """Queue an edit or a generation. Image 1 is the image to edit; the others are references.
+
+    `task` left out: `edit` with at least one image, else `generate`. Everything is checked before the
+    job is queued; the answer is the job object (202) with links to itself and its result.
+    """
+    record, replayed = await run_in_threadpool(service.submit, owner, submission, key)
+    headers = {"Location": f"/v1/jobs/{record.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if prefer_wait is not None:
+        wait_s = min(prefer_wait, service.settings.max_wait_s)
+        record = await run_in_threadpool(service.wait, record, wait_s)
+        headers["Preference-Applied"] = f"wait={wait_s}"
+        if record.status.is_terminal():
+            return await run_in_threadpool(job_response, service, record, 200, headers)
+    return await run_in_threadpool(job_response, service, record, 202, headers)
+
+
+@jobs_router.get(
+    "/{job_id}", operation_id="get_job", summary="Get a job", response_model=Job, responses=ERROR_RESPONSES
+)
+def get_job(job_id: str, service: Service, owner: Owner) -> Response:
+    """The job object: status, progress, queue position, timings, error or result."""
+    return job_response(service, service.get(owner, job_id), 200)
+
+
+@jobs_router.get(
+    "/{job_id}/result",
+    operation_id="get_job_result",
+    summary="Download the result image",
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image."},
+        **ERROR_RESPONSES,
+    },
+)
+def get_job_result(job_id: str, service: Service, owner: Owner) -> Response:
+    """The image bytes; 409 while the job is not finished (or did not succeed), 404 once it expired."""
+    data, content_type = service.result(owner, job_id)
+    return Response(content=data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
+
+
+@jobs_router.post(
+    "/{job_id}/cancel",
+    operation_id="cancel_job",
+    summary="Cancel a job",
+    response_model=Job,
+    responses={
+        202: {"model": Job, "description": "Running: it stops at its next denoising step."},
+        **ERROR_RESPONSES,
+    },
+)
+def cancel_job(job_id: str, service: Service, owner: Owner) -> Response:
+    """A queued job ends `canceled` at once and never runs (200); a running job stops at its next
+    denoising step (202, then `canceled`); a finished job answers 409."""
+    record, accepted = service.cancel(owner, job_id)
+    return job_response(service, record, 202 if accepted else 200)
+
+
+@jobs_router.get(
+    "/{job_id}/events",
+    operation_id="job_events",
+    summary="Stream a job's events (SSE)",
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "`queued` (data: position), `started`, `progress` (stage, step, total), then one "
+            "final `succeeded`, `failed` or `canceled` whose data is the job object. Every event has an id; "
+            "reconnect with `Last-Event-ID` to resume.",
+        },
+        **ERROR_RESPONSES,
+    },
+)
+async def job_events_stream(
+    request: Request, job_id: str, service: Service, owner: Owner, last_event_id: LastEventId
+) -> EventSourceResponse:
+    stream = await service.events(request, owner, job_id, last_event_id)
+    return EventSourceResponse(
+        stream, ping=15, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )

@@ -1,0 +1,135 @@
+"""`POST /v1/jobs` bodies: multipart/form-data or JSON with data URIs, both checked by one model."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException
+
+from api_schemas.api import JobOptions, JobRequestJSON
+from api_schemas.errors import ErrorCode, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from api_schemas.jobs import JobLimits
+from app.service import Submission
+
+_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*);base64,", re.ASCII)
+#: Multipart parts besides the images a body may hold (every JobOptions field, and some slack).
+MAX_FORM_FIELDS = 64
+
+
+def decode_data_uri(uri: str, label: str, max_bytes: int) -> bytes:
+    """The bytes of a `data:image/...;base64,` URI; 413 when over `max_bytes`."""
+    match = _DATA_URI.match(uri)
+    if not match:
+        raise InvalidInput(
+            f"{label} must be a data URI like `data:image/png;base64,...`.",
+            code=ErrorCode.INVALID_IMAGE,
+            details={"image": label},
+        )
+    payload = uri[match.end() :]
+    # Base64 carries 3 bytes per 4 characters: refuse before decoding something far too large.
+    if len(payload) * 3 // 4 > max_bytes + 3:
+        raise PayloadTooLarge(
+            f"{label} is about {len(payload) * 3 // 4} bytes; the limit is {max_bytes} bytes.",
+            code=ErrorCode.IMAGE_FILE_TOO_LARGE,
+            details={"image": label, "max_bytes": max_bytes},
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(
+            f"{label} is not valid base64 after `;base64,`.",
+            code=ErrorCode.INVALID_IMAGE,
+            details={"image": label},
+        ) from None
+
+
+def invalid(exc: ValidationError) -> InvalidInput:
+    """A pydantic error as the API's 422, every problem named by its field."""
+    problems = [{"field": ".".join(map(str, e["loc"])) or "body", "problem": e["msg"]} for e in exc.errors()]
+    summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+    return InvalidInput(
+        f"The request is invalid: {summary}.", code=ErrorCode.INVALID_REQUEST, details={"errors": problems}
+    )
+
+
+def too_many(count: int, limit: int) -> InvalidInput:
+    return InvalidInput(
+        f"{count} images were sent; at most {limit} are allowed (image 1 plus references).",
+        code=ErrorCode.TOO_MANY_IMAGES,
+        details={"images": count, "max": limit},
+    )
+
+
+async def read_submission(request: Request, limits: JobLimits) -> Submission:
+    """The images and options of a multipart or JSON submission, checked by the same model."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _read_multipart(request, limits)
+    if content_type == "application/json":
+        return await _read_json(request, limits)
+    raise UnsupportedMediaType(
+        "Send the job as multipart/form-data (files in `images`) or as application/json."
+    )
+
+
+async def _read_multipart(request: Request, limits: JobLimits) -> Submission:
+    try:
+        form = await request.form(max_files=4 * limits.max_images + 4, max_fields=MAX_FORM_FIELDS)
+    except MultiPartException as exc:
+        raise InvalidInput(
+            f"The multipart body could not be read: {exc.message}", code=ErrorCode.INVALID_REQUEST
+        ) from None
+    images = await _form_images(form, limits)
+    try:
+        return Submission(images=images, options=JobOptions.model_validate(_form_fields(form)))
+    except ValidationError as exc:
+        raise invalid(exc) from None
+
+
+async def _form_images(form: FormData, limits: JobLimits) -> list[bytes]:
+    images: list[bytes] = []
+    for value in form.getlist("images"):
+        if not isinstance(value, UploadFile):
+            raise InvalidInput("`images` must be file uploads.", code=ErrorCode.INVALID_REQUEST)
+        if len(images) >= limits.max_images:
+            raise too_many(len(form.getlist("images")), limits.max_images)
+        images.append(await value.read())
+    return images
+
+
+def _form_fields(form: FormData) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if name == "images":
+            continue
+        if isinstance(value, UploadFile):
+            raise InvalidInput(
+                f"Unexpected file field {name!r}; images go in `images`.", code=ErrorCode.INVALID_REQUEST
+            )
+        if name == "webhook_events":
+            fields.setdefault(name, []).extend(e.strip() for e in value.split(",") if e.strip())
+        elif name in fields:
+            raise InvalidInput(f"The field {name!r} was sent more than once.", code=ErrorCode.INVALID_REQUEST)
+        elif value != "" or name == "instruction":
+            # Empty form fields mean "not set", as browsers send them for blank inputs.
+            fields[name] = value
+    return fields
+
+
+async def _read_json(request: Request, limits: JobLimits) -> Submission:
+    try:
+        body = JobRequestJSON.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise invalid(exc) from None
+    if len(body.images) > limits.max_images:
+        raise too_many(len(body.images), limits.max_images)
+    max_bytes = limits.image_limits().max_bytes
+    images = [decode_data_uri(uri, f"image {n}", max_bytes) for n, uri in enumerate(body.images, start=1)]
+    options = JobOptions.model_validate(body.model_dump(exclude={"images"}, exclude_unset=True))
+    return Submission(images=images, options=options)

@@ -1,0 +1,121 @@
+"""Error mapping: every refusal in the one envelope with a catalogued code, and the bugs that were fixed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import redis
+
+from api_schemas.api import JobStatus
+from api_schemas.common import WebhookEvent
+from api_schemas.errors import ERROR_CODES, ErrorCode
+from tests.app.conftest import Gateway
+from workers.config import ServiceSettings
+from workers.store import Store
+from workers.webhooks import Notifier
+
+pytestmark = pytest.mark.anyio
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert ERROR_CODES[ErrorCode(code)].status == status
+    return error
+
+
+async def test_keys(gateway: Gateway):
+    missing = await gateway.client(None).get("/v1/jobs/j_x")
+    assert_error(missing, 401, "missing_api_key")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = await gateway.client(None).get("/v1/jobs/j_x", headers={"Authorization": "Bearer nope"})
+    assert_error(wrong, 401, "invalid_api_key")
+    basic = await gateway.client(None).get("/v1/jobs/j_x", headers={"Authorization": "Basic YTpi"})
+    assert_error(basic, 401, "missing_api_key")
+    assert (await gateway.client(None).get("/healthz")).status_code == 200  # operations need no key
+
+
+async def test_another_keys_job_is_not_found(gateway: Gateway):
+    job = (await gateway.client("alice").post("/v1/jobs", json={"instruction": "a cat"})).json()
+    for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/result", f"/v1/jobs/{job['id']}/events"):
+        assert_error(await gateway.client("bob").get(path), 404, "job_not_found")
+    assert_error(await gateway.client("bob").post(f"/v1/jobs/{job['id']}/cancel"), 404, "job_not_found")
+
+
+async def test_routes_and_methods(gateway: Gateway):
+    assert_error(await gateway.client().get("/v2/nothing"), 404, "not_found")
+    assert_error(await gateway.client().delete("/v1/jobs"), 405, "method_not_allowed")
+
+
+async def test_result_and_cancel_follow_the_job(gateway: Gateway):
+    client = gateway.client()
+    job = (await client.post("/v1/jobs", json={"instruction": "a cat"})).json()
+    assert_error(await client.get(f"/v1/jobs/{job['id']}/result"), 409, "job_not_finished")
+    canceled = await client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    assert_error(await client.post(f"/v1/jobs/{job['id']}/cancel"), 409, "job_finished")
+    assert_error(await client.get(f"/v1/jobs/{job['id']}/result"), 409, "job_canceled")
+
+
+async def test_a_succeeded_job_whose_image_expired_is_404_result_expired(gateway: Gateway):
+    client = gateway.client()
+    job = (await client.post("/v1/jobs", json={"instruction": "a cat"})).json()
+    jobs = gateway.service.store.jobs
+    claim = jobs.claim(job["id"], worker="w", lease_ttl_s=5)
+    assert jobs.finish(job["id"], claim.token, JobStatus.SUCCEEDED, ttl_s=60)  # no image stored
+    assert_error(await client.get(f"/v1/jobs/{job['id']}/result"), 404, "result_expired")
+
+
+async def test_cancelling_a_job_that_expires_meanwhile_is_404(gateway: Gateway):
+    client = gateway.client()
+    job = (await client.post("/v1/jobs", json={"instruction": "a cat"})).json()
+    jobs = gateway.service.store.jobs
+    real_cancel = jobs.cancel
+
+    def expire_then_cancel(job_id: str, **kwargs: object):
+        jobs.redis.delete(jobs.keys.job(job_id))  # the job's TTL runs out between the two reads
+        return real_cancel(job_id, **kwargs)
+
+    jobs.cancel = expire_then_cancel
+    try:
+        assert_error(await client.post(f"/v1/jobs/{job['id']}/cancel"), 404, "job_not_found")
+    finally:
+        jobs.cancel = real_cancel
+
+
+async def test_redis_down_is_503_and_readiness_says_so(redis_url: str):
+    from app.main import create_app
+    from tests.app.conftest import settings_for
+
+    app = create_app(settings_for("redis://127.0.0.1:1/0"))
+    import httpx
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway.test") as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+            response = await client.get("/v1/jobs/j_x", headers={"Authorization": "Bearer do2_alice_key"})
+            assert_error(response, 503, "unavailable")
+
+
+async def test_readiness(gateway: Gateway):
+    ready = await gateway.client(None).get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ready",
+        "redis": "ok",
+        "workers": {"up": 0, "ready": 0, "memory_modes": {}},
+        "queue_depth": 0,
+    }
+
+
+def test_a_notification_that_cannot_reach_redis_is_logged(caplog: pytest.LogCaptureFixture):
+    settings = ServiceSettings(redis_url="redis://127.0.0.1:1/0")
+    store = Store.connect(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.5))
+    notifier = Notifier(store, celery=None, settings=settings)
+    with caplog.at_level(logging.ERROR, logger="workers.webhooks"):
+        assert notifier.notify("j_x", WebhookEvent.COMPLETED) is None
+    assert "could not store the completed webhook of job j_x" in caplog.text

@@ -1,0 +1,172 @@
+"""Submissions: multipart and JSON bodies, checked by one model, refused with codes a caller can act on."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.app.conftest import Gateway, data_uri, form, png
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_multipart_and_json_make_the_same_job(gateway: Gateway):
+    client = gateway.client()
+    form = {"instruction": "make the bag in image 1 use the pattern of image 2", "seed": "7", "steps": "3"}
+    files = [
+        ("images", ("a.png", png(), "image/png")),
+        ("images", ("b.png", png(color=(1, 2, 3)), "image/png")),
+    ]
+    multipart = await client.post("/v1/jobs", data=form, files=files)
+    assert multipart.status_code == 202, multipart.text
+    body = {**form, "seed": 7, "steps": 3, "images": [data_uri(png()), data_uri(png(color=(1, 2, 3)))]}
+    json_job = await client.post("/v1/jobs", json=body)
+    assert json_job.status_code == 202, json_job.text
+    a, b = multipart.json(), json_job.json()
+    for field in (
+        "task",
+        "adapter",
+        "image_count",
+        "instruction",
+        "seed",
+        "steps",
+        "guidance",
+        "output_format",
+    ):
+        assert a[field] == b[field], field
+    assert (a["task"], a["adapter"], a["image_count"]) == ("edit", "edit", 2)
+    assert multipart.headers["location"] == f"/v1/jobs/{a['id']}"
+
+
+async def test_the_same_idempotency_key_replays_across_encodings(gateway: Gateway):
+    client = gateway.client()
+    headers = {"Idempotency-Key": "order-1"}
+    request = form({"instruction": "a red bag"})
+    first = await client.post(
+        "/v1/jobs", content=request["content"], headers={**request["headers"], **headers}
+    )
+    again = await client.post("/v1/jobs", json={"instruction": "a red bag"}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    other = await client.post("/v1/jobs", json={"instruction": "a blue bag"}, headers=headers)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_empty_form_fields_mean_not_set(gateway: Gateway):
+    # Browsers send blank inputs as empty fields.
+    response = await gateway.client().post(
+        "/v1/jobs", **form({"instruction": "a cat", "seed": "", "steps": "", "webhook_url": ""})
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["steps"] == 30
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "code", "words"),
+    [
+        ({"instruction": "x"}, [("seed", ("s.txt", b"1", "text/plain"))], "invalid_request", "Unexpected"),
+        ({"instruction": "x", "steps": "abc"}, None, "invalid_request", "steps"),
+        ({"steps": "3"}, None, "invalid_request", "instruction"),
+        ({"instruction": "x", "task": "paint"}, None, "invalid_request", "task"),
+        ({"instruction": "x", "guidance": "nan"}, None, "invalid_request", "finite"),
+        ({"instruction": "x", "guidance": "inf"}, None, "invalid_request", "finite"),
+        ({"instruction": "x", "task": "edit"}, None, "edit_needs_image", "image 1"),
+        ({"instruction": "x", "webhook_events": "started"}, None, "invalid_request", "webhook_url"),
+        ({"instruction": "x"}, [("images", ("a.png", b"", "image/png"))], "invalid_image", "empty"),
+        ({"instruction": "x"}, [("images", ("a.png", b"nope", "image/png"))], "invalid_image", "image 1"),
+    ],
+    ids=["file-in-a-field", "bad-number", "no-instruction", "bad-task", "nan", "inf", "edit-without-image",
+         "events-without-url", "empty-image", "not-an-image"],
+)  # fmt: skip
+async def test_bad_multipart_fields_are_422_with_a_code(gateway: Gateway, data, files, code, words):
+    client = gateway.client()
+    response = await (
+        client.post("/v1/jobs", **form(data))
+        if files is None
+        else client.post("/v1/jobs", data=data, files=files)
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and words in error["message"]
+
+
+async def test_a_field_sent_twice_is_refused(gateway: Gateway):
+    body = b'--b\r\nContent-Disposition: form-data; name="instruction"\r\n\r\nx\r\n' * 2 + b"--b--\r\n"
+    response = await gateway.client().post(
+        "/v1/jobs", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 422 and "more than once" in response.json()["error"]["message"]
+
+
+async def test_a_truncated_multipart_body_is_422(gateway: Gateway):
+    body = b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n' + png()[:40]
+    response = await gateway.client().post(
+        "/v1/jobs", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 422, response.text
+
+
+async def test_too_many_images_either_way(gateway: Gateway):
+    client = gateway.client()
+    files = [("images", (f"{n}.png", png(), "image/png")) for n in range(6)]
+    multipart = await client.post("/v1/jobs", data={"instruction": "x"}, files=files)
+    as_json = await client.post("/v1/jobs", json={"instruction": "x", "images": [data_uri(png())] * 6})
+    for response in (multipart, as_json):
+        assert response.status_code == 422 and response.json()["error"]["code"] == "too_many_images"
+        assert response.json()["error"]["details"] == {"images": 6, "max": 5}
+
+
+@pytest.mark.parametrize(
+    ("images", "code"),
+    [(["https://example.com/a.png"], "invalid_image"), (["data:image/png;base64,@@@"], "invalid_image")],
+)
+async def test_bad_data_uris(gateway: Gateway, images, code):
+    response = await gateway.client().post("/v1/jobs", json={"instruction": "x", "images": images})
+    assert response.status_code == 422 and response.json()["error"]["code"] == code
+
+
+async def test_unknown_json_members_and_other_media_types(gateway: Gateway):
+    client = gateway.client()
+    extra = await client.post("/v1/jobs", json={"instruction": "x", "colour": "red"})
+    assert extra.status_code == 422 and "colour" in extra.json()["error"]["message"]
+    text = await client.post("/v1/jobs", content=b"instruction=x", headers={"content-type": "text/plain"})
+    assert text.status_code == 415 and text.json()["error"]["code"] == "unsupported_media_type"
+    broken = await client.post("/v1/jobs", content=b"{", headers={"content-type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.settings(max_request_bytes=10_000)
+async def test_a_body_over_the_limit_is_413_declared_or_streamed(gateway: Gateway):
+    client = gateway.client()
+    big = await client.post("/v1/jobs", **form({"instruction": "x" * 20_000}))
+    assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+
+    async def chunks():
+        for _ in range(20):
+            yield b"x" * 1000
+
+    streamed = await client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+
+
+async def test_an_image_over_the_byte_limit_is_413(gateway: Gateway):
+    gateway.service.limits.max_image_bytes = 100
+    response = await gateway.client().post(
+        "/v1/jobs", data={"instruction": "x"}, files=[("images", ("a.png", png(64, 64), "image/png"))]
+    )
+    assert response.status_code == 413 and response.json()["error"]["code"] == "image_file_too_large"
+
+
+async def test_webhooks_are_checked_at_submit(gateway: Gateway):
+    client = gateway.client()
+    refused = await client.post("/v1/jobs", json={"instruction": "x", "webhook_url": "http://127.0.0.1/hook"})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "webhook_url_refused"
+    not_http = await client.post("/v1/jobs", json={"instruction": "x", "webhook_url": "ftp://example.com/"})
+    assert not_http.status_code == 422 and not_http.json()["error"]["code"] == "webhook_url_refused"
+
+
+@pytest.mark.settings(webhook_secret="")
+async def test_webhooks_without_a_secret_are_unavailable(gateway: Gateway):
+    response = await gateway.client().post(
+        "/v1/jobs", json={"instruction": "x", "webhook_url": "https://example.com/hook"}
+    )
+    assert response.status_code == 422 and response.json()["error"]["code"] == "webhooks_unavailable"

@@ -1,0 +1,92 @@
+"""The service's state in Redis, split by concern: jobs, idempotency keys, webhook deliveries, workers.
+
+Celery and the store divide the work. Celery is the transport and the worker lifecycle: it carries a
+job id to one worker process (acks late, prefetch 1, redelivery after the visibility timeout) and
+starts and stops workers. It never holds a job's state. The store is the job lifecycle: a job's
+record, inputs and result; its status changes, each atomic (Lua) and guarded by the running attempt's
+token; the lease a worker's heartbeat renews; and the reaper that requeues a job whose lease lapsed
+(its worker died), counting attempts. So a message delivered twice runs once (only a queued job is
+claimed), a dead worker's job runs again within a lease and a reaper interval (not a visibility
+timeout), and a run that lost its lease can never overwrite the run that replaced it.
+
+Keys (under the configured prefix; a job's keys all expire with its TTL):
+  job:{id}          hash: a `JobRecord` (status, owner, spec, timestamps, progress, metadata, ...)
+  job:{id}:images   hash: image number -> uploaded bytes (deleted once the job ends)
+  job:{id}:result   the encoded output image
+  job:{id}:events   stream: queued, started, progress, and one final succeeded | failed | canceled
+  lease:{id}        the running attempt's token, kept alive by the worker's heartbeat
+  queue, running    queued ids by arrival (queue positions); running ids (what the reaper checks)
+  deadlines         queued ids by deadline (swept by the gateways)
+  idem:{hash}       an Idempotency-Key's request fingerprint and job id
+  webhook:{id}      a webhook delivery: its fixed body, owner, URL and attempts
+  worker:{name}     a worker's readiness info, kept alive by its heartbeat
+
+The store reports outcomes (`workers.store.outcomes`); the callers (the gateway's service, the worker
+runtime) decide what they mean and raise the API's errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from workers.store.deliveries import Deliveries
+from workers.store.idempotency import IdempotencyKeys
+from workers.store.jobs import Event, JobStore, parse_events
+from workers.store.keys import Keys
+from workers.store.outcomes import (
+    CancelOutcome,
+    Claim,
+    ClaimOutcome,
+    RequeueOutcome,
+    Reservation,
+    ReservationResult,
+)
+from workers.store.registry import WorkerRegistry
+
+__all__ = [
+    "CancelOutcome",
+    "Claim",
+    "ClaimOutcome",
+    "Deliveries",
+    "Event",
+    "IdempotencyKeys",
+    "JobStore",
+    "Keys",
+    "RequeueOutcome",
+    "Reservation",
+    "ReservationResult",
+    "Store",
+    "WorkerRegistry",
+    "parse_events",
+]
+
+
+@dataclass(frozen=True)
+class Store:
+    """All of it, on one Redis connection pool and one key prefix."""
+
+    redis: redis.Redis
+    keys: Keys
+    jobs: JobStore
+    idempotency: IdempotencyKeys
+    deliveries: Deliveries
+    workers: WorkerRegistry
+
+    @classmethod
+    def connect(cls, client: redis.Redis, prefix: str = "do2") -> Store:
+        keys = Keys(prefix)
+        return cls(
+            redis=client,
+            keys=keys,
+            jobs=JobStore(client, keys),
+            idempotency=IdempotencyKeys(client, keys),
+            deliveries=Deliveries(client, keys),
+            workers=WorkerRegistry(client, keys),
+        )
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "do2") -> Store:
+        client = redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+        return cls.connect(client, prefix)
