@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api_schemas.common import AdapterChoice, Task, WebhookEvent
+from api_schemas.common import AdapterChoice, StepCache, Task, WebhookEvent
 from api_schemas.jobs import JobParameters
 
 
@@ -110,6 +110,11 @@ class Job(BaseModel):
     steps: int
     guidance: float
     output_format: OutputFormat
+    step_cache: StepCache = Field(default=StepCache.NONE, description="The step cache the job runs with.")
+    speed_profile: str | None = Field(default=None, description="The worker's speed profile, once run.")
+    transformer_evaluations: int | None = Field(
+        default=None, description="Full transformer passes that ran, once finished (a step cache skips some)."
+    )
     progress: Progress = Field(default_factory=Progress)
     queue_position: int | None = Field(default=None, description="1 = next to run; only while queued.")
     attempts: int = Field(default=0, description="Runs started; more than 1 after a worker was lost.")

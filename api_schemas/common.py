@@ -24,3 +24,16 @@ class WebhookEvent(StrEnum):
     STARTED = "started"
     PROGRESS = "progress"
     COMPLETED = "completed"
+
+
+class StepCache(StrEnum):
+    """Step caching: reuse work across denoising steps (faster, at some quality cost), or not.
+
+    `first_block`: diffusers' First Block Cache; the rest of the transformer is skipped on a step
+    whose first block changed less than a threshold (adaptive). `taylorseer`: TaylorSeer, a fixed
+    schedule: a full pass every N steps after a few full warm-up steps, predicted in between.
+    """
+
+    NONE = "none"
+    FIRST_BLOCK = "first_block"
+    TAYLORSEER = "taylorseer"

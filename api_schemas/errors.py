@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
     INVALID_HEIGHT = "invalid_height"
     INVALID_SIZE = "invalid_size"
     SIZE_WITH_EDIT = "size_with_edit"
+    STEP_CACHE_NOT_ALLOWED = "step_cache_not_allowed"
     # Webhooks and idempotency.
     WEBHOOKS_UNAVAILABLE = "webhooks_unavailable"
     WEBHOOK_URL_REFUSED = "webhook_url_refused"
@@ -118,6 +119,7 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.INVALID_HEIGHT: CodeInfo(_I, _B, "height is outside DREAMOMNI2_MIN_SIZE..DREAMOMNI2_MAX_SIZE"),
     ErrorCode.INVALID_SIZE: CodeInfo(_I, _B, "the requested size is longer than DREAMOMNI2_MAX_ASPECT_RATIO"),
     ErrorCode.SIZE_WITH_EDIT: CodeInfo(_I, _B, "width/height sent with an edit (they are for generation)"),
+    ErrorCode.STEP_CACHE_NOT_ALLOWED: CodeInfo(_I, _B, "step_cache names a policy not allowed here"),
     ErrorCode.WEBHOOKS_UNAVAILABLE: CodeInfo(_I, _H, "webhook_url sent, but no signing secret is configured"),
     ErrorCode.WEBHOOK_URL_REFUSED: CodeInfo(_I, _H, "webhook_url is not a public http(s) destination"),
     ErrorCode.IDEMPOTENCY_KEY_REUSED: CodeInfo(_I, _H, "the Idempotency-Key was used with a different body"),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
 
-from api_schemas.common import AdapterChoice, Task
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from api_schemas.common import AdapterChoice, StepCache, Task
 from api_schemas.errors import ErrorCode, InvalidInput
 from api_schemas.images import ImageLimits
 
@@ -34,6 +36,17 @@ class JobParameters(BaseModel):
     translate: bool = Field(
         default=True, description="Rewrite the instruction with the VLM translator first."
     )
+    step_cache: StepCache | None = Field(
+        default=None,
+        description="Step caching: `none`, or a policy the deployment allows (`first_block`, "
+        "`taylorseer`); faster at some quality cost. Left out: the deployment's default.",
+    )
+
+
+def _comma_separated(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 class JobLimits(BaseSettings):
@@ -58,8 +71,24 @@ class JobLimits(BaseSettings):
     default_size: int = 1024
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    #: The step caches a request may ask for (`none` always may).
+    step_caches: Annotated[list[StepCache], NoDecode, BeforeValidator(_comma_separated)] = [
+        StepCache.FIRST_BLOCK,
+        StepCache.TAYLORSEER,
+    ]
+    #: The step cache of a request that names none.
+    step_cache: StepCache = StepCache.NONE
     min_image_side: int = 16
     max_image_aspect_ratio: float = 4.0
+
+    @model_validator(mode="after")
+    def _default_cache_is_allowed(self) -> JobLimits:
+        if self.step_cache is not StepCache.NONE and self.step_cache not in self.step_caches:
+            raise ValueError(
+                f"DREAMOMNI2_STEP_CACHE={self.step_cache.value} is not in DREAMOMNI2_STEP_CACHES "
+                f"({', '.join(c.value for c in self.step_caches) or 'empty'})"
+            )
+        return self
 
     def image_limits(self) -> ImageLimits:
         """The per-image limits uploads are decoded under."""
@@ -82,6 +111,7 @@ class ResolvedJob(BaseModel):
     width: int | None
     height: int | None
     translate: bool
+    step_cache: StepCache
     image_count: int
     adapter: AdapterChoice
 
@@ -144,6 +174,14 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
     _check_range("guidance", guidance, limits.min_guidance, limits.max_guidance)
     if params.seed is not None:
         _check_range("seed", params.seed, 0, 2**63 - 1)
+    step_cache = params.step_cache or limits.step_cache
+    if step_cache is not StepCache.NONE and step_cache not in limits.step_caches:
+        allowed = ", ".join(["none", *(c.value for c in limits.step_caches)])
+        raise InvalidInput(
+            f"step_cache={step_cache.value} is not allowed on this deployment; use one of {allowed}.",
+            code=ErrorCode.STEP_CACHE_NOT_ALLOWED,
+            details={"step_cache": step_cache.value, "allowed": allowed.split(", ")},
+        )
 
     width, height = params.width, params.height
     if task is Task.EDIT and (width is not None or height is not None):
@@ -178,6 +216,7 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
         width=width,
         height=height,
         translate=params.translate,
+        step_cache=step_cache,
         image_count=image_count,
         adapter=choose_adapter(task, image_count),
     )
@@ -207,6 +246,11 @@ class JobMetadata(BaseModel):
     width: int
     height: int
     image_count: int
+    speed_profile: str = Field(default="reference", description="The deployment's speed profile.")
+    step_cache: StepCache = Field(default=StepCache.NONE, description="The step cache the job ran with.")
+    transformer_evaluations: int | None = Field(
+        default=None, description="Full transformer passes that ran (steps minus those a step cache skipped)."
+    )
     timings: dict[str, float] = Field(
         description="Seconds per stage: translate, encode, denoise, decode, and total."
     )

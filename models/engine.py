@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -29,7 +30,16 @@ from models.pipeline import (
     scale_buckets,
 )
 from models.placement import Placement
+from models.profiles import SpeedProfile
 from models.settings import EngineSettings, Preset, resolve_device, resolve_dtype
+from models.speed import (
+    FusedAdapters,
+    ProfileReport,
+    apply_profile,
+    install_counter,
+    step_cache,
+    step_cache_config,
+)
 from models.translator import InstructionTranslator
 
 if TYPE_CHECKING:
@@ -89,7 +99,7 @@ class Engine:
         self,
         settings: EngineSettings,
         pipeline: DreamOmni2Pipeline,
-        adapters: AdapterSet,
+        adapters: AdapterSet | FusedAdapters,
         translator: InstructionTranslator | None,
         placement: Placement | None = None,
     ):
@@ -111,6 +121,9 @@ class Engine:
         self.max_area = settings.max_area or (TINY_MAX_AREA if tiny else DEFAULT_MAX_AREA)
         #: The planner's prediction the engine was started under (None: not checked, e.g. on a CPU).
         self.memory_plan: MemoryPlan | None = None
+        self.evaluations = install_counter(pipeline.transformer)
+        self.profile = ProfileReport(settings.speed)
+        self.warmup_s = 0.0
         #: The last job's GPU peaks, (device, "allocated" | "reserved") -> bytes; empty on a CPU.
         self.last_gpu_peak: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
@@ -149,6 +162,7 @@ class Engine:
             )
         engine = cls.assemble(settings, pipeline, adapters, translator, placement)
         engine.memory_plan = memory_plan
+        engine.warm_up()
         logger.info(
             "engine ready: preset=%s memory=%s device=%s dtype=%s translator=%s in %.1fs",
             settings.preset,
@@ -165,7 +179,7 @@ class Engine:
         cls,
         settings: EngineSettings,
         pipeline: DreamOmni2Pipeline,
-        adapters: AdapterSet,
+        adapters: AdapterSet | FusedAdapters,
         translator: InstructionTranslator | None,
         placement: Placement,
     ) -> Engine:
@@ -176,11 +190,42 @@ class Engine:
         placement.place_pipeline(pipeline)
         if translator is not None:
             placement.place_translator(translator)
-        return cls(settings, pipeline, adapters, translator, placement)
+        if settings.speed is not SpeedProfile.REFERENCE:
+            # Compiled code and its autotuning results outlive the process here (the model volume).
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.torch_compile_dir))
+        adapters, report = apply_profile(settings.speed, pipeline, adapters, placement.device)
+        engine = cls(settings, pipeline, adapters, translator, placement)
+        engine.profile = report
+        return engine
+
+    def warm_up(self) -> float:
+        """Compile (or load from the compile cache) what a compiled profile serves, before any job.
+
+        A 1-image edit (plain Kontext) and a 2-image edit (a LoRA): with dynamic shapes these cover
+        every image count and bucket. Returns the seconds it took (0 for `reference`).
+        """
+        if self.settings.speed is SpeedProfile.REFERENCE:
+            return 0.0
+        started = time.perf_counter()
+        side = round(self.max_area**0.5) // 16 * 16
+        image = PIL.Image.new("RGB", (side, side), (127, 127, 127))
+        params = JobParameters(instruction="warm-up", task=Task.EDIT, steps=2, seed=0, translate=False)
+        for count in (1, 2):
+            self.run([image] * count, params)
+        self.warmup_s = time.perf_counter() - started
+        logger.info("speed profile %s warmed up in %.1fs", self.settings.speed.value, self.warmup_s)
+        return self.warmup_s
 
     def describe(self) -> dict:
         """What a worker reports about its models: the memory mode, devices and the planned peak."""
         info = self.placement.describe()
+        info["speed"] = {
+            "profile": self.profile.profile.value,
+            "attention_backend": self.profile.attention_backend,
+            "fused_adapter_weights": self.profile.fused_targets,
+            "fp8_linears": self.profile.fp8_linears,
+            "warmup_s": round(self.warmup_s, 1),
+        }
         if self.translator is not None:
             # Qwen2VLImageProcessor (torchvision's resize, as the reference) or ...Pil (no torchvision).
             info["translator_image_processor"] = type(self.translator.processor.image_processor).__name__
@@ -316,7 +361,14 @@ class Engine:
         height, width = job.height, job.width
         if job.task is Task.EDIT and images:
             width, height = images[0].size
-        with self.placement.running(Group.TRANSFORMER):
+        cache = step_cache_config(
+            job.step_cache,
+            first_block_threshold=self.settings.first_block_threshold,
+            taylorseer_interval=self.settings.taylorseer_interval,
+            dtype=self.pipeline.transformer.dtype,
+        )
+        self.evaluations.count = 0
+        with self.placement.running(Group.TRANSFORMER), step_cache(self.pipeline.transformer, cache):
             output = self.pipeline(
                 images=images,
                 prompt_embeds=prompt_embeds,
@@ -350,6 +402,9 @@ class Engine:
             width=image.width,
             height=image.height,
             image_count=job.image_count,
+            speed_profile=self.settings.speed.value,
+            step_cache=job.step_cache,
+            transformer_evaluations=self.evaluations.count,
             timings=timings,
         )
         return JobOutput(image=image, metadata=metadata)

@@ -381,18 +381,25 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
             embeds: torch.Tensor,
             pooled: torch.Tensor,
             ids: torch.Tensor,
+            call: str,
+            step: int,
         ) -> torch.Tensor:
-            return self.transformer(
-                hidden_states=model_input,
-                timestep=timestep / 1000,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=embeds,
-                txt_ids=ids,
-                img_ids=latent_ids,
-                joint_attention_kwargs=self._joint_attention_kwargs,
-                return_dict=False,
-            )[0][:, : latents.size(1)]
+            # The cache context tells diffusers' step caches (when one is enabled) which call of which
+            # step this is; with none enabled it changes nothing.
+            with self.transformer.cache_context(
+                call, step_index=step, num_inference_steps=num_inference_steps, timestep=timestep
+            ):
+                return self.transformer(
+                    hidden_states=model_input,
+                    timestep=timestep / 1000,
+                    guidance=guidance,
+                    pooled_projections=pooled,
+                    encoder_hidden_states=embeds,
+                    txt_ids=ids,
+                    img_ids=latent_ids,
+                    joint_attention_kwargs=self._joint_attention_kwargs,
+                    return_dict=False,
+                )[0][:, : latents.size(1)]
 
         self.scheduler.set_begin_index(0)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -402,7 +409,9 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
                 self._current_timestep = t
                 model_input = latents if image_latents is None else torch.cat([latents, image_latents], dim=1)
                 timestep = t.expand(latents.shape[0]).to(latents.dtype)
-                noise_pred = predict(model_input, timestep, prompt_embeds, pooled_prompt_embeds, text_ids)
+                noise_pred = predict(
+                    model_input, timestep, prompt_embeds, pooled_prompt_embeds, text_ids, "cond", i
+                )
                 if do_true_cfg:
                     neg_noise_pred = predict(
                         model_input,
@@ -410,6 +419,8 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
                         negative_prompt_embeds,
                         negative_pooled_prompt_embeds,
                         negative_text_ids,
+                        "uncond",
+                        i,
                     )
                     noise_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
 

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api_schemas.jobs import JobLimits
 from models.modes import MemoryMode
+from models.profiles import SpeedProfile
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +78,14 @@ class EngineSettings(BaseSettings):
         default=True,
         description="At start, refuse a memory mode the GPU's free memory cannot hold (the planner's peak).",
     )
+    speed: SpeedProfile = Field(
+        default=SpeedProfile.REFERENCE,
+        description="Speed profile: `reference` (eager, as the reference), `compiled` (lossless), `fp8`.",
+    )
+    compile_cache_dir: Path | None = Field(
+        default=None,
+        description="Where torch.compile keeps its artifacts (default: CACHE_DIR/torch-compile).",
+    )
     offload: str | None = Field(
         default=None, description="Removed: replaced by DREAMOMNI2_MEMORY.", exclude=True
     )
@@ -87,6 +96,15 @@ class EngineSettings(BaseSettings):
         ge=1,
         le=4096,
         description="Translator answer budget in tokens; left out: 1024 (tiny preset: 32).",
+    )
+    first_block_threshold: float = Field(
+        default=0.08,
+        ge=0,
+        description="step_cache=first_block: skip the other blocks when the first block's output changed "
+        "by less than this (relative); 0 never skips.",
+    )
+    taylorseer_interval: int = Field(
+        default=3, ge=1, description="step_cache=taylorseer: one full step in this many; 1 never predicts."
     )
     max_area: int | None = Field(
         default=None, description="Output area in pixels; left out: 1024*1024 (tiny preset: 64*64)."
@@ -108,7 +126,21 @@ class EngineSettings(BaseSettings):
             return TINY_TRANSLATOR_MAX_NEW_TOKENS
         return DEFAULT_TRANSLATOR_MAX_NEW_TOKENS
 
-    @field_validator("memory", "dtype", mode="before")
+    @property
+    def torch_compile_dir(self) -> Path:
+        return self.compile_cache_dir or self.cache_dir / "torch-compile"
+
+    @model_validator(mode="after")
+    def _profile_fits_the_memory_mode(self) -> EngineSettings:
+        if self.speed is not SpeedProfile.REFERENCE and self.memory in (MemoryMode.LOW, MemoryMode.STREAM):
+            raise ValueError(
+                f"DREAMOMNI2_SPEED={self.speed.value} needs the transformer resident in bf16, which "
+                f"DREAMOMNI2_MEMORY={self.memory.value} does not keep: use DREAMOMNI2_MEMORY=resident or "
+                "balanced, or DREAMOMNI2_SPEED=reference."
+            )
+        return self
+
+    @field_validator("memory", "dtype", "speed", mode="before")
     @classmethod
     def _lowercase(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

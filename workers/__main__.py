@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.memory import MemoryPlanError
     from models.settings import EngineSettings
+    from models.speed import SpeedProfileError
 
     try:
         settings = WorkerSettings()
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = WorkerRuntime(settings, engine_settings)
     try:
         runtime.start()
-    except MemoryPlanError as exc:
+    except (MemoryPlanError, SpeedProfileError) as exc:
         logger.error("refusing to start: %s", exc)
         runtime.stop()
         return EXIT_CONFIG

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from api_schemas.api import Job, JobLinks, JobStatus, ResultInfo, WebhookInfo
+from api_schemas.common import StepCache
 from api_schemas.records import JobRecord
 
 
@@ -36,6 +37,9 @@ def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
         steps=params.steps,
         guidance=params.guidance,
         output_format=spec.output_format,
+        step_cache=meta.step_cache if meta else (params.step_cache or StepCache.NONE),
+        speed_profile=meta.speed_profile if meta else None,
+        transformer_evaluations=meta.transformer_evaluations if meta else None,
         progress=record.progress,
         queue_position=queue_position if record.status is JobStatus.QUEUED else None,
         attempts=record.attempts,

@@ -170,3 +170,23 @@ async def test_webhooks_without_a_secret_are_unavailable(gateway: Gateway):
         "/v1/jobs", json={"instruction": "x", "webhook_url": "https://example.com/hook"}
     )
     assert response.status_code == 422 and response.json()["error"]["code"] == "webhooks_unavailable"
+
+
+async def test_step_cache_is_a_request_field_checked_at_submit(gateway: Gateway):
+    client = gateway.client()
+    ok = await client.post("/v1/jobs", json={"instruction": "a cat", "step_cache": "first_block"})
+    assert ok.status_code == 202 and ok.json()["step_cache"] == "first_block"
+    default = await client.post("/v1/jobs", json={"instruction": "a cat"})
+    assert default.json()["step_cache"] == "none"
+    unknown = await client.post("/v1/jobs", json={"instruction": "a cat", "step_cache": "magic"})
+    assert unknown.status_code == 422 and unknown.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.settings(limits={"step_caches": ["first_block"]})
+async def test_a_step_cache_the_deployment_leaves_out_is_422(gateway: Gateway):
+    response = await gateway.client().post(
+        "/v1/jobs", json={"instruction": "a cat", "step_cache": "taylorseer"}
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "step_cache_not_allowed"
+    assert response.json()["error"]["details"]["allowed"] == ["none", "first_block"]

@@ -230,11 +230,12 @@ def test_kubernetes_validate_strict_rejects_unknown_fields(tmp_path):
         {"webhooks": {"allowlist": ["10.0.0.0/8,192.168.0.0/16"]}},
         {"gateway": {"ingress": {"streaming": {"readTimeoutSeconds": 30}}}},
         {"worker": {"memory": "model"}},
+        {"worker": {"speed": "turbo"}},
     ],
     ids=[
         "preset", "unknown-key", "external-redis-without-host", "api-key", "job-timeout", "weights-source",
         "webhook-secret", "webhook-per-key-secret", "webhook-concurrency", "webhook-allowlist-entry",
-        "ingress-read-timeout", "memory-mode",
+        "ingress-read-timeout", "memory-mode", "speed-profile",
     ],
 )  # fmt: skip
 def test_values_schema_rejects_bad_values(helm, values):
@@ -902,6 +903,21 @@ def test_new_weights_get_a_new_job_and_folder_and_new_images_only_a_new_job(helm
     assert new_revision[0] != base[0] and new_revision[1] != base[1]
     new_image = job_and_target({"worker": {"image": {"tag": "0.2.0"}}})
     assert new_image[0] != base[0] and new_image[1] == base[1]
+
+
+def test_compiled_workers_keep_their_compile_cache_on_the_weights_volume(helm):
+    docs = render(helm, {"worker": {"speed": "compiled"}})
+    worker = workload(docs, "worker")
+    pod = worker["spec"]["template"]["spec"]
+    env = env_of(container(worker))
+    assert env["DREAMOMNI2_SPEED"] == "compiled" and env["DREAMOMNI2_COMPILE_CACHE_DIR"] == "/compile-cache"
+    mount = next(m for m in container(worker)["volumeMounts"] if m["mountPath"] == "/compile-cache")
+    assert mount["subPath"] == "torch-compile" and not mount.get("readOnly")
+    claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert {"claimName": claims[0]["claimName"]} in claims  # the same PVC, once read-write
+    emptied = render(helm, {"worker": {"speed": "compiled", "compileCache": {"persistence": "emptyDir"}}})
+    volumes = workload(emptied, "worker")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "compile-cache", "emptyDir": {}} in volumes
 
 
 def test_prefilled_weights_are_mounted_read_only_without_a_download(rendered):

@@ -1,0 +1,307 @@
+"""Speed: the speed profiles (`DREAMOMNI2_SPEED`) and the step caches, chosen per job.
+
+Speed profiles, set per deployment:
+
+- `reference`: the eager path, as the reference runs it; every ratio is measured against it.
+- `compiled`: lossless. Both LoRAs are applied by rewriting the weights they adapt (`FusedAdapters`:
+  from a pristine copy on every switch, so switching never drifts), which lets the q/k/v projections
+  fuse (`fuse_qkv_projections`) with the LoRA intact and costs nothing per step; the repeated blocks
+  are compiled (`torch.compile`, dynamic sequence length, one graph per block kind, the cache hooks
+  outside the compiled code); attention runs on the fastest backend the machine has.
+- `fp8`: `compiled`, plus torchao's dynamic fp8 quantization (rowwise) of the transformer's linears
+  that no LoRA adapts (the MLPs: most of the FLOPs); on GPUs with fp8 (compute capability 8.9+) only.
+
+Step caches: a job's `step_cache` (`api_schemas.common.StepCache`) turns one of diffusers' caches on for that
+job's pipeline call and off after it, so jobs with and without a cache share one worker:
+
+- `first_block`: First Block Cache. Each step runs the first block; when its residual changed by less
+  than `DREAMOMNI2_FIRST_BLOCK_THRESHOLD` (relative) since the last full pass, the other blocks are
+  skipped and their cached residual reused. Adaptive: how many steps it saves depends on the image.
+- `taylorseer`: TaylorSeer in its lite form, a fixed schedule. The first `TAYLORSEER_WARMUP_STEPS`
+  steps run in full, then one step in `DREAMOMNI2_TAYLORSEER_INTERVAL`; in between, the blocks are
+  skipped and the output projection is predicted from a first-order Taylor expansion.
+
+Both need every transformer call inside `transformer.cache_context(...)`, which the pipeline provides.
+`EvaluationCounter` counts the passes in which the last block really ran: a job's
+`transformer_evaluations`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, TaylorSeerCacheConfig
+
+from api_schemas.common import AdapterChoice, StepCache
+from models.profiles import SpeedProfile
+
+if TYPE_CHECKING:
+    from models.adapters import AdapterSet
+    from models.pipeline import DreamOmni2Pipeline
+
+logger = logging.getLogger(__name__)
+
+#: Full steps TaylorSeer runs before it starts predicting (its factors need them).
+TAYLORSEER_WARMUP_STEPS = 3
+_COUNTER_HOOK = "dreamomni2_evaluations"
+
+
+class EvaluationCounter(ModelHook):
+    """Counts the calls of the block it is on that really run it (not skipped by a cache hook).
+
+    Registered before any cache, it sits inside them: a cache that skips the block never calls it.
+    """
+
+    _is_stateful = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        self.count += 1
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def install_counter(transformer: torch.nn.Module) -> EvaluationCounter:
+    """Count full passes of `transformer` (a FLUX transformer) at its last block."""
+    blocks = transformer.single_transformer_blocks or transformer.transformer_blocks
+    counter = EvaluationCounter()
+    HookRegistry.check_if_exists_or_initialize(blocks[-1]).register_hook(counter, _COUNTER_HOOK)
+    return counter
+
+
+def step_cache_config(
+    policy: StepCache, *, first_block_threshold: float, taylorseer_interval: int, dtype: torch.dtype
+) -> FirstBlockCacheConfig | TaylorSeerCacheConfig | None:
+    """diffusers' configuration of a step-cache policy (None for `none`)."""
+    if policy is StepCache.FIRST_BLOCK:
+        return FirstBlockCacheConfig(threshold=first_block_threshold)
+    if policy is StepCache.TAYLORSEER:
+        return TaylorSeerCacheConfig(
+            cache_interval=taylorseer_interval,
+            disable_cache_before_step=TAYLORSEER_WARMUP_STEPS,
+            use_lite_mode=True,
+            taylor_factors_dtype=dtype,
+        )
+    return None
+
+
+@contextlib.contextmanager
+def step_cache(
+    transformer: torch.nn.Module, config: FirstBlockCacheConfig | TaylorSeerCacheConfig | None
+) -> Iterator[None]:
+    """The cache `config` enabled on `transformer` for the duration (nothing for None)."""
+    if config is None:
+        yield
+        return
+    transformer.enable_cache(config)
+    try:
+        yield
+    finally:
+        transformer.disable_cache()
+
+
+# Speed profiles ---------------------------------------------------------------------------------------
+class SpeedProfileError(RuntimeError):
+    """The configured speed profile cannot run on this worker; the message says what would."""
+
+
+#: The attention backends tried on a CUDA GPU, fastest first (diffusers' dispatcher names): FA3 where
+#: `flash_attn_interface` is installed, then cuDNN's SDPA, then PyTorch's flash and efficient SDPA.
+CUDA_ATTENTION_BACKENDS = ("_flash_3", "_native_cudnn", "_native_flash", "_native_efficient")
+
+
+def attention_backend(device: torch.device) -> str:
+    """The fastest attention backend `device` can run (diffusers' name), checked by a small call."""
+    if device.type != "cuda":
+        return "native"
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    q = torch.randn(1, 64, 2, 64, device=device, dtype=torch.bfloat16)
+    for name in CUDA_ATTENTION_BACKENDS:
+        try:
+            dispatch_attention_fn(q, q, q, backend=name)
+        except Exception as exc:  # not installed, or not for this GPU
+            logger.info("attention backend %s unavailable: %s", name, exc)
+            continue
+        return name
+    return "native"
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """Whether `device` has fp8 matrix units (CUDA compute capability 8.9 or newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@dataclass
+class _Target:
+    """One Linear the LoRAs adapt: its pristine weight and each adapter's low-rank updates."""
+
+    module: torch.nn.Linear
+    pristine: torch.Tensor
+    updates: dict[AdapterChoice, list[tuple[slice, torch.Tensor, torch.Tensor, float]]] = field(
+        default_factory=dict
+    )
+
+
+#: Where a LoRA on an unfused projection lands once q/k/v are fused: (fused name, position).
+_FUSED_SLOTS = {
+    "to_q": ("to_qkv", 0),
+    "to_k": ("to_qkv", 1),
+    "to_v": ("to_qkv", 2),
+    "add_q_proj": ("to_added_qkv", 0),
+    "add_k_proj": ("to_added_qkv", 1),
+    "add_v_proj": ("to_added_qkv", 2),
+}
+
+
+class FusedAdapters:
+    """Both LoRAs applied by rewriting the weights they adapt; the same interface as `AdapterSet`.
+
+    A switch rewrites every adapted weight from its pristine copy: `W = W0 + scale * B @ A` (nothing for
+    base), always from `W0`, so a hundred switches leave each adapter's weights bit-identical to its
+    first; values change in place, so compiled code is never invalidated. The pristine copies live in
+    host memory (pinned next to a GPU), so the GPU holds no more than before.
+    """
+
+    def __init__(self, targets: list[_Target]):
+        self.targets = targets
+        self.active: AdapterChoice | None = None
+        self.activate(AdapterChoice.BASE)
+
+    @classmethod
+    def from_peft(cls, pipeline: DreamOmni2Pipeline, names: dict[AdapterChoice, str]) -> FusedAdapters:
+        """Take the LoRAs `pipeline` loaded (peft), remove peft, fuse q/k/v, and keep the updates."""
+        from peft.tuners.lora.layer import LoraLayer
+
+        transformer = pipeline.transformer
+        loras: dict[str, dict[AdapterChoice, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        for name, module in transformer.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for choice, adapter in names.items():
+                if adapter not in module.lora_A:
+                    continue
+                if module.use_dora.get(adapter):
+                    raise SpeedProfileError(
+                        f"{name}: DoRA adapters cannot be fused; use DREAMOMNI2_SPEED=reference"
+                    )
+                a = module.lora_A[adapter].weight.detach().clone()
+                b = module.lora_B[adapter].weight.detach().clone()
+                loras.setdefault(name, {})[choice] = (a, b, float(module.scaling[adapter]))
+        pipeline.unload_lora_weights()
+        transformer.fuse_qkv_projections()
+        _drop_unfused_projections(transformer)
+
+        targets: dict[str, _Target] = {}
+        for name, updates in loras.items():
+            parent, _, leaf = name.rpartition(".")
+            fused_leaf, position = _FUSED_SLOTS.get(leaf, (leaf, None))
+            target_name = f"{parent}.{fused_leaf}" if parent else fused_leaf
+            module = transformer.get_submodule(target_name)
+            target = targets.get(target_name)
+            if target is None:
+                pristine = module.weight.detach().to("cpu", copy=True)
+                if module.weight.device.type == "cuda":
+                    pristine = pristine.pin_memory()
+                target = targets[target_name] = _Target(module, pristine)
+            for choice, (a, b, scale) in updates.items():
+                rows = b.shape[0]
+                start = 0 if position is None else position * rows
+                target.updates.setdefault(choice, []).append((slice(start, start + rows), a, b, scale))
+        return cls(list(targets.values()))
+
+    @torch.no_grad()
+    def activate(self, choice: AdapterChoice) -> None:
+        """Make `choice` the adapter in effect; `BASE` restores the pristine weights."""
+        if choice is self.active:
+            return
+        for target in self.targets:
+            weight = target.module.weight
+            weight.copy_(target.pristine, non_blocking=True)
+            for rows, a, b, scale in target.updates.get(choice, ()):
+                weight[rows].addmm_(b, a, alpha=scale)
+        self.active = choice
+
+
+def _drop_unfused_projections(transformer: torch.nn.Module) -> None:
+    # Once fused, the attention uses to_qkv / to_added_qkv only; the separate projections would
+    # hold a second copy of those weights (about 3 GB in the full model).
+    for module in transformer.modules():
+        if getattr(module, "fused_projections", False):
+            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+                if getattr(module, name, None) is not None:
+                    delattr(module, name)
+
+
+def compile_blocks(transformer: torch.nn.Module) -> None:
+    """Compile each repeated block's own forward (shared code: one graph per block kind).
+
+    The block's forward itself is compiled, not its module call, so hooks registered afterwards
+    (step caches, the evaluation counter) wrap the compiled code and run eagerly around it. Dynamic
+    shapes: a new image count or bucket changes the sequence length, not the graph.
+    """
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=True)
+
+
+def quantize_fp8(transformer: torch.nn.Module, skip: set[torch.nn.Module]) -> int:
+    """torchao's dynamic fp8 (rowwise) on the blocks' linears, except `skip`; the number quantized."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    chosen: list[str] = []
+
+    def wanted(module: torch.nn.Module, name: str) -> bool:
+        ok = isinstance(module, torch.nn.Linear) and module not in skip and "blocks." in name
+        if ok:
+            chosen.append(name)
+        return ok
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=wanted)
+    return len(chosen)
+
+
+@dataclass
+class ProfileReport:
+    """What applying a profile did, for the worker's readiness info."""
+
+    profile: SpeedProfile
+    attention_backend: str = "native"
+    fused_targets: int = 0
+    fp8_linears: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def apply_profile(
+    profile: SpeedProfile, pipeline: DreamOmni2Pipeline, adapters: AdapterSet, device: torch.device
+) -> tuple[AdapterSet | FusedAdapters, ProfileReport]:
+    """Make `pipeline` (placed, LoRAs loaded as `adapters`) run as `profile`; returns its adapters.
+
+    `reference` changes nothing. The others fuse the adapters, fuse q/k/v, choose the attention
+    backend and compile the blocks (fp8 quantizes the unadapted linears first). Raises
+    `SpeedProfileError` when `fp8` asks for what this device lacks.
+    """
+    report = ProfileReport(profile)
+    if profile is SpeedProfile.REFERENCE:
+        return adapters, report
+    if profile is SpeedProfile.FP8 and not fp8_supported(device):
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        raise SpeedProfileError(
+            f"DREAMOMNI2_SPEED=fp8 needs a GPU with fp8 matrix units (compute capability 8.9 or newer: "
+            f"L4, L40S, RTX 4090, H100, H200); this worker runs on {where}. Use DREAMOMNI2_SPEED=compiled."
+        )
+    transformer = pipeline.transformer
+    fused = FusedAdapters.from_peft(pipeline, adapters.names)
+    report.fused_targets = len(fused.targets)
+    if profile is SpeedProfile.FP8:
+        report.fp8_linears = quantize_fp8(transformer, skip={t.module for t in fused.targets})
+    report.attention_backend = attention_backend(device)
+    transformer.set_attention_backend(report.attention_backend)
+    compile_blocks(transformer)
+    return fused, report

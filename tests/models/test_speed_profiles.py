@@ -1,0 +1,167 @@
+"""Speed profiles on the tiny weights (CPU, fp32): exact where promised, no drift, no recompiles.
+
+One compiled engine serves the module: its cold compile (the warm-up) is the expensive part.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch._dynamo.utils
+from pydantic import ValidationError
+
+from api_schemas.common import AdapterChoice, StepCache, Task
+from api_schemas.jobs import JobParameters
+from models.adapters import AdapterSet
+from models.engine import Engine
+from models.pipeline import DreamOmni2Pipeline
+from models.settings import EngineSettings
+from models.speed import FusedAdapters, SpeedProfileError
+
+#: compiled vs reference on these weights, in 8-bit levels: measured at most 1, mean under 1e-4.
+MAX_LEVELS = 2
+MEAN_LEVELS = 0.01
+
+
+def noise(width: int, height: int, seed: int) -> PIL.Image.Image:
+    return PIL.Image.fromarray(
+        np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    )
+
+
+IMAGES = [noise(64, 64, 1), noise(80, 48, 2), noise(48, 80, 3), noise(64, 64, 4), noise(96, 32, 5)]
+#: (image count, task) -> the adapter the rule picks.
+JOBS = {
+    (1, Task.EDIT): AdapterChoice.BASE,
+    (2, Task.EDIT): AdapterChoice.EDIT,
+    (2, Task.GENERATE): AdapterChoice.GENERATION,
+}
+
+
+def settings(tiny_cache, **values: object) -> EngineSettings:
+    return EngineSettings(preset="tiny", cache_dir=tiny_cache, device="cpu", translator=False, **values)
+
+
+def graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def run(
+    engine: Engine, count: int, task: Task, steps: int = 3, **params: object
+) -> tuple[np.ndarray, object]:
+    job = JobParameters(instruction="x", task=task, steps=steps, seed=2, translate=False, **params)
+    result = engine.run(IMAGES[:count], job)
+    return np.asarray(result.image).astype(np.float64), result.metadata
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cache) -> Engine:
+    return Engine.from_settings(settings(tiny_cache))
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_cache) -> Engine:
+    return Engine.from_settings(settings(tiny_cache, speed="compiled"))
+
+
+@pytest.fixture(scope="module")
+def warm_graphs(compiled) -> int:
+    return graphs()
+
+
+def test_compiled_agrees_with_reference_for_every_adapter(reference, compiled):
+    outputs = {}
+    for (count, task), adapter in JOBS.items():
+        expected, meta = run(reference, count, task)
+        got, compiled_meta = run(compiled, count, task)
+        assert meta.adapter is compiled_meta.adapter is adapter
+        assert compiled_meta.speed_profile == "compiled" and meta.speed_profile == "reference"
+        diff = np.abs(got - expected)
+        assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, (adapter, diff.max(), diff.mean())
+        outputs[adapter] = got
+    # The LoRAs are in effect under fused q/k/v: the two differ on the same images far beyond tolerance.
+    assert np.abs(outputs[AdapterChoice.EDIT] - outputs[AdapterChoice.GENERATION]).mean() > 50 * MEAN_LEVELS
+
+
+def test_nothing_recompiles_after_warm_up(compiled, warm_graphs):
+    for count in range(0, 6):  # every image count, buckets of three aspect ratios
+        for task in (Task.EDIT, Task.GENERATE):
+            if task is Task.EDIT and count == 0:
+                continue
+            run(compiled, count, task, steps=1)
+    run(compiled, 2, Task.EDIT, step_cache=StepCache.TAYLORSEER)  # the cache hooks run outside
+    assert graphs() == warm_graphs
+
+
+def test_fifty_adapter_switches_never_drift(compiled, warm_graphs):
+    firsts: dict[AdapterChoice, np.ndarray] = {}
+    order = list(JOBS.items())
+    for n in range(50):
+        (count, task), adapter = order[(n * 7) % len(order)]  # an irregular order
+        image, meta = run(compiled, count, task, steps=1)
+        assert meta.adapter is adapter
+        first = firsts.setdefault(adapter, image)
+        assert np.array_equal(image, first), (n, adapter)
+    assert set(firsts) == set(JOBS.values())
+    assert graphs() == warm_graphs
+
+
+def test_the_reference_adapters_never_drift_either(reference):
+    firsts: dict[AdapterChoice, np.ndarray] = {}
+    for n in range(12):
+        (count, task), adapter = list(JOBS.items())[n % 3]
+        image = run(reference, count, task)[0]
+        assert np.array_equal(image, firsts.setdefault(adapter, image))
+
+
+def test_fused_qkv_keeps_each_lora_intact(tiny_root):
+    # Eager, no compile: the fused adapters on fused q/k/v against peft's unfused LoRAs.
+    def pipeline_with_loras() -> tuple[DreamOmni2Pipeline, AdapterSet]:
+        pipe = DreamOmni2Pipeline.from_pretrained(tiny_root / "kontext")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, AdapterSet.load(pipe, edit=tiny_root / "edit_lora", generation=tiny_root / "gen_lora")
+
+    def sample(pipe: DreamOmni2Pipeline) -> np.ndarray:
+        return pipe(
+            images=IMAGES[:2], prompt="x", num_inference_steps=3, max_area=64 * 64, resolution_buckets=None,
+            generator=torch.Generator().manual_seed(3), output_type="np",
+        ).images  # fmt: skip
+
+    unfused, peft_adapters = pipeline_with_loras()
+    fused_pipe, loaded = pipeline_with_loras()
+    fused = FusedAdapters.from_peft(fused_pipe, loaded.names)
+    assert all(
+        getattr(m, "fused_projections", True)
+        for m in fused_pipe.transformer.modules()
+        if hasattr(m, "to_qkv")
+    )
+    results = {}
+    for choice in (AdapterChoice.BASE, AdapterChoice.EDIT, AdapterChoice.GENERATION):
+        peft_adapters.activate(choice)
+        fused.activate(choice)
+        results[choice] = (sample(unfused), sample(fused_pipe))
+    tolerance = 1e-4
+    for choice, (peft_out, fused_out) in results.items():
+        assert np.abs(peft_out - fused_out).max() < tolerance, choice
+    base = results[AdapterChoice.BASE][0]
+    for choice in (AdapterChoice.EDIT, AdapterChoice.GENERATION):
+        assert np.abs(results[choice][1] - base).mean() > 100 * tolerance, choice
+
+
+def test_fp8_is_refused_where_there_is_no_fp8(tiny_cache):
+    with pytest.raises(SpeedProfileError, match="compute capability 8.9"):
+        Engine.from_settings(settings(tiny_cache, speed="fp8"))
+
+
+@pytest.mark.parametrize("memory", ["low", "stream"])
+def test_compiled_needs_the_transformer_resident(tiny_cache, memory):
+    with pytest.raises(ValidationError, match="resident in bf16"):
+        settings(tiny_cache, speed="compiled", memory=memory)
+
+
+def test_the_worker_reports_its_profile(compiled):
+    speed = compiled.describe()["speed"]
+    assert speed["profile"] == "compiled" and speed["attention_backend"] == "native"
+    assert speed["fused_adapter_weights"] == 5 and speed["warmup_s"] > 0
