@@ -92,12 +92,18 @@ def build_tiny_shapes(tiny_root: Path) -> tuple[DreamOmni2Pipeline, InstructionT
     return pipeline, InstructionTranslator(build_vlm(processor.tokenizer), processor)
 
 
-def add_random_loras(pipeline: DreamOmni2Pipeline, rank: int) -> AdapterSet:
+def add_random_loras(pipeline: DreamOmni2Pipeline, rank: int, b_std: float = 0.02) -> AdapterSet:
+    """Both adapters with random A and B. peft starts B at zero (a no-op adapter); a non-zero B makes
+    an adapter that a profile dropped show in its output."""
     for seed, name in enumerate(AdapterSet.names.values()):
         torch.manual_seed(seed)
         pipeline.transformer.add_adapter(
             LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGET_MODULES), adapter_name=name
         )
+        with torch.no_grad():
+            for param_name, param in pipeline.transformer.named_parameters():
+                if f"lora_B.{name}." in param_name:
+                    param.normal_(0.0, b_std)
     return AdapterSet(pipeline)
 
 

@@ -192,7 +192,8 @@ class Engine:
             placement.place_translator(translator)
         if settings.speed is not SpeedProfile.REFERENCE:
             # Compiled code and its autotuning results outlive the process here (the model volume).
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.torch_compile_dir))
+            # Assigned, not defaulted: torch writes its /tmp default into the environment on first use.
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.torch_compile_dir)
         adapters, report = apply_profile(settings.speed, pipeline, adapters, placement.device)
         engine = cls(settings, pipeline, adapters, translator, placement)
         engine.profile = report

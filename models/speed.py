@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.fx.experimental._config
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, TaylorSeerCacheConfig
 
 from api_schemas.common import AdapterChoice, StepCache
@@ -247,6 +248,10 @@ def compile_blocks(transformer: torch.nn.Module) -> None:
     (step caches, the evaluation counter) wrap the compiled code and run eagerly around it. Dynamic
     shapes: a new image count or bucket changes the sequence length, not the graph.
     """
+    # Duck shaping gives sizes that are equal at the first call one symbol: a sequence length that
+    # happens to equal a model width (the tiny preset's 32, or 3072 tokens on the real model) would be
+    # specialized to it by the width's guard and compiled twice. Off, every shape is compiled once.
+    torch.fx.experimental._config.use_duck_shape = False
     for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
         block.forward = torch.compile(block.forward, fullgraph=True, dynamic=True)
 

@@ -31,13 +31,50 @@ def test_gpu_baseline_runs_on_tiny_shapes(tmp_path):
     assert "planned GiB" in stdout and "reserved GiB" in stdout
 
 
-def test_gpu_suite_runs_a_mode_in_its_own_process(tmp_path):
-    run_script(
-        "bench/gpu_suite.py", "--shapes", "tiny", "--modes", "low", "--images", "0", "--steps", "1",
-        "--max-new-tokens", "2", "--out-dir", str(tmp_path),
+def test_gpu_suite_runs_every_section_on_tiny_shapes(tmp_path, tiny_cache):
+    out = tmp_path / "suite.json"
+    # The compile cache the in-process speed tests use too: one cold compile per test run.
+    stdout = run_script(
+        "bench/gpu_suite.py", "--shapes", "tiny", "--out", str(out), "--steps", "4", "--repeats", "1",
+        "--memory-modes", "low", "--compile-cache", str(tiny_cache / "torch-compile"),
     )  # fmt: skip
-    suite = json.loads((tmp_path / "suite.json").read_text())
-    assert suite["low"]["status"] == "ok" and suite["low"]["report"]["memory"] == "low"
+    suite = json.loads(out.read_text())
+    assert suite["matmul"]["tflops"] > 0 and suite["build"]["build_s"] > 0
+    assert set(suite["reference_jobs"]["images"]) == {"1", "2"}
+    assert suite["cache_step"]["full_step_s"] > 0 and suite["cache_step"]["predicted_step_s"] > 0
+    profiles = suite["profiles"]
+    tokens = list(profiles["flops"])
+    assert set(profiles["rows"]) == {f"{p} {t}" for p in ("reference", "compiled") for t in tokens}
+    assert all(profiles["rows"][f"reference {t}"]["relative_error"] == 0 for t in tokens)
+    assert all(profiles["rows"][f"compiled {t}"]["relative_error"] < 1e-5 for t in tokens)
+    assert profiles["fused_targets"] > 0 and profiles["fp8_linears"] == 0  # no fp8 on a CPU
+    for caches in profiles["jobs"].values():
+        assert caches["none"]["evaluations"] == caches["first_block"]["evaluations"] == 4
+        assert caches["taylorseer"]["evaluations"] < 4
+    assert {"cold_s", "warm_s"} <= set(profiles["compile"]["compiled"])
+    assert suite["memory_modes"]["low"]["status"] == "ok"
+    assert [row["images"] for row in suite["memory_modes"]["low"]["rows"]] == [0, 2]
+    summary = stdout[stdout.index("== summary") :]
+    assert "compiled + taylorseer" in summary and "memory low" in summary
+
+
+def test_speed_bench_prints_each_profile_and_cache_against_reference(tiny_cache):
+    stdout = run_script(
+        "bench/speed_bench.py", "--repeats", "1", "--steps", "4", "--cache-dir", str(tiny_cache)
+    )
+    rows = {
+        tuple(line.split()[:2]): line.split()
+        for line in stdout.splitlines()
+        if line.split()[:1] in (["reference"], ["compiled"])
+    }
+    assert set(rows) == {
+        (p, c) for p in ("reference", "compiled") for c in ("none", "first_block", "taylorseer")
+    }
+    # columns: profile cache ready restart job x-job step x-step evals diff-mean diff-max
+    assert rows["reference", "none"][5] == "1.00" and rows["reference", "none"][9:] == ["0.000", "0"]
+    assert rows["reference", "none"][3] == "-" and float(rows["compiled", "none"][3]) > 0
+    assert float(rows["compiled", "none"][10]) <= 2  # lossless: within 2 levels of reference
+    assert rows["reference", "first_block"][8] == "4" and int(rows["compiled", "taylorseer"][8]) < 4
 
 
 def test_memory_modes_bench_prints_ratios_and_differences(tmp_path):

@@ -1037,10 +1037,12 @@ def test_the_worker_image_gets_the_torchvision_of_its_torch():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     [torch_pin] = [d for d in extras["worker"] if d.startswith("torch==")]
-    [vision_pin] = extras["gpu"]
+    [vision_pin] = [d for d in extras["gpu"] if d.startswith("torchvision==")]
     torch_minor = int(torch_pin.split("==")[1].split(".")[1])
     assert vision_pin == f"torchvision==0.{torch_minor + 15}.0"
-    assert not any("torchvision" in d for d in project["dependencies"] + extras["worker"] + extras["dev"])
+    cpu_sets = project["dependencies"] + extras["worker"] + extras["dev"]
+    assert not any(d.startswith(("torchvision", "torchao")) for d in cpu_sets)
+    assert any(d.startswith("torchao==") for d in extras["gpu"])
 
 
 def compose_config(*flags: str, env: dict[str, str] | None = None) -> dict[str, Any]:

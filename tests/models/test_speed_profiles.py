@@ -5,12 +5,15 @@ One compiled engine serves the module: its cold compile (the warm-up) is the exp
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 import torch._dynamo.utils
 from pydantic import ValidationError
+from torch._inductor.runtime import cache_dir_utils
 
 from api_schemas.common import AdapterChoice, StepCache, Task
 from api_schemas.jobs import JobParameters
@@ -63,6 +66,8 @@ def reference(tiny_cache) -> Engine:
 
 @pytest.fixture(scope="module")
 def compiled(tiny_cache) -> Engine:
+    # As a worker finds it after any earlier torch.compile in the process: torch's /tmp default set.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir_utils.default_cache_dir()
     return Engine.from_settings(settings(tiny_cache, speed="compiled"))
 
 
@@ -159,6 +164,13 @@ def test_fp8_is_refused_where_there_is_no_fp8(tiny_cache):
 def test_compiled_needs_the_transformer_resident(tiny_cache, memory):
     with pytest.raises(ValidationError, match="resident in bf16"):
         settings(tiny_cache, speed="compiled", memory=memory)
+
+
+def test_the_compile_artifacts_land_in_the_compile_cache(tiny_cache, compiled):
+    # A restarted worker finds them there (the model volume), not in torch's default under /tmp.
+    cache = settings(tiny_cache).torch_compile_dir
+    assert cache_dir_utils.cache_dir() == str(cache)
+    assert any((cache / "fxgraph").rglob("*")), sorted(p.name for p in cache.iterdir())
 
 
 def test_the_worker_reports_its_profile(compiled):
