@@ -2,6 +2,10 @@
 
 from enum import StrEnum
 
+#: The largest seed: 2^53 - 1, the largest integer a JavaScript number (and so JSON in a browser)
+#: holds exactly; a seed shown in a web page must reproduce the image.
+MAX_SEED = 2**53 - 1
+
 
 class Task(StrEnum):
     """What the user asks for: change image 1 (`edit`) or make a new image (`generate`)."""

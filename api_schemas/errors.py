@@ -114,7 +114,7 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.INSTRUCTION_TOO_LONG: CodeInfo(_I, _B, "the instruction is over its character limit"),
     ErrorCode.INVALID_STEPS: CodeInfo(_I, _B, "steps is outside DREAMOMNI2_MIN_STEPS..DREAMOMNI2_MAX_STEPS"),
     ErrorCode.INVALID_GUIDANCE: CodeInfo(_I, _B, "guidance is outside its range"),
-    ErrorCode.INVALID_SEED: CodeInfo(_I, _B, "seed is outside 0..2^63-1"),
+    ErrorCode.INVALID_SEED: CodeInfo(_I, _B, "seed is outside 0..2^53-1"),
     ErrorCode.INVALID_WIDTH: CodeInfo(_I, _B, "width is outside DREAMOMNI2_MIN_SIZE..DREAMOMNI2_MAX_SIZE"),
     ErrorCode.INVALID_HEIGHT: CodeInfo(_I, _B, "height is outside DREAMOMNI2_MIN_SIZE..DREAMOMNI2_MAX_SIZE"),
     ErrorCode.INVALID_SIZE: CodeInfo(_I, _B, "the requested size is longer than DREAMOMNI2_MAX_ASPECT_RATIO"),

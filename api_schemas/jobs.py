@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from api_schemas.common import AdapterChoice, StepCache, Task
+from api_schemas.common import MAX_SEED, AdapterChoice, StepCache, Task
 from api_schemas.errors import ErrorCode, InvalidInput
 from api_schemas.images import ImageLimits
 
@@ -25,7 +25,10 @@ class JobParameters(BaseModel):
         default=None,
         description="`edit` or `generate`; left out: `edit` with at least one image, else `generate`.",
     )
-    seed: int | None = Field(default=None, description="Random seed; left out: a random one, reported back.")
+    seed: int | None = Field(
+        default=None,
+        description="Random seed, 0..2^53-1 (exact in JavaScript); left out: a random one, reported back.",
+    )
     steps: int | None = Field(default=None, description="Denoising steps.")
     guidance: float | None = Field(default=None, description="Distilled guidance scale.")
     width: int | None = Field(
@@ -173,7 +176,7 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
     guidance = params.guidance if params.guidance is not None else limits.default_guidance
     _check_range("guidance", guidance, limits.min_guidance, limits.max_guidance)
     if params.seed is not None:
-        _check_range("seed", params.seed, 0, 2**63 - 1)
+        _check_range("seed", params.seed, 0, MAX_SEED)
     step_cache = params.step_cache or limits.step_cache
     if step_cache is not StepCache.NONE and step_cache not in limits.step_caches:
         allowed = ", ".join(["none", *(c.value for c in limits.step_caches)])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import PIL.Image
 import torch
 
-from api_schemas.common import Task
+from api_schemas.common import MAX_SEED, Task
 from api_schemas.errors import ErrorCode, InvalidInput, JobCanceled, ModelOutOfMemory
 from api_schemas.images import load_image, normalize_image
 from api_schemas.jobs import JobMetadata, JobParameters, ResolvedJob, resolve_job
@@ -340,7 +340,7 @@ class Engine:
             raise JobCanceled("The job was canceled before sampling started.")
 
         self.adapters.activate(job.adapter)
-        seed = job.seed if job.seed is not None else secrets.randbelow(2**63)
+        seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
         generator = torch.Generator("cpu").manual_seed(seed)
 
         def on_step_end(pipe: DreamOmni2Pipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:

@@ -6,6 +6,7 @@ process, next to the resident models, one job at a time, and SIGTERM finishes th
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -19,7 +20,20 @@ logger = logging.getLogger("workers")
 EXIT_CONFIG = 78
 
 
+def parse_args(argv: list[str]) -> list[str]:
+    """`--help` answers before anything is loaded or announced; other options go to `celery worker`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m workers",
+        description=__doc__.split("\n\n")[0] + " Configured by DREAMOMNI2_* settings (README, Settings).",
+        epilog="Any other option is passed to `celery worker` (e.g. --loglevel=DEBUG). "
+        f"Exit status {EXIT_CONFIG}: a setting was refused (restarting will not help).",
+    )
+    _, celery_args = parser.parse_known_args(argv)
+    return celery_args
+
+
 def main(argv: list[str] | None = None) -> int:
+    celery_args = parse_args(list(argv or []))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pydantic import ValidationError
 
@@ -58,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--without-gossip",
                 "--without-mingle",
                 "--loglevel=INFO",
-                *(argv or []),
+                *celery_args,
             ]
         )
     finally:

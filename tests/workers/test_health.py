@@ -66,3 +66,20 @@ def test_a_worker_with_a_refused_setting_exits_at_once_with_the_reason(tmp_path)
     )
     assert result.returncode == 78
     assert "T5-XXL overflows in float16" in result.stderr
+
+
+def test_worker_help_answers_before_loading_or_connecting(tmp_path):
+    # Models that cannot be found and a Redis that is not there: help must need neither.
+    env = {
+        **os.environ,
+        "DREAMOMNI2_PRESET": "dreamomni2",
+        "DREAMOMNI2_CACHE_DIR": str(tmp_path / "nothing-here"),
+        "DREAMOMNI2_REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "workers", "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m workers") and "celery worker" in result.stdout
+    assert not (tmp_path / "nothing-here").exists() and "engine" not in result.stderr
