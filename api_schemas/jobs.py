@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -136,6 +137,13 @@ def choose_adapter(task: Task, image_count: int) -> AdapterChoice:
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not math.isfinite(value):
+        # NaN passes no comparison and neither is JSON: name it, and report it as text.
+        raise InvalidInput(
+            f"{name} must be a finite number between {low} and {high}; got {value}.",
+            code=ErrorCode(f"invalid_{name}"),
+            details={"field": name, "value": str(value), "min": low, "max": high},
+        )
     if not low <= value <= high:
         raise InvalidInput(
             f"{name} must be between {low} and {high}; got {value}.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import redis
@@ -46,12 +47,24 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _json_safe(value: object) -> object:
+    """`value` with every non-finite float as text: JSON has no NaN or infinity, and an error body that
+    cannot be encoded would turn a refusal into a 500 and a dropped connection."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def error_response(
     status: int, code: ErrorCode, message: str, details: object = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     body: dict[str, Any] = {"code": code.value, "message": message}
     if details:
-        body["details"] = details
+        body["details"] = _json_safe(details)
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 

@@ -78,6 +78,28 @@ async def job_events(
             yield _sse(event, data)
 
 
+def _stream_id(value: str) -> tuple[int, int]:
+    milliseconds, _, sequence = value.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+async def stream_ended(
+    aredis: redis.asyncio.Redis, service: JobService, job_id: str, last_event_id: str | None
+) -> bool:
+    """True when the client has already seen the job's final event (it resumes at or after it).
+
+    Such a reconnect answers 204: a browser's EventSource reconnects by itself after every close, and
+    204 is what tells it to stop; re-sending the final event would make it loop."""
+    if last_event_id is None:
+        return False
+    record = await run_in_threadpool(service.store.jobs.get, job_id)
+    if record is None or not record.status.is_terminal():
+        return False
+    events = await _all(aredis, service.store.jobs.keys.events(job_id))
+    final = next((e for e in reversed(events) if e.type in TERMINAL), None)
+    return final is not None and _stream_id(last_event_id) >= _stream_id(final.id)
+
+
 async def _all(aredis: redis.asyncio.Redis, key: str) -> list[Event]:
     entries = await aredis.xrange(key)
     return parse_events([(key, entries)])

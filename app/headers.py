@@ -11,8 +11,15 @@ from fastapi import Depends, Header
 from api_schemas.errors import ErrorCode, InvalidInput
 
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
-_EVENT_ID = re.compile(r"\d{1,20}(-\d{1,20})?", re.ASCII)
+_EVENT_ID = re.compile(r"(\d{1,20})(?:-(\d{1,20}))?", re.ASCII)
+#: Each part of a Redis stream id is an unsigned 64-bit number.
+_MAX_ID_PART = 2**64 - 1
 MAX_IDEMPOTENCY_KEY = 255
+
+
+def _is_stream_id(value: str) -> bool:
+    match = _EVENT_ID.fullmatch(value)
+    return match is not None and all(int(part) <= _MAX_ID_PART for part in match.groups() if part)
 
 
 def prefer_wait(
@@ -40,6 +47,12 @@ def idempotency_key(
         ),
     ] = None,
 ) -> str | None:
+    if idempotency_key is not None and not idempotency_key.strip():
+        # An empty key would be one key shared by every client that sends the header blank.
+        raise InvalidInput(
+            "Idempotency-Key is empty; send a non-empty key (e.g. a UUID) or leave the header out.",
+            code=ErrorCode.INVALID_REQUEST,
+        )
     return idempotency_key
 
 
@@ -72,7 +85,7 @@ def last_event_id(
         Header(description="Resume a stream after this event id (what the stream sent as `id`)."),
     ] = None,
 ) -> str | None:
-    if last_event_id and not _EVENT_ID.fullmatch(last_event_id):
+    if last_event_id and not _is_stream_id(last_event_id):
         # Redis would refuse it mid-stream, after the 200 is sent: refuse it while an answer can say why.
         raise InvalidInput(
             f"Last-Event-ID {last_event_id!r} is not an id this stream sent (like `1700000000000-0`).",

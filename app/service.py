@@ -23,7 +23,7 @@ from api_schemas.errors import Conflict, ErrorCode, InvalidInput, NotFound, Serv
 from api_schemas.images import check_byte_size, load_image
 from api_schemas.jobs import JobParameters, resolve_job
 from api_schemas.records import JobRecord, JobSpec, WebhookSpec
-from app.events import job_events
+from app.events import job_events, stream_ended
 from app.metrics import GatewayMetrics
 from app.settings import GatewaySettings
 from workers.celery_app import enqueue
@@ -255,10 +255,13 @@ class JobService:
 
     async def events(
         self, request: Request, owner: str, job_id: str, last_event_id: str | None
-    ) -> AsyncIterator[dict[str, str]]:
-        """The job's event stream; `NotFound` is raised here, before any of the stream is sent."""
+    ) -> AsyncIterator[dict[str, str]] | None:
+        """The job's event stream; `NotFound` is raised here, before any of the stream is sent. None
+        when the client has seen the final event already (the route answers 204: nothing more)."""
         await run_in_threadpool(self.get, owner, job_id)
         assert self.aredis is not None, "the app's lifespan opens it"
+        if await stream_ended(self.aredis, self, job_id, last_event_id):
+            return None
         return job_events(request, self.aredis, self, job_id, last_event_id)
 
     # Operations ------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from api_schemas.api import JobOptions, JobRequestJSON
 from api_schemas.errors import ErrorCode, InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -79,17 +79,50 @@ async def read_submission(request: Request, limits: JobLimits) -> Submission:
 
 
 async def _read_multipart(request: Request, limits: JobLimits) -> Submission:
+    max_files = 4 * limits.max_images + 4
+    parser = _CompleteMultiPartParser(
+        request.headers, request.stream(), max_files=max_files, max_fields=MAX_FORM_FIELDS
+    )
     try:
-        form = await request.form(max_files=4 * limits.max_images + 4, max_fields=MAX_FORM_FIELDS)
+        form = await parser.parse()
     except MultiPartException as exc:
+        message = exc.message
+        if message.startswith("Too many files"):
+            raise InvalidInput(
+                f"More than {max_files} files were sent; at most {limits.max_images} images are allowed "
+                "(image 1 plus references).",
+                code=ErrorCode.TOO_MANY_IMAGES,
+                details={"max": limits.max_images},
+            ) from None
         raise InvalidInput(
-            f"The multipart body could not be read: {exc.message}", code=ErrorCode.INVALID_REQUEST
+            f"The multipart body could not be read: {message}", code=ErrorCode.INVALID_REQUEST
         ) from None
-    images = await _form_images(form, limits)
     try:
-        return Submission(images=images, options=JobOptions.model_validate(_form_fields(form)))
-    except ValidationError as exc:
-        raise invalid(exc) from None
+        if not parser.complete:
+            # The parser takes a body that stops early as it is: the parts before the cut would make
+            # a job with fewer images than were sent.
+            raise InvalidInput(
+                "The multipart body ended before its closing boundary (the upload was cut off); "
+                "send it again.",
+                code=ErrorCode.INVALID_REQUEST,
+            )
+        images = await _form_images(form, limits)
+        try:
+            return Submission(images=images, options=JobOptions.model_validate(_form_fields(form)))
+        except ValidationError as exc:
+            raise invalid(exc) from None
+    finally:
+        await form.close()
+
+
+class _CompleteMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, noting whether the closing boundary arrived."""
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+        super().on_end()
 
 
 async def _form_images(form: FormData, limits: JobLimits) -> list[bytes]:

@@ -110,13 +110,16 @@ def cancel_job(job_id: str, service: Service, owner: Owner) -> Response:
             "final `succeeded`, `failed` or `canceled` whose data is the job object. Every event has an id; "
             "reconnect with `Last-Event-ID` to resume.",
         },
+        204: {"description": "Reconnected with the id of the final event (or later): the stream is over."},
         **ERROR_RESPONSES,
     },
 )
 async def job_events_stream(
     request: Request, job_id: str, service: Service, owner: Owner, last_event_id: LastEventId
-) -> EventSourceResponse:
+) -> Response:
     stream = await service.events(request, owner, job_id, last_event_id)
+    if stream is None:
+        return Response(status_code=204)
     return EventSourceResponse(
         stream, ping=15, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )

@@ -190,3 +190,38 @@ async def test_a_step_cache_the_deployment_leaves_out_is_422(gateway: Gateway):
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "step_cache_not_allowed"
     assert response.json()["error"]["details"]["allowed"] == ["none", "first_block"]
+
+
+@pytest.mark.parametrize("cut", ["inside image 2", "after image 2", "inside a field"])
+async def test_a_body_cut_off_anywhere_is_refused_and_makes_no_job(gateway: Gateway, cut: str):
+    head = b'--b\r\nContent-Disposition: form-data; name="%s"; filename="%d.png"\r\n'
+    head += b"Content-Type: image/png\r\n\r\n"
+    body = b'--b\r\nContent-Disposition: form-data; name="instruction"\r\n\r\nmake it blue\r\n'
+    body += head % (b"images", 1) + png() + b"\r\n"
+    body += {
+        "inside image 2": head % (b"images", 2) + png()[:50],
+        "after image 2": head % (b"images", 2) + png() + b"\r\n",  # no closing boundary
+        "inside a field": b'--b\r\nContent-Disposition: form-data; name="steps"\r\n\r\n1',
+    }[cut]
+    response = await gateway.client().post(
+        "/v1/jobs", content=body, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert gateway.service.store.jobs.queue_depth() == 0
+
+
+async def test_a_hundred_image_parts_are_too_many_images_not_a_parser_400(gateway: Gateway):
+    files = [("images", (f"{n}.png", b"x", "image/png")) for n in range(101)]
+    response = await gateway.client().post("/v1/jobs", data={"instruction": "x"}, files=files)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "too_many_images" and "at most 5 images" in error["message"]
+
+
+async def test_multipart_without_a_boundary_is_422(gateway: Gateway):
+    response = await gateway.client().post(
+        "/v1/jobs", content=b"abc", headers={"content-type": "multipart/form-data"}
+    )
+    assert response.status_code == 422, response.text
+    assert "boundary" in response.json()["error"]["message"]
