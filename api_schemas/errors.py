@@ -70,7 +70,6 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     OUT_OF_MEMORY = "out_of_memory"
     WORKER_LOST = "worker_lost"
-    QUEUE_UNAVAILABLE = "queue_unavailable"
     LEASE_LOST = "lease_lost"
     # The service.
     UNAVAILABLE = "unavailable"
@@ -141,7 +140,6 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.TIMEOUT: CodeInfo(504, _J, "it ran longer than DREAMOMNI2_JOB_TIMEOUT_S"),
     ErrorCode.OUT_OF_MEMORY: CodeInfo(507, _J, "the GPU or the host ran out of memory for it"),
     ErrorCode.WORKER_LOST: CodeInfo(500, _J, "its worker died DREAMOMNI2_MAX_ATTEMPTS times"),
-    ErrorCode.QUEUE_UNAVAILABLE: CodeInfo(503, _B, "the job queue was unreachable when it was submitted"),
     ErrorCode.LEASE_LOST: CodeInfo(500, _J, "internal: a run lost its lease to another run (never stored)"),
     ErrorCode.UNAVAILABLE: CodeInfo(503, _H, "the job store (Redis) is unreachable; retry shortly"),
     ErrorCode.INTERNAL: CodeInfo(500, _B, "an unexpected error; it is in the logs"),

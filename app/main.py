@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
-    store = Store.from_url(settings.redis_url, settings.redis_prefix)
+    # A connection for every thread that may block on Redis (and a few for the event loop's own
+    # calls): a burst of held requests must wait for a thread, never fail for want of a connection.
+    store = Store.from_url(settings.redis_url, settings.redis_prefix, max_connections=settings.threads + 16)
     metrics = GatewayMetrics(store)
 
     jobs = JobService(settings, store, create_celery(settings), metrics)

@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from api_schemas.api import Job, JobOptions, JobStatus, Readiness, WorkerCounts
 from api_schemas.common import WebhookEvent
-from api_schemas.errors import Conflict, ErrorCode, InvalidInput, NotFound, ServiceUnavailable
+from api_schemas.errors import Conflict, ErrorCode, InvalidInput, NotFound
 from api_schemas.images import check_byte_size, load_image
 from api_schemas.jobs import JobParameters, resolve_job
 from api_schemas.records import JobRecord, JobSpec, WebhookSpec
@@ -145,18 +145,16 @@ class JobService:
             if idempotency_key is not None:
                 self.store.idempotency.release(owner, idempotency_key)
             raise
-        if idempotency_key is not None:
-            self.store.idempotency.complete(owner, idempotency_key, fingerprint, record.id, ttl_s)
+        # From here on the job exists: whatever fails now, the answer is the job, never a 5xx that a
+        # client would retry into a duplicate. The stored job is the truth: a worker's reaper sends a
+        # new message for a queued job that has none.
+        self.metrics.jobs_submitted.labels(spec.task.value, spec.adapter.value).inc()
         try:
+            if idempotency_key is not None:
+                self.store.idempotency.complete(owner, idempotency_key, fingerprint, record.id, ttl_s)
             enqueue(self.celery, self.settings, record.id)
         except Exception as exc:
-            logger.error("could not enqueue job %s: %s", record.id, exc)
-            self.store.jobs.fail_unsent(record.id, "The job queue is unreachable; the job was not queued.")
-            raise ServiceUnavailable(
-                "The job queue is unreachable; the job was not queued. Try again shortly.",
-                code=ErrorCode.QUEUE_UNAVAILABLE,
-            ) from exc
-        self.metrics.jobs_submitted.labels(spec.task.value, spec.adapter.value).inc()
+            logger.warning("job %s stored, its message not sent (a worker will send it): %s", record.id, exc)
         return record, False
 
     def _reserve(self, owner: str, key: str, fingerprint: str) -> JobRecord | None:
@@ -214,7 +212,12 @@ class JobService:
         """Hold until the job ends, up to `seconds` (capped by DREAMOMNI2_MAX_WAIT_S)."""
         if seconds <= 0 or record.status.is_terminal():
             return record
-        waited = self.store.jobs.wait_until_terminal(record.id, min(seconds, self.settings.max_wait_s))
+        try:
+            waited = self.store.jobs.wait_until_terminal(record.id, min(seconds, self.settings.max_wait_s))
+        except redis.RedisError as exc:
+            # The job exists: answer with it (202) rather than a 5xx a client would retry.
+            logger.warning("waiting on job %s failed; answering without the wait: %s", record.id, exc)
+            return record
         if waited is None:
             raise _not_found(record.id)
         return waited
@@ -246,7 +249,12 @@ class JobService:
 
     def render(self, record: JobRecord) -> Job:
         """The job object as the API shows it."""
-        position = self.store.jobs.queue_position(record.id) if record.status is JobStatus.QUEUED else None
+        position = None
+        if record.status is JobStatus.QUEUED:
+            try:
+                position = self.store.jobs.queue_position(record.id)
+            except redis.RedisError as exc:  # the job is known; only its place in line is not
+                logger.warning("queue position of %s unavailable: %s", record.id, exc)
         return job_view(record, position)
 
     def render_id(self, job_id: str) -> dict:

@@ -6,6 +6,9 @@ Celery is the transport here, not the state: job state, inputs and results live 
 
 from __future__ import annotations
 
+import base64
+import json
+
 from celery import Celery
 
 from workers.config import ServiceSettings
@@ -41,3 +44,40 @@ def create_celery(settings: ServiceSettings) -> Celery:
 def enqueue(app: Celery, settings: ServiceSettings, job_id: str) -> None:
     """Send the message that makes a worker run `job_id`."""
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue)
+
+
+def _job_id(payload: bytes | str) -> str | None:
+    """The job id a broker message carries (`run_job`'s only argument), or None for other messages."""
+    try:
+        message = json.loads(payload)
+        if message.get("headers", {}).get("task") != RUN_JOB_TASK:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def jobs_with_messages(app: Celery, settings: ServiceSettings) -> set[str]:
+    """Ids of the jobs whose message is in the broker: waiting in the queue, or delivered to a worker
+    and not acknowledged yet (Kombu's Redis transport keeps those in its `unacked` hash).
+
+    The names come from Kombu's own channel, so they follow its configuration."""
+    found: set[str] = set()
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        client = channel.client
+        for priority in channel.priority_steps:
+            for payload in client.lrange(channel._q_for_pri(settings.queue, priority), 0, -1):
+                found.add(_job_id(payload) or "")
+        for delivered in client.hvals(channel.unacked_key):
+            try:
+                message = json.loads(delivered)[0]
+            except (ValueError, IndexError, TypeError):
+                continue
+            found.add(_job_id(json.dumps(message)) or "")
+    found.discard("")
+    return found

@@ -20,6 +20,10 @@ STAGE_SECONDS = Histogram(
 )  # fmt: skip
 WORKER_READY = Gauge("dreamomni2_worker_ready", "1 once this worker's models are loaded and it takes jobs.")
 REQUEUED = Counter("dreamomni2_jobs_requeued_total", "Jobs requeued because their worker stopped responding.")
+RESENT = Counter(
+    "dreamomni2_job_messages_resent_total",
+    "Queued jobs whose queue message was gone (never sent, or taken by a dying worker) and was sent again.",
+)
 GPU_PEAK_BYTES = Gauge(
     "dreamomni2_worker_gpu_peak_bytes",
     "GPU memory per device: the last job's peak as PyTorch saw it (allocated, reserved), and the "

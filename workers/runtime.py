@@ -16,7 +16,7 @@ from api_schemas.errors import JobTimeout, LeaseLost, ServiceError
 from api_schemas.jobs import JobMetadata
 from api_schemas.records import JobRecord, StoredResult
 from workers import metrics
-from workers.celery_app import create_celery, enqueue
+from workers.celery_app import create_celery, enqueue, jobs_with_messages
 from workers.config import WorkerSettings
 from workers.failures import SUCCEEDED, job_end
 from workers.store import RequeueOutcome, Store
@@ -70,6 +70,8 @@ class WorkerRuntime:
         self._lease_lost = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # Queued jobs that had no message at the last reaper pass: resent if still so at the next.
+        self._unsent: set[str] = set()
         self._info: dict[str, Any] = {"name": settings.worker_name, "ready": False, "started_at": time.time()}
 
     # Lifecycle ------------------------------------------------------------------------------------
@@ -170,6 +172,27 @@ class WorkerRuntime:
                 logger.error("job %s lost its worker %d times; failed", job_id, self.settings.max_attempts)
                 self.notifier.notify(job_id, WebhookEvent.COMPLETED)
         self.store.jobs.prune_queue()
+        self.resend_lost_messages()
+
+    def resend_lost_messages(self) -> list[str]:
+        """Send a new message for each queued job that has none: the job store is the truth.
+
+        A message goes missing when a gateway dies between storing a job and sending it, or when a
+        worker dies after the broker handed it the message but before the delivery was recorded. A job
+        is resent only when it had no message at two passes in a row (a message on its way is seen
+        at the second), and by one worker (a short Redis lock); a duplicate would still be harmless,
+        as only a queued job is claimed. Returns the ids resent."""
+        queued = set(self.store.jobs.queued_ids())
+        missing = queued - jobs_with_messages(self.celery, self.settings) if queued else set()
+        resent = []
+        for job_id in sorted(missing & self._unsent):
+            if self.store.jobs.lock_resend(job_id, ttl_s=max(10.0, 3 * self.settings.reaper_interval_s)):
+                enqueue(self.celery, self.settings, job_id)
+                metrics.RESENT.inc()
+                resent.append(job_id)
+                logger.warning("job %s was queued without a queue message; sent it again", job_id)
+        self._unsent = missing - set(resent)
+        return resent
 
     # The job ---------------------------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:

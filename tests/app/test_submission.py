@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from celery import Celery
 
 from tests.app.conftest import Gateway, data_uri, form, png
 
@@ -225,3 +226,19 @@ async def test_multipart_without_a_boundary_is_422(gateway: Gateway):
     )
     assert response.status_code == 422, response.text
     assert "boundary" in response.json()["error"]["message"]
+
+
+async def test_a_job_stored_but_not_sent_is_answered_with_the_job_not_a_5xx(gateway: Gateway):
+    # The broker unreachable right after the job was stored: a 5xx now would make a retrying client
+    # create a duplicate. The answer is the job; a worker's reaper sends its message later.
+    unreachable = Celery("unreachable", broker="redis://127.0.0.1:1/0")
+    unreachable.conf.update(
+        task_publish_retry=False, broker_connection_timeout=1, broker_connection_retry=False
+    )
+    gateway.service.celery = unreachable
+    response = await gateway.client().post(
+        "/v1/jobs", json={"instruction": "a cat"}, headers={"Prefer": "wait=1"}
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "queued" and gateway.service.store.jobs.queued_ids() == [job["id"]]

@@ -4,6 +4,7 @@ attempts), and a job that fails inside a worker leaves that worker serving."""
 from __future__ import annotations
 
 import io
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -176,3 +177,39 @@ def test_failed_job_leaves_the_worker_serving(tiny_cache: Path, tmp_path: Path) 
             "ready": 1,
             "memory_modes": {"resident": 1},
         }
+
+
+def test_a_queued_job_whose_message_is_lost_still_runs(tiny_cache: Path, tmp_path: Path) -> None:
+    # The job store is the truth: a queued job with no message in the broker gets a new one.
+    env = stack_env(tiny_cache, **FAST_LEASES)
+    with (
+        LocalStack(tmp_path, workers=1, env=env) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
+        store = Store.from_url(stack.redis_url)
+        broker = store.redis
+        first = next(p for p in stack.processes if p.name.startswith("worker"))
+
+        # (a) Never sent: as a gateway killed between storing the job and sending its message leaves it.
+        first.stop()
+        never_sent = submit_json(client, [], {"instruction": "a lost one", "steps": 2}).json()["id"]
+        assert broker.llen("dreamomni2.jobs") == 1
+        broker.delete("dreamomni2.jobs")
+
+        # (b) Taken and lost: a frozen idle worker's pending BRPOP takes the message; then it dies.
+        second = stack.start_worker()
+        stack.wait_workers_ready(1)
+        second.popen.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)  # the worker's BRPOP stays pending in Redis while it is frozen
+        taken = submit_json(client, [], {"instruction": "a taken one", "steps": 2}).json()["id"]
+        time.sleep(0.5)
+        second.kill()
+        assert store.jobs.get(never_sent).status.value == "queued"
+        assert store.jobs.get(taken).status.value == "queued"
+
+        third = stack.start_worker()
+        for job_id in (never_sent, taken):
+            done = wait_for_status(client, job_id, timeout=90, watch=[third])
+            assert done["status"] == "succeeded" and done["attempts"] == 1, done
+        assert "was queued without a queue message; sent it again" in third.log.read_text()
+        assert store.jobs.queue_depth() == 0

@@ -87,6 +87,13 @@ class Store:
         )
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "do2") -> Store:
-        client = redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
-        return cls.connect(client, prefix)
+    def from_url(cls, url: str, prefix: str = "do2", max_connections: int | None = None) -> Store:
+        """A store on `url`. With `max_connections`, a caller beyond that many waits for a connection
+        (up to 10 s) instead of failing with "Too many connections"."""
+        options: dict = {"health_check_interval": 30, "socket_keepalive": True}
+        if max_connections is not None:
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=10, **options
+            )
+            return cls.connect(redis.Redis(connection_pool=pool), prefix)
+        return cls.connect(redis.Redis.from_url(url, **options), prefix)

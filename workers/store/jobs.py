@@ -127,19 +127,6 @@ class JobStore:
     def result(self, job_id: str) -> bytes | None:
         return self.redis.get(self.keys.result(job_id))
 
-    def fail_unsent(self, job_id: str, message: str) -> None:
-        """Mark a job failed whose queue message could not be sent, so it is not left queued forever."""
-        error = _error_json(ErrorCode.QUEUE_UNAVAILABLE, message)
-        k = self.keys
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(
-            k.job(job_id), mapping={"status": "failed", "finished_at": repr(time.time()), "error": error}
-        )
-        pipe.zrem(k.queue, job_id)
-        pipe.delete(k.images(job_id))
-        pipe.xadd(k.events(job_id), {"type": "failed", "data": error}, maxlen=EVENTS_MAXLEN, approximate=True)
-        pipe.execute()
-
     def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None) -> list[Event]:
         """Events after the id `after`; with `block_ms`, wait up to that long for the first one."""
         reply = self.redis.xread({self.keys.events(job_id): after}, block=block_ms, count=EVENTS_PER_READ)
@@ -270,6 +257,14 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.keys.job(job_id), "cancel_requested") == b"1"
+
+    def queued_ids(self) -> list[str]:
+        """The queued jobs, first in line first."""
+        return [job_id.decode() for job_id in self.redis.zrange(self.keys.queue, 0, -1)]
+
+    def lock_resend(self, job_id: str, ttl_s: float) -> bool:
+        """True for the one caller that may resend `job_id`'s message now (the others skip it)."""
+        return bool(self.redis.set(self.keys.resend(job_id), "1", nx=True, px=int(ttl_s * 1000)))
 
     def prune_queue(self) -> int:
         """Drop queue entries whose job expired while waiting (no worker took it within its TTL)."""

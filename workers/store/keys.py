@@ -33,6 +33,9 @@ class Keys:
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
 
+    def resend(self, job_id: str) -> str:
+        return f"{self.prefix}:resend:{job_id}"
+
     def lease(self, job_id: str) -> str:
         return f"{self.prefix}:lease:{job_id}"
 
