@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -152,6 +153,18 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
         )
 
 
+#: Letters that render as blank space (Hangul fillers, the blank Braille pattern).
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _visible(text: str) -> bool:
+    """Whether `text` shows anything: not only spaces, format characters (zero-width space, joiners,
+    BOM, bidi marks) or blank letters."""
+    return any(
+        not ch.isspace() and unicodedata.category(ch) != "Cf" and ch not in _BLANK_LETTERS for ch in text
+    )
+
+
 def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> ResolvedJob:
     """Check a request against the limits and fill in defaults; raises `InvalidInput` naming the limit."""
     if image_count > limits.max_images:
@@ -168,9 +181,10 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
             code=ErrorCode.EDIT_NEEDS_IMAGE,
         )
     instruction = params.instruction.strip()
-    if not instruction:
+    if not _visible(instruction):
         raise InvalidInput(
-            "The instruction is empty; say what to do with the images.", code=ErrorCode.EMPTY_INSTRUCTION
+            "The instruction is empty (or only invisible characters); say what to do with the images.",
+            code=ErrorCode.EMPTY_INSTRUCTION,
         )
     if len(instruction) > limits.max_instruction_chars:
         raise InvalidInput(

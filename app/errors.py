@@ -33,6 +33,9 @@ _HTTP_CODES = {
     503: ErrorCode.UNAVAILABLE,
 }
 
+#: Seconds a 503 asks the client to wait (`Retry-After`): Redis restarts or fails over in seconds.
+RETRY_AFTER_S = 2
+
 #: For OpenAPI: every documented error response has the envelope's shape.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope, "description": description}
@@ -72,6 +75,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        if exc.http_status == 503:
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
         return error_response(exc.http_status, exc.code, exc.message, exc.details or None, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -99,7 +104,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def store_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
         logger.error("Redis error on %s %s: %s", request.method, request.url.path, exc)
         return error_response(
-            503, ErrorCode.UNAVAILABLE, "The job store (Redis) is unreachable; try again shortly."
+            503,
+            ErrorCode.UNAVAILABLE,
+            f"The job store (Redis) is unreachable; try again in {RETRY_AFTER_S} s.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
     @app.exception_handler(Exception)

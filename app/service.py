@@ -253,6 +253,9 @@ class JobService:
         if record.status is JobStatus.QUEUED:
             try:
                 position = self.store.jobs.queue_position(record.id)
+                if position is None:
+                    # Claimed between the two reads: show the job as it is now, not queued nowhere.
+                    record = self.store.jobs.get(record.id) or record
             except redis.RedisError as exc:  # the job is known; only its place in line is not
                 logger.warning("queue position of %s unavailable: %s", record.id, exc)
         return job_view(record, position)

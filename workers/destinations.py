@@ -45,10 +45,33 @@ class Allowlist:
         return any(address in network for network in self.networks)
 
 
+#: NAT64's well-known prefix: the last 32 bits are an IPv4 address the translator connects to.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo client, NAT64), which is where
+    a packet to it ends up; None when it carries none."""
+    if address.ipv4_mapped:
+        return address.ipv4_mapped
+    if address.sixtofour:
+        return address.sixtofour
+    if address.teredo:
+        return address.teredo[1]
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def refused_reason(address: IPAddress) -> str | None:
     """Why a destination address is refused, or None for a public address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.is_site_local:  # fec0::/10: deprecated, but routed inside sites
+            return "site-local"
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            reason = refused_reason(embedded)
+            return f"{reason} (embedded {embedded})" if reason else None
     if address.is_loopback:
         return "loopback"
     if address.is_link_local:

@@ -99,6 +99,12 @@ async def test_redis_down_is_503_and_readiness_says_so(redis_url: str):
             assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
             response = await client.get("/v1/jobs/j_x", headers={"Authorization": "Bearer do2_alice_key"})
             assert_error(response, 503, "unavailable")
+            assert response.headers["retry-after"] == "2"
+            submitted = await client.post(
+                "/v1/jobs", json={"instruction": "a cat"}, headers={"Authorization": "Bearer do2_alice_key"}
+            )
+            assert_error(submitted, 503, "unavailable")
+            assert submitted.headers["retry-after"] == "2"
 
 
 async def test_readiness(gateway: Gateway):

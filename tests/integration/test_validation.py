@@ -56,6 +56,8 @@ MULTIPART_CASES = [
     ("too_thin", OK, 422, "image_aspect_ratio"),
     ("one", {"instruction": ""}, 422, "empty_instruction"),
     ("one", {"instruction": "   \n "}, 422, "empty_instruction"),
+    ("one", {"instruction": "\u200b\u200c\u200d\ufeff\u2060"}, 422, "empty_instruction"),  # zero-width only
+    ("one", {"instruction": " \u3164\u2800 "}, 422, "empty_instruction"),  # blank letters only
     ("one", {}, 422, "invalid_request"),
     ("one", {"instruction": "x" * 2001}, 422, "instruction_too_long"),
     ("one", {**OK, "steps": "0"}, 422, "invalid_steps"),

@@ -43,6 +43,12 @@ def resolver(*addresses: str):
         ("0.0.0.0", "unspecified"),
         ("100.64.0.1", "not a public"),
         ("224.0.0.1", "not a public"),
+        # IPv6 forms that deliver to an embedded IPv4 address: 6to4, Teredo, NAT64.
+        ("2002:7f00:1::", "loopback (embedded 127.0.0.1)"),
+        ("2002:a9fe:a9fe::", "link-local (cloud metadata lives here) (embedded 169.254.169.254)"),
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "private (embedded 10.0.0.1)"),
+        ("64:ff9b::a9fe:a9fe", "link-local"),
+        ("fec0::1", "site-local"),
     ],
 )
 def test_non_public_destinations_are_refused(address, words):
@@ -62,6 +68,11 @@ def test_a_name_resolving_to_loopback_is_refused():
     with pytest.raises(InvalidInput) as info:
         check_destination("http://localhost:9999/hook", NOBODY)
     assert "loopback" in info.value.message
+
+
+def test_public_addresses_behind_6to4_and_nat64_pass():
+    for address in ("2002:5db8:d822::1", "64:ff9b::5db8:d822"):  # 93.184.216.34 inside
+        assert check_destination("https://h.example/", NOBODY, resolve=resolver(address)).addresses
 
 
 def test_public_destinations_pass():
