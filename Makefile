@@ -13,8 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[worker,dev]'
 	touch $@
 
+# `make demo KEEP=1` keeps the stack up after the edit (until Ctrl-C), to try the web page it prints.
 demo: setup
-	$(PY) -m app.demo
+	$(PY) -m app.demo $(if $(filter-out 0 false,$(KEEP)),--keep)
 
 test: setup
 	$(PY) -m pytest

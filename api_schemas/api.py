@@ -196,13 +196,16 @@ class JobRequestJSON(JobOptions):
         extra="forbid",
         json_schema_extra={
             "example": {
-                "images": ["data:image/png;base64,iVBORw0KGgo...", "data:image/jpeg;base64,/9j/4AAQ..."],
+                # Two real 16x16 PNGs: the example is a request the service accepts as it is.
+                "images": [
+                    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGUlEQVR4nGM8oWHDQApgIkn1qIZRDUNKAwDJMQFMogTzfQAAAABJRU5ErkJggg==",
+                    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAGUlEQVR4nGOUizrBQApgIkn1qIZRDUNKAwAFIgFgCRCdbAAAAABJRU5ErkJggg==",
+                ],
                 "instruction": "make the bag in image 1 use the pattern of the dress in image 2",
                 "task": "edit",
                 "seed": 42,
+                "steps": 28,
                 "output_format": "png",
-                "webhook_url": "https://example.com/hooks/dreamomni2",
-                "webhook_events": ["completed"],
             }
         },
     )
@@ -226,3 +229,54 @@ class Readiness(BaseModel):
     redis: str = Field(description="`ok` or the connection error.")
     workers: WorkerCounts | None = None
     queue_depth: int | None = None
+
+
+class ServiceInfo(BaseModel):
+    """What a client needs to know before it submits: whether keys are required, the limits, the choices.
+
+    Public and read-only: everything here is in the error messages anyway; nothing here is a secret.
+    """
+
+    auth_required: bool = Field(description="Whether `/v1` calls need `Authorization: Bearer <key>`.")
+    max_images: int = Field(description="Images per job, image 1 included (`DREAMOMNI2_MAX_IMAGES`).")
+    max_image_bytes: int = Field(description="Bytes per image (`DREAMOMNI2_MAX_IMAGE_BYTES`).")
+    max_request_bytes: int = Field(description="Bytes per request body (`DREAMOMNI2_MAX_REQUEST_BYTES`).")
+    max_instruction_chars: int = Field(description="Characters of the instruction.")
+    min_steps: int
+    max_steps: int
+    default_steps: int = Field(description="`steps` when left out.")
+    min_guidance: float
+    max_guidance: float
+    default_guidance: float = Field(description="`guidance` when left out.")
+    min_size: int = Field(description="Smallest `width`/`height` of a generation.")
+    max_size: int = Field(description="Largest `width`/`height` of a generation.")
+    default_size: int = Field(description="Generation size when left out.")
+    max_aspect_ratio: float = Field(description="Longest side over shortest side of a generation size.")
+    output_formats: list[OutputFormat] = Field(description="Values `output_format` takes.")
+    step_caches: list[StepCache] = Field(description="Values `step_cache` may take here (`none` first).")
+    default_step_cache: StepCache = Field(description="The step cache of a request that names none.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "auth_required": True,
+                "max_images": 5,
+                "max_image_bytes": 20971520,
+                "max_request_bytes": 115343360,
+                "max_instruction_chars": 2000,
+                "min_steps": 1,
+                "max_steps": 100,
+                "default_steps": 30,
+                "min_guidance": 0.0,
+                "max_guidance": 30.0,
+                "default_guidance": 3.5,
+                "min_size": 64,
+                "max_size": 4096,
+                "default_size": 1024,
+                "max_aspect_ratio": 4.0,
+                "output_formats": ["png", "jpeg", "webp"],
+                "step_caches": ["none", "first_block", "taylorseer"],
+                "default_step_cache": "none",
+            }
+        }
+    )

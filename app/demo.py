@@ -3,18 +3,25 @@
 Starts Redis, one worker and the gateway, submits an edit with two images, waits for it, saves the
 result under out/demo/ and prints where, then stops everything it started. The tiny models have
 random weights: the picture is noise-like, every step on the way is the real one.
+
+While it runs it prints the address of the web page; `--keep` (`make demo KEEP=1`, or
+DREAMOMNI2_DEMO_KEEP=1) keeps the stack up after the edit, until Ctrl-C, to try the page.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
 
-from app.stack import ROOT, temporary_stack
+from app.stack import ROOT, LocalStack, temporary_stack
 
 INSTRUCTION = "Make the bag in image 1 use the pattern of the dress in image 2."
 
@@ -40,7 +47,37 @@ def example_images() -> list[bytes]:
     return encoded
 
 
-def main() -> int:
+def wait_for_ctrl_c(stack: LocalStack) -> None:
+    """Keep the demo's stack up until Ctrl-C (or SIGTERM), or until one of its processes exits."""
+    stop = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    print(f"the stack stays up: the web page is at {stack.url}/  Ctrl-C stops it.", flush=True)
+    try:
+        while not stop:
+            dead = [p for p in stack.processes if not p.alive()]
+            if dead:
+                print(f"{dead[0].name} exited; last log lines:\n{dead[0].log_tail()}", file=sys.stderr)
+                return
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; 0 when the edit succeeded (and, with `--keep`, after Ctrl-C)."""
+    parser = argparse.ArgumentParser(prog="python -m app.demo", description="One two-image edit, end to end.")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        default=os.environ.get("DREAMOMNI2_DEMO_KEEP", "") not in ("", "0", "false"),
+        help="keep the stack up after the edit, until Ctrl-C, to try the web page",
+    )
+    keep = parser.parse_args(argv).keep
     out_dir = ROOT / "out" / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     images = example_images()
@@ -54,6 +91,8 @@ def main() -> int:
         print(
             f"  gateway {stack.url}  redis {stack.redis_url}  ready in {time.perf_counter() - started:.1f}s"
         )
+        hint = "" if keep else "  (while the demo runs; `make demo KEEP=1` keeps it up)"
+        print(f"  web page {stack.url}/{hint}", flush=True)
         files = [("images", (f"input-{n}.png", data, "image/png")) for n, data in enumerate(images, start=1)]
         with httpx.Client(base_url=stack.url, timeout=120) as client:
             print(f'POST /v1/jobs  images: input-1.png, input-2.png  instruction: "{INSTRUCTION}"')
@@ -75,9 +114,17 @@ def main() -> int:
                 return 1
             result = client.get(job["result"]["url"])
             result.raise_for_status()
+        report(job, result.content, out_dir)
+        if keep:
+            wait_for_ctrl_c(stack)
+    print("stopped everything it started (Redis, the workers, the gateway)")
+    return 0
 
+
+def report(job: dict, image: bytes, out_dir: Path) -> None:
+    """Save the result and print what the job did."""
     path = out_dir / "result.png"
-    path.write_bytes(result.content)
+    path.write_bytes(image)
     timings = ", ".join(f"{k} {v:.3f}s" for k, v in job["timings"].items())
     how = "translated" if job["translated"] else f"instruction as is: {job['fallback_reason']}"
     print(
@@ -86,9 +133,7 @@ def main() -> int:
     print(f"  prompt: {job['prompt']}  ({how})")
     print(f"  timings: {timings}")
     size = f"{job['result']['width']}x{job['result']['height']} {job['result']['content_type']}"
-    print(f"result saved: {path}  ({size})")
-    print("stopped everything it started (Redis, the workers, the gateway)")
-    return 0
+    print(f"result saved: {path}  ({size})", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,26 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 import redis.asyncio
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from api_schemas.api import ErrorEnvelope
 from app.auth import KeyRing
 from app.errors import install_error_handlers
 from app.metrics import GatewayMetrics
-from app.middleware import BodySizeLimit, RequestMetrics
+from app.middleware import CORS_HEADERS, EXPOSED_HEADERS, BodySizeLimit, HeadAsGet, RequestMetrics
 from app.openapi import DESCRIPTION, openapi_document
-from app.routes import health_router, jobs_router
+from app.routes import (
+    ASSETS_PATH,
+    STATIC_DIR,
+    SWAGGER_UI_DIR,
+    docs_router,
+    health_router,
+    jobs_router,
+    page_router,
+    service_router,
+)
 from app.service import JobService
 from app.settings import GatewaySettings
 from workers.celery_app import create_celery
@@ -65,16 +76,34 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by docs_router, offline
+        redoc_url=None,
         responses={500: {"model": ErrorEnvelope, "description": "Unexpected error."}},
     )
-    app.openapi = lambda: openapi_document(app)
+    app.openapi = lambda: openapi_document(app, jobs.limits)
     app.state.settings = settings
     app.state.keys = KeyRing(settings)
     app.state.metrics = metrics
     app.state.jobs = jobs
     install_error_handlers(app)
     app.include_router(jobs_router)
+    app.include_router(service_router)
     app.include_router(health_router)
+    app.include_router(page_router)
+    app.include_router(docs_router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount(ASSETS_PATH, StaticFiles(directory=SWAGGER_UI_DIR), name="docs-assets")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HeadAsGet)
+    if settings.cors_origins:
+        # Outermost: a preflight is answered before anything else looks at it.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+            allow_headers=CORS_HEADERS,
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware (streaming responses pass through untouched): body size limit, metrics."""
+"""Pure ASGI middleware (streaming responses pass through untouched): body size limit, HEAD, metrics."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from app.metrics import GatewayMetrics
 
 class _TooLarge(Exception):
     pass
+
+
+class _HeadSent(Exception):
+    """A HEAD answer is complete: the GET behind it is stopped."""
 
 
 class BodySizeLimit:
@@ -72,6 +76,51 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+#: Request headers a cross-origin page may send (CORS), and response headers it may read.
+CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Cancel-After", "Last-Event-ID"]
+EXPOSED_HEADERS = [
+    "Location",
+    "Idempotent-Replayed",
+    "Preference-Applied",
+    "Retry-After",
+    "RateLimit",
+    "RateLimit-Policy",
+]
+
+
+class HeadAsGet:
+    """HEAD wherever GET exists: the GET runs, its status and headers are sent, its body is not.
+
+    FastAPI's routes answer only the methods they declare, so HEAD would be 405 everywhere (and
+    declaring it per route would double every operation in OpenAPI)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        done = False
+
+        async def headers_only(message: Message) -> None:
+            nonlocal done
+            if done:
+                raise _HeadSent  # stop a stream that would go on: the answer is complete
+            if message["type"] == "http.response.start":
+                await send(message)
+            elif message["type"] == "http.response.body":
+                done = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if message.get("more_body"):
+                    raise _HeadSent
+
+        try:
+            await self.app({**scope, "method": "GET"}, receive, headers_only)
+        except* _HeadSent:  # alone, or from inside a streaming response's task group
+            pass
 
 
 class RequestMetrics:

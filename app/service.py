@@ -17,8 +17,8 @@ from celery import Celery
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from api_schemas.api import Job, JobOptions, JobStatus, Readiness, WorkerCounts
-from api_schemas.common import WebhookEvent
+from api_schemas.api import Job, JobOptions, JobStatus, OutputFormat, Readiness, ServiceInfo, WorkerCounts
+from api_schemas.common import StepCache, WebhookEvent
 from api_schemas.errors import Conflict, ErrorCode, InvalidInput, NotFound
 from api_schemas.images import check_byte_size, load_image
 from api_schemas.jobs import JobParameters, resolve_job
@@ -276,6 +276,31 @@ class JobService:
         return job_events(request, self.aredis, self, job_id, last_event_id)
 
     # Operations ------------------------------------------------------------------------------------
+    def describe(self, auth_required: bool) -> ServiceInfo:
+        """The deployment's limits and choices, as a client needs them before it submits (the page's)."""
+        limits = self.limits
+        return ServiceInfo(
+            auth_required=auth_required,
+            max_images=limits.max_images,
+            max_image_bytes=limits.max_image_bytes,
+            max_request_bytes=self.settings.max_request_bytes,
+            max_instruction_chars=limits.max_instruction_chars,
+            min_steps=limits.min_steps,
+            max_steps=limits.max_steps,
+            default_steps=limits.default_steps,
+            min_guidance=limits.min_guidance,
+            max_guidance=limits.max_guidance,
+            default_guidance=limits.default_guidance,
+            min_size=limits.min_size,
+            max_size=limits.max_size,
+            default_size=limits.default_size,
+            max_aspect_ratio=limits.max_aspect_ratio,
+            output_formats=list(OutputFormat),
+            # `none` is always allowed; the others in the order the deployment lists them.
+            step_caches=[StepCache.NONE, *(c for c in limits.step_caches if c is not StepCache.NONE)],
+            default_step_cache=limits.step_cache,
+        )
+
     def readiness(self) -> tuple[Readiness, bool]:
         """Whether this gateway can take jobs (Redis answers), with worker counts by memory mode."""
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated
 
@@ -37,6 +38,17 @@ def parse_key_entries(entries: object) -> object:
     return keys
 
 
+def _origins(value: object) -> object:
+    """`DREAMOMNI2_CORS_ORIGINS`: comma-separated `scheme://host[:port]` origins (or `*`)."""
+    if not isinstance(value, str):
+        return value
+    origins = [item.strip().rstrip("/") for item in value.split(",") if item.strip()]
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com (no path)")
+    return origins
+
+
 class GatewaySettings(ServiceSettings):
     host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(default=8000, description="Port the gateway listens on (`make up`).")
@@ -53,6 +65,11 @@ class GatewaySettings(ServiceSettings):
         default=1.0, gt=0, description="How often queued jobs' deadlines are checked."
     )
     threads: int = Field(default=128, ge=8, description="Threads for blocking Redis and image work.")
+    cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_origins)] = Field(
+        default_factory=list,
+        description="Comma-separated origins (`https://app.example.com`) whose browser pages may call "
+        "the API; empty (the default) turns CORS off.",
+    )
 
     @model_validator(mode="after")
     def _keys_when_auth_is_on(self) -> GatewaySettings:

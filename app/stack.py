@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack.start()
         print(f"ready: {stack.url}  (API docs: {stack.url}/docs)  Redis: {stack.redis_url}", flush=True)
+        print(f"web page: {stack.url}/  (submit jobs and follow them in a browser)", flush=True)
         print("Ctrl-C stops everything.", flush=True)
         while not stop:
             dead = [p for p in stack.processes if not p.alive()]

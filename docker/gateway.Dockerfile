@@ -25,6 +25,8 @@ COPY api_schemas/ api_schemas/
 COPY app/ app/
 COPY models/ models/
 COPY workers/ workers/
+# The client and its command line (`dreamomni2 status JOB` from inside a pod).
+COPY dreamomni2/ dreamomni2/
 RUN pip install --no-cache-dir --no-deps .
 
 ENV DREAMOMNI2_HOST=0.0.0.0 \

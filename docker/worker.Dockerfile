@@ -39,6 +39,8 @@ COPY api_schemas/ api_schemas/
 COPY app/ app/
 COPY models/ models/
 COPY workers/ workers/
+# The client and its command line (`dreamomni2 status JOB` from inside a pod).
+COPY dreamomni2/ dreamomni2/
 RUN pip install --no-cache-dir --no-deps .
 
 # Model caches on a volume: the Hugging Face cache (real weights) and the tiny preset. Expandable

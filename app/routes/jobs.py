@@ -71,6 +71,7 @@ def get_job(job_id: str, service: Service, owner: Owner) -> Response:
     "/{job_id}/result",
     operation_id="get_job_result",
     summary="Download the result image",
+    response_class=Response,  # the 200 is an image: no `application/json` beside it in OpenAPI
     responses={
         200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "The image."},
         **ERROR_RESPONSES,
@@ -103,6 +104,7 @@ def cancel_job(job_id: str, service: Service, owner: Owner) -> Response:
     "/{job_id}/events",
     operation_id="job_events",
     summary="Stream a job's events (SSE)",
+    response_class=Response,  # the 200 is `text/event-stream` only
     responses={
         200: {
             "content": {"text/event-stream": {}},

@@ -125,3 +125,17 @@ def test_a_notification_that_cannot_reach_redis_is_logged(caplog: pytest.LogCapt
     with caplog.at_level(logging.ERROR, logger="workers.webhooks"):
         assert notifier.notify("j_x", WebhookEvent.COMPLETED) is None
     assert "could not store the completed webhook of job j_x" in caplog.text
+
+
+async def test_head_answers_wherever_get_does_without_a_body(gateway: Gateway):
+    client = gateway.client()
+    job = (await client.post("/v1/jobs", json={"instruction": "a cat"})).json()
+    for path in ("/healthz", "/readyz", f"/v1/jobs/{job['id']}", "/", "/docs"):
+        get, head = await client.get(path), await client.head(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+    # A stream that would go on (the job waits, no worker): HEAD answers with its headers at once.
+    stream = await client.head(f"/v1/jobs/{job['id']}/events")
+    assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+    assert (await client.head(f"/v1/jobs/{job['id']}/result")).status_code == 409
+    assert (await client.head("/v1/nothing")).status_code == 404

@@ -30,3 +30,37 @@ async def test_the_document_describes_the_api(gateway: Gateway):
         schema = create["responses"][status]["content"]["application/json"]["schema"]
         assert schema == {"$ref": "#/components/schemas/ErrorEnvelope"}
     assert "security" not in document["paths"]["/healthz"]["get"]
+
+
+async def test_binary_and_stream_answers_are_not_declared_json(gateway: Gateway):
+    # A generated client decodes a declared application/json body as text: an image would break it.
+    paths = (await gateway.client(None).get("/openapi.json")).json()["paths"]
+    result = paths["/v1/jobs/{job_id}/result"]["get"]["responses"]["200"]["content"]
+    assert set(result) == {"image/png", "image/jpeg", "image/webp"}
+    events = paths["/v1/jobs/{job_id}/events"]["get"]["responses"]
+    assert set(events["200"]["content"]) == {"text/event-stream"} and "204" in events
+
+
+@pytest.mark.settings(limits={"max_steps": 77})
+async def test_both_body_encodings_are_typed_with_the_deployments_ranges(gateway: Gateway):
+    document = (await gateway.client(None).get("/openapi.json")).json()
+    content = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]
+    form = content["multipart/form-data"]["schema"]["properties"]
+    body = document["components"]["schemas"]["JobRequestJSON"]["properties"]
+    for fields in (form, body):
+        steps = next(v for v in fields["steps"]["anyOf"] if v.get("type") == "integer")
+        assert (steps["minimum"], steps["maximum"]) == (1, 77)
+        guidance = next(v for v in fields["guidance"]["anyOf"] if v.get("type") == "number")
+        assert guidance["maximum"] == 30
+        seed = next(v for v in fields["seed"]["anyOf"] if v.get("type") == "integer")
+        assert seed["maximum"] == 2**53 - 1
+        assert fields["translate"]["type"] == "boolean"
+    assert form["images"]["maxItems"] == 5 and form["images"]["items"]["format"] == "binary"
+
+
+async def test_the_documented_example_is_accepted(gateway: Gateway):
+    document = (await gateway.client(None).get("/openapi.json")).json()
+    example = document["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["example"]
+    response = await gateway.client().post("/v1/jobs", json=example)
+    assert response.status_code == 202, response.text
+    assert response.json()["image_count"] == 2

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from app.auth import hash_key, new_key
-from app.stack import LocalStack, ManagedProcess
+from app.stack import LocalStack, ManagedProcess, free_port
 from workers.store import JobStore, Store
 
 from .support import (
@@ -120,3 +120,14 @@ def alice(service: Service) -> httpx.Client:
 @pytest.fixture
 def bob(service: Service) -> httpx.Client:
     return service.client("bob")
+
+
+@pytest.fixture(scope="session")
+def lax_gateway(main_stack: LocalStack) -> Iterator[str]:
+    """The URL of a second gateway on the main stack's Redis that admits images as small as 1 pixel
+    a side, which the workers refuse (their smallest side is 16): a job with such an image passes
+    the gateway and fails in the worker (`image_too_small`), as a job that fails at run time does."""
+    port = free_port()
+    gateway = main_stack.start_gateway(port=port, env={"DREAMOMNI2_MIN_IMAGE_SIDE": "1"})
+    yield f"http://127.0.0.1:{port}"
+    gateway.stop()

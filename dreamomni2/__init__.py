@@ -1,0 +1,73 @@
+"""The DreamOmni2 client: submit edits and generations, follow them, fetch the images.
+
+    from dreamomni2 import Client
+
+    with Client("http://127.0.0.1:8000", api_key="...") as client:
+        job = client.submit("make the bag in image 1 use the pattern of the dress in image 2",
+                            ["bag.png", "dress.png"], seed=42)
+        job = client.wait(job, on_progress=lambda p: print(p.describe()))
+        client.download(job, "out.png")
+
+`AsyncClient` is the same for asyncio; `verify_webhook` checks a webhook delivery; the exceptions
+are in `dreamomni2.errors`. The command line is `dreamomni2` (`dreamomni2 --help`).
+Needs httpx, pydantic, Pillow and standardwebhooks (tqdm for the command line); never the server's
+dependencies.
+"""
+
+from api_schemas.api import ErrorInfo, Job, JobStatus, OutputFormat, Progress, ResultInfo
+from api_schemas.common import AdapterChoice, StepCache, Task, WebhookEvent
+from dreamomni2._core import DEFAULT_SERVER, __version__
+from dreamomni2.aio import AsyncClient
+from dreamomni2.client import Client
+from dreamomni2.errors import (
+    AuthenticationError,
+    ConflictError,
+    DreamOmni2Error,
+    InvalidInputError,
+    JobCanceledError,
+    JobError,
+    JobFailedError,
+    NotFoundError,
+    RateLimitError,
+    ServerError,
+    ServiceUnavailableError,
+    WaitTimeoutError,
+    WebhookVerificationError,
+)
+from dreamomni2.events import JobEvent, JobProgress
+from dreamomni2.images import ImageInput
+from dreamomni2.webhooks import verify_webhook
+
+__all__ = [
+    "DEFAULT_SERVER",
+    "AdapterChoice",
+    "AsyncClient",
+    "AuthenticationError",
+    "Client",
+    "ConflictError",
+    "DreamOmni2Error",
+    "ErrorInfo",
+    "ImageInput",
+    "InvalidInputError",
+    "Job",
+    "JobCanceledError",
+    "JobError",
+    "JobEvent",
+    "JobFailedError",
+    "JobProgress",
+    "JobStatus",
+    "NotFoundError",
+    "OutputFormat",
+    "Progress",
+    "RateLimitError",
+    "ResultInfo",
+    "ServerError",
+    "ServiceUnavailableError",
+    "StepCache",
+    "Task",
+    "WaitTimeoutError",
+    "WebhookEvent",
+    "WebhookVerificationError",
+    "__version__",
+    "verify_webhook",
+]

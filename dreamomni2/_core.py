@@ -1,0 +1,341 @@
+"""What the sync and async clients share: settings, request building, retry and reconnect policy.
+
+Everything here is free of I/O, so `Client` and `AsyncClient` differ only in how they send and wait.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import ValidationError
+
+from api_schemas.api import Job, JobOptions, OutputFormat
+from api_schemas.common import StepCache, Task, WebhookEvent
+from dreamomni2.errors import (
+    CONNECTION_LOST,
+    DreamOmni2Error,
+    RateLimitError,
+    ServerError,
+    ServiceUnavailableError,
+    WaitTimeoutError,
+    invalid_options,
+    job_error,
+)
+from dreamomni2.events import JobEvent, SSEDecoder
+from dreamomni2.images import ImageInput, to_upload
+
+try:
+    __version__ = version("dreamomni2-serve")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
+
+#: Where `make up` serves the API (its port is `DREAMOMNI2_PORT`, 8000 by default).
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+SERVER_ENV = "DREAMOMNI2_SERVER"
+API_KEY_ENV = "DREAMOMNI2_API_KEY"
+USER_AGENT = f"dreamomni2-python/{__version__}"
+
+#: A job object, or its id.
+JobRef = Job | str
+
+#: The stream's read timeout while a job runs: the service pings every 15 s, so a connection quiet for
+#: this long is dead and is reopened.
+STREAM_READ_TIMEOUT_S = 45.0
+
+
+def resolve_server(server: str | None) -> str:
+    """The base URL: `server`, else `$DREAMOMNI2_SERVER`, else http://127.0.0.1:8000 (no trailing /)."""
+    value = (server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER).strip()
+    if "://" not in value:
+        value = f"http://{value}"
+    return value.rstrip("/")
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The API key: `api_key`, else `$DREAMOMNI2_API_KEY`, else None (a service without keys)."""
+    return api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+
+
+def job_id_of(job: JobRef) -> str:
+    return job.id if isinstance(job, Job) else job
+
+
+def job_path(job: JobRef, suffix: str = "") -> str:
+    # Quoted: an id is the caller's input and must not be able to reach another route.
+    return f"/v1/jobs/{quote(job_id_of(job), safe='')}{suffix}"
+
+
+def succeeded(job: Job) -> Job:
+    """The job if it succeeded; raises JobFailedError or JobCanceledError if it did not."""
+    error = job_error(job)
+    if error is not None:
+        raise error
+    return job
+
+
+def ended(job: Job) -> Job:
+    """As `succeeded`, for a job the stream says has ended; a job still going is the service's error."""
+    if not job.status.is_terminal():
+        raise ServerError(
+            f"The event stream of job {job.id} is over, but the job is {job.status.value}.",
+            code="invalid_event",
+        )
+    return succeeded(job)
+
+
+#: The longest `Retry-After` the client honours; a longer one is cut to this.
+MAX_RETRY_AFTER_S = 30.0
+
+
+def backoff(attempt: int, error: DreamOmni2Error | None = None) -> float:
+    """Seconds before retry `attempt` (0-based): what the service asked (`Retry-After`), else 0.25,
+    0.5, 1, 2, then 4 at most."""
+    if error is not None and error.retry_after is not None:
+        return min(error.retry_after, MAX_RETRY_AFTER_S)
+    return min(0.25 * 2.0**attempt, 4.0)
+
+
+def retryable(error: DreamOmni2Error) -> bool:
+    """Whether an error answer says "try again": the request did not take effect and may later."""
+    return (
+        isinstance(error, ServiceUnavailableError | RateLimitError) or error.code == "idempotency_key_in_use"
+    )
+
+
+def reached_server(error: httpx.TransportError) -> bool:
+    """Whether the request may have reached the service (so resending it could repeat it)."""
+    return not isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One API call, ready to send.
+
+    `idempotent`: sending it twice has the effect of sending it once, so it may be resent after its
+    answer was lost (reads, and submissions, which always carry an Idempotency-Key).
+    """
+
+    method: str
+    path: str
+    idempotent: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    files: list[tuple[str, Any]] | None = None
+
+
+def _form_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def prepare_submission(
+    instruction: str,
+    images: Sequence[ImageInput],
+    *,
+    task: Task | str | None,
+    seed: int | None,
+    steps: int | None,
+    guidance: float | None,
+    size: tuple[int, int] | None,
+    translate: bool | None,
+    output_format: OutputFormat | str | None,
+    step_cache: StepCache | str | None,
+    webhook_url: str | None,
+    webhook_events: Sequence[WebhookEvent | str] | None,
+    deadline_s: float | None,
+    idempotency_key: str | None,
+) -> Prepared:
+    """`POST /v1/jobs` as multipart: the images in order, then the options the caller set.
+
+    The options are checked by the API's own model (`JobOptions`) first, so a misspelt choice fails
+    here with the field named; limits (steps, sizes, image counts) are the deployment's to check.
+    """
+    if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike) or not isinstance(
+        images, Sequence
+    ):
+        # One image passed where a list belongs: a str would otherwise be read as a list of characters.
+        raise TypeError("images must be a list (or tuple) of images, e.g. [path]; got a single value.")
+    width, height = size if size is not None else (None, None)
+    given = {
+        "instruction": instruction,
+        "task": task,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "width": width,
+        "height": height,
+        "translate": translate,
+        "output_format": output_format,
+        "step_cache": step_cache,
+        "webhook_url": webhook_url,
+        "webhook_events": list(webhook_events) if webhook_events is not None else None,
+        "deadline_s": deadline_s,
+    }
+    try:
+        options = JobOptions.model_validate(
+            {name: value for name, value in given.items() if value is not None}
+        )
+    except ValidationError as exc:
+        raise invalid_options(exc) from None
+    uploads = [to_upload(image, number) for number, image in enumerate(images, start=1)]
+    # Only what the caller set: the deployment fills in its own defaults for the rest.
+    fields = options.model_dump(mode="json", exclude_unset=True)
+    parts: list[tuple[str, Any]] = [upload.part() for upload in uploads]
+    parts += [(name, (None, _form_value(value))) for name, value in fields.items()]
+    # Always a key, so that a submission whose answer was lost can be resent without a second job.
+    key = idempotency_key if idempotency_key is not None else f"dreamomni2-{uuid.uuid4().hex}"
+    return Prepared("POST", "/v1/jobs", idempotent=True, headers={"Idempotency-Key": key}, files=parts)
+
+
+class Quiet(StrEnum):
+    """What a stream's read timeout calls for (see `StreamFollower.timed_out`)."""
+
+    POLL = "poll"
+    REOPEN = "reopen"
+    DEAD = "dead"
+
+
+class StreamFollower:
+    """Follows one job's event stream across connections: resumes with `Last-Event-ID` after a drop,
+    backs off between attempts, and keeps the overall deadline. The clients only move bytes:
+
+        while not follower.over:
+            open follower.request() with read timeout follower.read_timeout()
+            204 -> follower.finish(); an error answer -> follower.refused(error)
+            each line -> follower.feed(line) -> JobEvent or None
+            stream closed early -> follower.failed(follower.ended_early())
+            read timeout -> follower.timed_out(); other transport errors -> follower.failed(error)
+            sleep follower.take_delay()
+
+    Until the stream has delivered an event it is a request like any other, given up after
+    `max_retries` failed attempts (an unreachable service fails fast). Once it has worked, a drop
+    is more likely a restarting gateway or a proxy's idle cut: up to `max_reconnects` attempts in a
+    row (about 8 s of backoff) are made before giving up; every event received resets the count.
+
+    With `queue_poll_s` set, a connection opened while the job may be queued (the first, and those
+    after a `queued` event) reads with that short a timeout: the stream is silent in the queue, so a
+    quiet spell is the caller's cue to poll the queue position (`Quiet.POLL`); the stream is then
+    reopened where it left off. A read timeout holds for the whole connection, so one opened short
+    whose job has started since is reopened with the long timeout (`Quiet.REOPEN`), which is not a
+    failure.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        *,
+        last_event_id: str | None = None,
+        timeout: float | None = None,
+        queue_poll_s: float | None = None,
+        max_retries: int = 2,
+        max_reconnects: int = 5,
+    ) -> None:
+        self.job_id = job_id
+        self.last_event_id = last_event_id
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout if timeout is not None else None
+        self.queue_poll_s = queue_poll_s
+        self.max_retries = max_retries
+        self.max_reconnects = max_reconnects
+        #: True once the stream is over: its final event came, or the service said it had (204).
+        self.over = False
+        self.failures = 0
+        self.delivered = False
+        # Until the stream says otherwise the job may be queued (it usually is, just submitted).
+        self.queued = True
+        self.short_read = False
+        self._decoder = SSEDecoder()
+        self._delay = 0.0
+
+    def request(self) -> Prepared:
+        """The next connection's request."""
+        self.check_deadline()
+        self._decoder = SSEDecoder(
+            last_event_id=self.last_event_id
+        )  # a partial event dies with its connection
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if self.last_event_id is not None:
+            headers["Last-Event-ID"] = self.last_event_id
+        return Prepared("GET", job_path(self.job_id, "/events"), idempotent=True, headers=headers)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise WaitTimeoutError(self.job_id, self.timeout or 0.0)
+
+    def read_timeout(self) -> float:
+        """How long one read of the next connection may wait: short while queued (to poll), never
+        past the deadline."""
+        self.short_read = bool(self.queued and self.queue_poll_s)
+        wait = self.queue_poll_s if self.short_read and self.queue_poll_s else STREAM_READ_TIMEOUT_S
+        remaining = self.remaining()
+        # A little past the deadline, so the read ends just after it and the deadline check fires.
+        return wait if remaining is None else max(0.05, min(wait, remaining + 0.05))
+
+    def feed(self, line: str) -> JobEvent | None:
+        """One line of the stream; returns the event it completes, if any."""
+        self.check_deadline()  # a busy stream never times out on its own
+        sse = self._decoder.feed(line)
+        if sse is None:
+            return None
+        event = JobEvent.from_sse(sse)
+        if sse.id is not None:
+            self.last_event_id = sse.id
+        self.failures = 0
+        self.delivered = True
+        self.queued = event.type == "queued"
+        self.over = event.final
+        return event
+
+    def finish(self) -> None:
+        """The service answered 204: the caller resumed at or after the final event; nothing follows."""
+        self.over = True
+
+    def refused(self, error: DreamOmni2Error) -> None:
+        """An error answer to the stream request: try again later if it says so, else raise it."""
+        if not retryable(error):
+            raise error
+        self.failed(error)
+
+    def timed_out(self) -> Quiet:
+        """What a read timeout means: a queued job's expected silence (poll it, then reopen), a short
+        timeout outlived by the job's start (reopen), or a dead connection (a failure)."""
+        self.check_deadline()
+        if not self.short_read:
+            return Quiet.DEAD
+        return Quiet.POLL if self.queued else Quiet.REOPEN
+
+    def failed(self, error: DreamOmni2Error) -> None:
+        """A connection failed or ended early: back off before the next (`take_delay`); raises
+        `error` when too many failed in a row (or the deadline comes first)."""
+        self.check_deadline()
+        self.failures += 1
+        if self.failures > (self.max_reconnects if self.delivered else self.max_retries):
+            raise error
+        delay = backoff(self.failures - 1, error)
+        remaining = self.remaining()
+        self._delay = delay if remaining is None else min(delay, remaining)
+
+    def take_delay(self) -> float:
+        """The seconds to wait before the next connection (0 when the last one did not fail)."""
+        delay, self._delay = self._delay, 0.0
+        return delay
+
+    def ended_early(self) -> ServiceUnavailableError:
+        """The error for a stream the server closed before the job's final event."""
+        return ServiceUnavailableError(
+            f"The event stream of job {self.job_id} ended before its final event.", code=CONNECTION_LOST
+        )

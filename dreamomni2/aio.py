@@ -1,0 +1,274 @@
+"""The asyncio client: `AsyncClient`, the same calls as `Client`, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import aclosing
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+from PIL import Image
+
+from api_schemas.api import Job, OutputFormat
+from api_schemas.common import StepCache, Task, WebhookEvent
+from dreamomni2._core import (
+    USER_AGENT,
+    JobRef,
+    Prepared,
+    Quiet,
+    StreamFollower,
+    backoff,
+    ended,
+    job_id_of,
+    job_path,
+    prepare_submission,
+    reached_server,
+    resolve_api_key,
+    resolve_server,
+    retryable,
+    succeeded,
+)
+from dreamomni2.errors import (
+    ConflictError,
+    DreamOmni2Error,
+    JobError,
+    error_from_response,
+    error_from_transport,
+    job_error,
+)
+from dreamomni2.events import JobEvent, JobProgress, ProgressTracker
+from dreamomni2.images import ImageInput
+
+#: What `wait(on_progress=...)` calls with each update: a plain function or a coroutine function.
+AsyncProgressCallback = Callable[[JobProgress], object]
+
+
+class AsyncClient:
+    """A client of the DreamOmni2 service for asyncio; the same calls and arguments as `Client`.
+
+        async with AsyncClient("http://127.0.0.1:8000", api_key="...") as client:
+            job = await client.submit("a lighthouse at dusk", task="generate", steps=28)
+            job = await client.wait(job, on_progress=lambda p: print(p.describe()))
+            image = await client.result_image(job)
+
+    Args: as `Client`; `http_client` is an `httpx.AsyncClient`.
+    """
+
+    def __init__(
+        self,
+        server: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 2,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.server = resolve_server(server)
+        self.max_retries = max_retries
+        self._headers = {"User-Agent": USER_AGENT}
+        key = resolve_api_key(api_key)
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+        self._timeout = timeout
+
+    # Lifecycle ----------------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close the connections (not those of an `http_client` you passed in)."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # Sending ------------------------------------------------------------------------------------------
+    async def _send(self, request: Prepared) -> httpx.Response:
+        """Send with retries; returns a 2xx answer, raises the typed error of anything else."""
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(
+                    request.method,
+                    self.server + request.path,
+                    headers={**self._headers, **request.headers},
+                    files=request.files,
+                )
+            except httpx.TransportError as exc:
+                error: DreamOmni2Error = error_from_transport(exc, self.server)
+                may_resend = request.idempotent or not reached_server(exc)
+                if attempt >= self.max_retries or not may_resend:
+                    raise error from exc
+            else:
+                if response.is_success:
+                    return response
+                error = error_from_response(response)
+                if attempt >= self.max_retries or not retryable(error):
+                    raise error
+            await asyncio.sleep(backoff(attempt, error))
+            attempt += 1
+
+    async def _job(self, request: Prepared) -> Job:
+        return Job.model_validate_json((await self._send(request)).content)
+
+    # Jobs ---------------------------------------------------------------------------------------------
+    async def submit(
+        self,
+        instruction: str,
+        images: Sequence[ImageInput] = (),
+        *,
+        task: Task | str | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: tuple[int, int] | None = None,
+        translate: bool | None = None,
+        output_format: OutputFormat | str | None = None,
+        step_cache: StepCache | str | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[WebhookEvent | str] | None = None,
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Queue an edit or a generation; returns the job object. Arguments and errors: `Client.submit`."""
+        # Reading and encoding the images is quick next to the upload; it stays on the event loop.
+        request = prepare_submission(
+            instruction,
+            images,
+            task=task,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            size=size,
+            translate=translate,
+            output_format=output_format,
+            step_cache=step_cache,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            deadline_s=deadline_s,
+            idempotency_key=idempotency_key,
+        )
+        return await self._job(request)
+
+    async def get(self, job: JobRef) -> Job:
+        """The job object now (see `Client.get`)."""
+        return await self._job(Prepared("GET", job_path(job), idempotent=True))
+
+    async def cancel(self, job: JobRef) -> Job:
+        """Cancel a job; returns it after the request (see `Client.cancel`)."""
+        return await self._job(Prepared("POST", job_path(job, "/cancel"), idempotent=False))
+
+    async def events(
+        self, job: JobRef, *, last_event_id: str | None = None, timeout: float | None = None
+    ) -> AsyncIterator[JobEvent]:
+        """The job's events up to the final one, resumed across dropped connections (see `Client.events`)."""
+        follower = StreamFollower(
+            job_id_of(job), last_event_id=last_event_id, timeout=timeout, max_retries=self.max_retries
+        )
+        # Closed here, not whenever the garbage collector gets to it: the connection goes with it.
+        async with aclosing(self._follow(follower)) as stream:
+            async for event in stream:
+                if event is not None:
+                    yield event
+
+    async def wait(
+        self,
+        job: JobRef,
+        *,
+        on_progress: AsyncProgressCallback | None = None,
+        timeout: float | None = None,
+        queue_poll_s: float = 2.0,
+    ) -> Job:
+        """Wait for the job to end; returns the succeeded job (see `Client.wait`).
+
+        `on_progress` may be a plain function or a coroutine function (awaited).
+        """
+        job_id = job_id_of(job)
+        tracker = ProgressTracker(job_id)
+        follower = StreamFollower(
+            job_id, timeout=timeout, queue_poll_s=queue_poll_s, max_retries=self.max_retries
+        )
+        async for event in self._follow(follower):
+            update = (
+                tracker.from_event(event) if event is not None else tracker.from_job(await self.get(job_id))
+            )
+            if update is not None and on_progress is not None:
+                outcome = on_progress(update)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            if event is not None and event.job is not None:
+                return succeeded(event.job)
+        # The stream ended without a final event: it was over before (a 204). The job says how it ended.
+        return ended(await self.get(job_id))
+
+    async def _follow(self, follower: StreamFollower) -> AsyncGenerator[JobEvent | None, None]:
+        """As `Client._follow`: events across reconnects; None when a queued job's stream was quiet."""
+        while not follower.over:
+            try:
+                async with aclosing(self._connection(follower)) as connection:
+                    async for event in connection:
+                        yield event
+            except httpx.ReadTimeout as exc:
+                quiet = follower.timed_out()
+                if quiet is Quiet.POLL:
+                    yield None
+                elif quiet is Quiet.DEAD:
+                    follower.failed(error_from_transport(exc, self.server))
+            except httpx.TransportError as exc:
+                follower.failed(error_from_transport(exc, self.server))
+            await asyncio.sleep(follower.take_delay())
+
+    async def _connection(self, follower: StreamFollower) -> AsyncGenerator[JobEvent, None]:
+        """The events of one connection to the stream."""
+        request = follower.request()
+        async with self._http.stream(
+            request.method,
+            self.server + request.path,
+            headers={**self._headers, **request.headers},
+            timeout=httpx.Timeout(self._timeout, read=follower.read_timeout()),
+        ) as response:
+            if response.status_code == 204:
+                follower.finish()
+            elif not response.is_success:
+                await response.aread()
+                follower.refused(error_from_response(response))
+            else:
+                async for line in response.aiter_lines():
+                    event = follower.feed(line)
+                    if event is not None:
+                        yield event
+                    if follower.over:
+                        return
+                follower.failed(follower.ended_early())
+
+    # Results ------------------------------------------------------------------------------------------
+    async def result_bytes(self, job: JobRef) -> bytes:
+        """The result image as encoded bytes; raises as `Client.result_bytes`."""
+        try:
+            return (await self._send(Prepared("GET", job_path(job, "/result"), idempotent=True))).content
+        except ConflictError as exc:
+            if exc.code not in ("job_failed", "job_canceled"):
+                raise
+            error: JobError | None = job_error(await self.get(job), status=exc.status)
+            raise (error if error is not None else exc) from None
+
+    async def result_image(self, job: JobRef) -> Image.Image:
+        """The result as a PIL image (decoded in full)."""
+        image = Image.open(io.BytesIO(await self.result_bytes(job)))
+        image.load()
+        return image
+
+    async def download(self, job: JobRef, path: str | Path) -> Path:
+        """Write the result image to `path`; returns the path."""
+        target = Path(path)
+        target.write_bytes(await self.result_bytes(job))
+        return target
