@@ -56,6 +56,9 @@ class ErrorCode(StrEnum):
     INVALID_API_KEY = "invalid_api_key"
     FORBIDDEN = "forbidden"
     TOO_MANY_REQUESTS = "too_many_requests"
+    RATE_LIMITED = "rate_limited"
+    ACTIVE_JOBS_LIMIT = "active_jobs_limit"
+    QUEUE_FULL = "queue_full"
     # A job's state.
     JOB_NOT_FOUND = "job_not_found"
     RESULT_EXPIRED = "result_expired"
@@ -128,6 +131,9 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.INVALID_API_KEY: CodeInfo(401, _H, "the API key is not known"),
     ErrorCode.FORBIDDEN: CodeInfo(403, _H, "not allowed"),
     ErrorCode.TOO_MANY_REQUESTS: CodeInfo(429, _H, "slow down"),
+    ErrorCode.RATE_LIMITED: CodeInfo(429, _H, "this API key submitted faster than its rate limit allows"),
+    ErrorCode.ACTIVE_JOBS_LIMIT: CodeInfo(429, _H, "this API key has its maximum of jobs queued or running"),
+    ErrorCode.QUEUE_FULL: CodeInfo(429, _H, "the service's queue is at its cap; try again later"),
     ErrorCode.JOB_NOT_FOUND: CodeInfo(404, _H, "no such job for this API key, or it expired"),
     ErrorCode.RESULT_EXPIRED: CodeInfo(404, _H, "the job succeeded but its image has expired"),
     ErrorCode.JOB_NOT_FINISHED: CodeInfo(409, _H, "the job is queued or running: no result yet"),
@@ -214,6 +220,24 @@ class ServiceUnavailable(ServiceError):
 
     code = ErrorCode.UNAVAILABLE
     http_status = 503
+
+
+class TooManyRequests(ServiceError):
+    """A quota refuses the request for now; `headers` say when to retry and which limit it was."""
+
+    code = ErrorCode.TOO_MANY_REQUESTS
+    http_status = 429
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message, code=code, details=details)
+        self.headers = headers or {}
 
 
 class ModelOutOfMemory(ServiceError):

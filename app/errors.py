@@ -77,6 +77,7 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
         if exc.http_status == 503:
             headers = {"Retry-After": str(RETRY_AFTER_S)}
+        headers = {**(headers or {}), **getattr(exc, "headers", {})} or None
         return error_response(exc.http_status, exc.code, exc.message, exc.details or None, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from starlette.requests import Request
 
 from api_schemas.api import Job, JobOptions, JobStatus, OutputFormat, Readiness, ServiceInfo, WorkerCounts
 from api_schemas.common import StepCache, WebhookEvent
-from api_schemas.errors import Conflict, ErrorCode, InvalidInput, NotFound
+from api_schemas.errors import Conflict, ErrorCode, InvalidInput, NotFound, TooManyRequests
 from api_schemas.images import check_byte_size, load_image
 from api_schemas.jobs import JobParameters, resolve_job
 from api_schemas.records import JobRecord, JobSpec, WebhookSpec
@@ -29,6 +30,8 @@ from app.settings import GatewaySettings
 from workers.celery_app import enqueue
 from workers.destinations import check_destination
 from workers.store import CancelOutcome, Reservation, Store
+from workers.store.jobs import new_job_id
+from workers.store.quotas import Limits, Refusal
 from workers.views import job_view
 from workers.webhooks import Notifier, WebhookDeliverer
 
@@ -137,13 +140,16 @@ class JobService:
             replay = self._reserve(owner, idempotency_key, fingerprint)
             if replay is not None:
                 return replay, True
+        job_id = new_job_id()
         try:
+            self._admit(owner, job_id)
             record = self.store.jobs.create(
-                owner=owner, spec=spec, images=images, ttl_s=ttl_s, deadline_s=deadline_s
+                owner=owner, spec=spec, images=images, ttl_s=ttl_s, deadline_s=deadline_s, job_id=job_id
             )
         except Exception:
             if idempotency_key is not None:
                 self.store.idempotency.release(owner, idempotency_key)
+            self.store.quotas.release(owner, job_id)
             raise
         # From here on the job exists: whatever fails now, the answer is the job, never a 5xx that a
         # client would retry into a duplicate. The stored job is the truth: a worker's reaper sends a
@@ -156,6 +162,55 @@ class JobService:
         except Exception as exc:
             logger.warning("job %s stored, its message not sent (a worker will send it): %s", record.id, exc)
         return record, False
+
+    def quota(self, owner: str) -> Limits:
+        """`owner`'s quotas: its own (`DREAMOMNI2_KEY_LIMITS`) where set, else the deployment's."""
+        own = self.settings.key_limits.get(owner)
+        return Limits(
+            rate=(own and own.rate) or self.settings.rate_limit_per_s,
+            burst=(own and own.burst) or self.settings.rate_limit_burst,
+            active=(own and own.active) or self.settings.max_active_jobs_per_key,
+        )
+
+    def _admit(self, owner: str, job_id: str) -> None:
+        """Take a submission token and a job slot, or refuse with 429 naming the limit."""
+        limits = self.quota(owner)
+        depth_cap = self.settings.max_queue_depth
+        admission = self.store.quotas.admit(owner, job_id, limits, depth_cap, self.settings.job_ttl_s)
+        if admission.refusal is Refusal.ADMITTED:
+            return
+        window = max(1, math.ceil(limits.burst / limits.rate))
+        if admission.refusal is Refusal.RATE:
+            retry_after = max(1, math.ceil(admission.value / 1000))
+            code = ErrorCode.RATE_LIMITED
+            message = (
+                f"This API key submitted faster than its limit of {limits.rate:g} jobs per second "
+                f"(bursts of {limits.burst}); try again in {retry_after} s."
+            )
+            policy, state = f'"rate";q={limits.burst};w={window}', f'"rate";r=0;t={retry_after}'
+        elif admission.refusal is Refusal.ACTIVE_JOBS:
+            retry_after = 5
+            code = ErrorCode.ACTIVE_JOBS_LIMIT
+            message = (
+                f"This API key has {admission.value} jobs queued or running, its limit; submit more "
+                "as they finish (or cancel some)."
+            )
+            policy, state = f'"active";q={limits.active}', f'"active";r=0;t={retry_after}'
+        else:
+            retry_after = 10
+            code = ErrorCode.QUEUE_FULL
+            message = (
+                f"The service has {admission.value} jobs queued, its cap (DREAMOMNI2_MAX_QUEUE_DEPTH); "
+                f"try again in {retry_after} s."
+            )
+            policy, state = f'"queue";q={depth_cap}', f'"queue";r=0;t={retry_after}'
+        self.metrics.jobs_rejected.labels(code.value).inc()
+        raise TooManyRequests(
+            message,
+            code=code,
+            details={"limit": policy.split(";")[0].strip('"'), "retry_after_s": retry_after},
+            headers={"Retry-After": str(retry_after), "RateLimit-Policy": policy, "RateLimit": state},
+        )
 
     def _reserve(self, owner: str, key: str, fingerprint: str) -> JobRecord | None:
         """Reserve the Idempotency-Key; the earlier job when this request replays one."""

@@ -6,7 +6,7 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import NoDecode
 
 from workers.config import ServiceSettings
@@ -49,6 +49,16 @@ def _origins(value: object) -> object:
     return origins
 
 
+class KeyLimits(BaseModel):
+    """One API key's own quotas (`DREAMOMNI2_KEY_LIMITS`); what it leaves out takes the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: float | None = Field(default=None, gt=0, description="Submissions per second, on average.")
+    burst: int | None = Field(default=None, ge=1, description="Submissions at once, after a pause.")
+    active: int | None = Field(default=None, ge=1, description="Jobs queued or running at once.")
+
+
 class GatewaySettings(ServiceSettings):
     host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(default=8000, description="Port the gateway listens on (`make up`).")
@@ -65,6 +75,16 @@ class GatewaySettings(ServiceSettings):
         default=1.0, gt=0, description="How often queued jobs' deadlines are checked."
     )
     threads: int = Field(default=128, ge=8, description="Threads for blocking Redis and image work.")
+    rate_limit_per_s: float = Field(
+        default=10.0, gt=0, description="Submissions per second per API key, on average (token bucket)."
+    )
+    rate_limit_burst: int = Field(default=60, ge=1, description="Submissions per API key at once.")
+    max_active_jobs_per_key: int = Field(default=200, ge=1, description="Jobs queued or running per key.")
+    max_queue_depth: int = Field(default=10_000, ge=1, description="Jobs queued in all; 429 beyond it.")
+    key_limits: dict[str, KeyLimits] = Field(
+        default_factory=dict,
+        description='Per-key quotas, JSON: {"alice": {"rate": 1, "burst": 5, "active": 10}}.',
+    )
     cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_origins)] = Field(
         default_factory=list,
         description="Comma-separated origins (`https://app.example.com`) whose browser pages may call "

@@ -35,6 +35,11 @@ def job_response(
         200: {"model": Job, "description": "Finished within `Prefer: wait=N`."},
         **ERROR_RESPONSES,
         415: {"model": ErrorEnvelope, "description": "The body is neither multipart/form-data nor JSON."},
+        429: {
+            "model": ErrorEnvelope,
+            "description": "A quota: this key's submission rate or active jobs, or the queue's cap. "
+            "`Retry-After` says when to try again; `RateLimit-Policy` and `RateLimit` which limit it was.",
+        },
     },
     openapi_extra=SUBMIT_BODY,
 )

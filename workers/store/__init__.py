@@ -43,6 +43,7 @@ from workers.store.outcomes import (
     Reservation,
     ReservationResult,
 )
+from workers.store.quotas import Quotas
 from workers.store.registry import WorkerRegistry
 
 __all__ = [
@@ -71,6 +72,7 @@ class Store:
     keys: Keys
     jobs: JobStore
     idempotency: IdempotencyKeys
+    quotas: Quotas
     deliveries: Deliveries
     workers: WorkerRegistry
 
@@ -82,6 +84,7 @@ class Store:
             keys=keys,
             jobs=JobStore(client, keys),
             idempotency=IdempotencyKeys(client, keys),
+            quotas=Quotas(client, keys),
             deliveries=Deliveries(client, keys),
             workers=WorkerRegistry(client, keys),
         )

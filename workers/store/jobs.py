@@ -38,6 +38,10 @@ class Event:
     data: dict[str, Any]
 
 
+def new_job_id() -> str:
+    return f"j_{uuid.uuid4().hex}"
+
+
 def parse_events(reply: list | None) -> list[Event]:
     """Events out of an XREAD reply."""
     events = []
@@ -72,13 +76,20 @@ class JobStore:
 
     # Gateway side ---------------------------------------------------------------------------------
     def create(
-        self, *, owner: str, spec: JobSpec, images: list[bytes], ttl_s: int, deadline_s: float | None = None
+        self,
+        *,
+        owner: str,
+        spec: JobSpec,
+        images: list[bytes],
+        ttl_s: int,
+        deadline_s: float | None = None,
+        job_id: str | None = None,
     ) -> JobRecord:
         """Store a new queued job and its inputs atomically; the caller then sends its message.
 
         With `deadline_s`, a job not started that many seconds after now ends canceled unrun.
         """
-        job_id = f"j_{uuid.uuid4().hex}"
+        job_id = job_id or new_job_id()
         now = time.time()
         k = self.keys
         seq = self.redis.incr(k.sequence)

@@ -33,6 +33,12 @@ class Keys:
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
 
+    def rate_bucket(self, owner: str) -> str:
+        return f"{self.prefix}:rate:{owner}"
+
+    def active_jobs(self, owner: str) -> str:
+        return f"{self.prefix}:active:{owner}"
+
     def resend(self, job_id: str) -> str:
         return f"{self.prefix}:resend:{job_id}"
 
