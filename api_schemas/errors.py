@@ -160,6 +160,27 @@ def error_table() -> str:
     return "\n".join(rows)
 
 
+#: The code of an error answer that carries no code of its own, by HTTP status: what the gateway
+#: answers for the errors Starlette raises itself (unknown route, wrong method, ...), and what a
+#: client reads from an answer without the envelope (a proxy's page, say).
+STATUS_CODES: dict[int, ErrorCode] = {
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    406: ErrorCode.NOT_ACCEPTABLE,
+    409: ErrorCode.CONFLICT,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    422: ErrorCode.INVALID_INPUT,
+    429: ErrorCode.TOO_MANY_REQUESTS,
+    502: ErrorCode.UNAVAILABLE,
+    503: ErrorCode.UNAVAILABLE,
+    504: ErrorCode.UNAVAILABLE,
+}
+
+
 class ServiceError(Exception):
     """Base of every error the service reports to a caller."""
 

@@ -13,25 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api_schemas.api import ErrorEnvelope
-from api_schemas.errors import ErrorCode, ServiceError
+from api_schemas.errors import STATUS_CODES, ErrorCode, ServiceError
 
 logger = logging.getLogger(__name__)
-
-#: The codes of the errors Starlette raises itself (unknown route, wrong method, ...).
-_HTTP_CODES = {
-    400: ErrorCode.BAD_REQUEST,
-    401: ErrorCode.UNAUTHORIZED,
-    403: ErrorCode.FORBIDDEN,
-    404: ErrorCode.NOT_FOUND,
-    405: ErrorCode.METHOD_NOT_ALLOWED,
-    406: ErrorCode.NOT_ACCEPTABLE,
-    409: ErrorCode.CONFLICT,
-    413: ErrorCode.PAYLOAD_TOO_LARGE,
-    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-    422: ErrorCode.INVALID_INPUT,
-    429: ErrorCode.TOO_MANY_REQUESTS,
-    503: ErrorCode.UNAVAILABLE,
-}
 
 #: Seconds a 503 asks the client to wait (`Retry-After`): Redis restarts or fails over in seconds.
 RETRY_AFTER_S = 2
@@ -93,7 +77,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(
+        code = STATUS_CODES.get(
             exc.status_code, ErrorCode.BAD_REQUEST if exc.status_code < 500 else ErrorCode.INTERNAL
         )
         message = exc.detail if isinstance(exc.detail, str) else code.value.replace("_", " ")

@@ -30,7 +30,7 @@ import httpx
 from pydantic import ValidationError
 
 from api_schemas.api import ErrorEnvelope, JobStatus
-from api_schemas.errors import ErrorCode
+from api_schemas.errors import STATUS_CODES, ErrorCode
 
 if TYPE_CHECKING:
     from api_schemas.api import Job
@@ -40,25 +40,6 @@ UNREACHABLE = "unreachable"
 CONNECTION_LOST = "connection_lost"
 WAIT_TIMEOUT = "wait_timeout"
 INVALID_SIGNATURE = "invalid_signature"
-
-# The code of an error answer without the service's envelope (a proxy's page, say), by status: the
-# same codes the gateway itself gives such answers.
-_STATUS_CODES: dict[int, ErrorCode] = {
-    400: ErrorCode.BAD_REQUEST,
-    401: ErrorCode.UNAUTHORIZED,
-    403: ErrorCode.FORBIDDEN,
-    404: ErrorCode.NOT_FOUND,
-    405: ErrorCode.METHOD_NOT_ALLOWED,
-    406: ErrorCode.NOT_ACCEPTABLE,
-    409: ErrorCode.CONFLICT,
-    413: ErrorCode.PAYLOAD_TOO_LARGE,
-    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-    422: ErrorCode.INVALID_INPUT,
-    429: ErrorCode.TOO_MANY_REQUESTS,
-    502: ErrorCode.UNAVAILABLE,
-    503: ErrorCode.UNAVAILABLE,
-    504: ErrorCode.UNAVAILABLE,
-}
 
 
 class DreamOmni2Error(Exception):
@@ -208,7 +189,7 @@ def error_from_response(response: httpx.Response) -> DreamOmni2Error:
         info = ErrorEnvelope.model_validate_json(response.content).error
     except ValidationError:
         # Not the service's envelope: a proxy or load balancer answered. Say so, with what it sent.
-        code = _STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
+        code = STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
         text = response.text.strip()[:200] or response.reason_phrase
         message = f"HTTP {status} from {response.request.url}: {text}"
         return cls(message, code=code.value, status=status, retry_after=retry_after)
