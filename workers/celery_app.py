@@ -11,6 +11,7 @@ import json
 
 from celery import Celery
 
+from workers.broker import TRANSPORT
 from workers.config import ServiceSettings
 
 #: The gateway sends jobs by this name; `workers.tasks` defines it.
@@ -23,6 +24,7 @@ def create_celery(settings: ServiceSettings) -> Celery:
     """The one Celery configuration of every process (gateway, GPU workers, webhook workers)."""
     app = Celery("dreamomni2", broker=settings.redis_url, set_as_current=True)
     app.conf.update(
+        broker_transport=TRANSPORT,
         task_default_queue=settings.queue,
         task_ignore_result=True,
         # Acknowledge after the task, so the message of a worker that died is delivered again; the job

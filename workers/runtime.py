@@ -8,7 +8,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis
 
 from api_schemas.api import OutputFormat, Progress
 from api_schemas.common import WebhookEvent
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 
     from models.engine import Engine
     from models.settings import EngineSettings
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +167,11 @@ class WorkerRuntime:
 
     def reap(self) -> None:
         """Requeue jobs whose worker stopped renewing its lease (dead, or cut off from Redis)."""
-        for job_id, outcome in self.store.jobs.requeue_lost(self.settings.max_attempts):
+        # After a Redis restart the live runs get two leases' time to take their leases back.
+        grace = 2 * self.settings.lease_ttl_s
+        for job_id, outcome in self.store.jobs.requeue_lost(
+            self.settings.max_attempts, restart_grace_s=grace
+        ):
             if outcome is RequeueOutcome.REQUEUED:
                 metrics.REQUEUED.inc()
                 enqueue(self.celery, self.settings, job_id)
@@ -231,23 +239,39 @@ class WorkerRuntime:
             if not isinstance(exc, ServiceError | MemoryError):
                 logger.exception("job %s failed", job_id)
             end, output = job_end(exc), None
-        written = self.store.jobs.finish(
-            job_id,
-            token,
-            end.status,
-            ttl_s=record.ttl_s,
-            metadata=output.metadata if output else None,
-            error=end.error,
-            result=output.result if output else None,
-            result_bytes=output.data if output else b"",
+        written = self._until_stored(
+            lambda: self.store.jobs.finish(
+                job_id,
+                token,
+                end.status,
+                ttl_s=record.ttl_s,
+                metadata=output.metadata if output else None,
+                error=end.error,
+                result=output.result if output else None,
+                result_bytes=output.data if output else b"",
+            ),
+            f"the outcome of job {job_id}",
         )
         adapter = output.metadata.adapter if output else record.spec.adapter
         metrics.JOBS.labels(record.spec.task.value, adapter.value, end.outcome).inc()
         if written:
-            self.notifier.notify(job_id, WebhookEvent.COMPLETED)
+            self._until_stored(lambda: self.notifier.notify(job_id, WebhookEvent.COMPLETED), "a webhook")
         else:
             logger.warning("job %s: another run owns it now; this run's outcome was dropped", job_id)
         return end.status.value
+
+    def _until_stored(self, write: Callable[[], T], what: str) -> T:
+        """`write()`, again every second while Redis is unreachable (up to the job timeout): a job
+        that ran to its end is not lost, nor run again, because Redis was away when it ended."""
+        deadline = time.monotonic() + max(60.0, self.settings.job_timeout_s)
+        while True:
+            try:
+                return write()
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("Redis unreachable while storing %s (%s); retrying", what, exc)
+                self._stop.wait(1.0)
 
     def _run_engine(self, record: JobRecord, token: str) -> EngineResult:
         """Run the job's spec on the engine, reporting progress and honouring cancel and timeout."""
@@ -266,15 +290,21 @@ class WorkerRuntime:
                     "use fewer steps or fewer images.",
                     details={"limit_s": self.settings.job_timeout_s},
                 )
-            return self.store.jobs.cancel_requested(job_id)
+            try:
+                return self.store.jobs.cancel_requested(job_id)
+            except redis.RedisError:  # Redis away: keep computing; the lease comes back with it
+                return False
 
         def on_progress(stage: str, step: int, total: int) -> None:
             nonlocal last_progress_hook
             self._last_progress = now = time.monotonic()
-            self.store.jobs.progress(job_id, token, Progress(stage=stage, step=step, total=total))
-            if progress_hooks and now - last_progress_hook >= self.settings.webhook_progress_interval_s:
-                last_progress_hook = now
-                self.notifier.notify(job_id, WebhookEvent.PROGRESS)
+            try:
+                self.store.jobs.progress(job_id, token, Progress(stage=stage, step=step, total=total))
+                if progress_hooks and now - last_progress_hook >= self.settings.webhook_progress_interval_s:
+                    last_progress_hook = now
+                    self.notifier.notify(job_id, WebhookEvent.PROGRESS)
+            except redis.RedisError as exc:  # a progress update missed; the job goes on
+                logger.warning("job %s: progress not stored, Redis unreachable (%s)", job_id, exc)
 
         output = self.engine.run(
             self.store.jobs.images(job_id), spec, on_progress=on_progress, should_cancel=should_cancel

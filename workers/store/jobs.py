@@ -202,7 +202,8 @@ class JobStore:
         return Claim(outcome=ClaimOutcome(outcome.decode()), attempt=int(attempt), token=token)
 
     def renew_lease(self, job_id: str, token: str, lease_ttl_s: float) -> bool:
-        return bool(self._renew(keys=[self.keys.lease(job_id)], args=[token, lease_ttl_s]))
+        keys = [self.keys.lease(job_id), self.keys.job(job_id)]
+        return bool(self._renew(keys=keys, args=[token, lease_ttl_s]))
 
     def images(self, job_id: str) -> list[bytes]:
         raw = self.redis.hgetall(self.keys.images(job_id))
@@ -247,9 +248,16 @@ class JobStore:
             args += [name, value]
         return bool(self._finish(keys=keys, args=args))
 
-    def requeue_lost(self, max_attempts: int) -> list[tuple[str, RequeueOutcome]]:
-        """Requeue running jobs whose lease lapsed (their worker died); fail those out of attempts."""
-        outcomes = []
+    def requeue_lost(
+        self, max_attempts: int, restart_grace_s: float = 0.0
+    ) -> list[tuple[str, RequeueOutcome]]:
+        """Requeue running jobs whose lease lapsed (their worker died); fail those out of attempts.
+
+        Within `restart_grace_s` of Redis starting, nothing is requeued: every lease may have lapsed
+        while Redis was away, and the runs that are alive take theirs back at their next heartbeat."""
+        outcomes: list[tuple[str, RequeueOutcome]] = []
+        if restart_grace_s and int(self.redis.info("server")["uptime_in_seconds"]) < restart_grace_s:
+            return outcomes
         k = self.keys
         error = _error_json(
             ErrorCode.WORKER_LOST,

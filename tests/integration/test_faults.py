@@ -1,0 +1,93 @@
+"""Faults on the real processes: Redis killed and restarted from its append-only file mid-traffic."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+
+from app.stack import LocalStack
+from workers.store import Store
+
+from .support import (
+    TERMINAL,
+    WebhookReceiver,
+    new_webhook_secret,
+    stack_env,
+    submit_json,
+    wait_for_job,
+    wait_for_status,
+)
+
+#: Seconds Redis stays down: longer than a lease (3 s), so every lease lapses meanwhile.
+OUTAGE_S = 5
+
+
+def test_redis_killed_and_restarted_mid_traffic_loses_nothing(tiny_cache: Path, tmp_path: Path) -> None:
+    secret = new_webhook_secret()
+    env = stack_env(
+        tiny_cache,
+        DREAMOMNI2_LEASE_TTL_S="3",
+        DREAMOMNI2_HEARTBEAT_S="1",
+        DREAMOMNI2_REAPER_INTERVAL_S="1",
+        DREAMOMNI2_WEBHOOK_SECRET=secret,
+        DREAMOMNI2_WEBHOOK_ALLOWLIST="127.0.0.1",
+        DREAMOMNI2_WEBHOOK_BACKOFF_S="3",
+    )
+    with (
+        WebhookReceiver() as receiver,
+        LocalStack(tmp_path, workers=1, env=env, persist_redis=True) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
+        # A delivery the webhook worker holds (unacknowledged, waiting to retry) when Redis dies.
+        hook = receiver.endpoint(secret, answers=[500])
+        first = submit_json(client, [], {"instruction": "a hooked one", "steps": 2, "webhook_url": hook})
+        receiver.wait_for(hook, lambda got: len(got) >= 1, what="the first webhook attempt")
+        # A job running and two queued behind it.
+        running = submit_json(client, [], {"instruction": "a long one", "steps": 1500}).json()["id"]
+        wait_for_job(client, running, lambda job: job["status"] == "running", what="the long job to run")
+        queued = [
+            submit_json(client, [], {"instruction": f"queued {n}", "steps": 2}).json()["id"] for n in (1, 2)
+        ]
+        time.sleep(1.5)  # the append-only file is written every second
+
+        redis_process = next(p for p in stack.processes if p.name == "redis")
+        redis_process.kill()
+        started = time.monotonic()
+        while time.monotonic() - started < OUTAGE_S:
+            answer = client.get(f"/v1/jobs/{running}")
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "2", answer.text
+            refused = submit_json(client, [], {"instruction": "during the outage", "steps": 2})
+            assert refused.status_code == 503 and "retry-after" in refused.headers
+            time.sleep(0.5)
+        assert time.monotonic() - started < OUTAGE_S + 5, "the gateway hung while Redis was down"
+        stack.start_redis()
+
+        workers = [p for p in stack.processes if p.name != "redis"]
+        for job_id in (running, *queued):
+            done = wait_for_status(client, job_id, timeout=120, watch=workers)
+            assert done["status"] == "succeeded", done
+        # The outage cost the running job nothing: one run, one final event.
+        assert client.get(f"/v1/jobs/{running}").json()["attempts"] == 1
+        store = Store.from_url(stack.redis_url)
+        events = _all_events(store, running)
+        assert [e.type for e in events if e.type in TERMINAL] == ["succeeded"]
+        # Every process is still running (the webhook worker used to exit, status 0, on this), and the
+        # webhook worker took up its queue again. (The delivery it held when Redis died waits in
+        # Redis's unacked set for the visibility timeout; this test does not wait an hour for it.)
+        dead = [p.name for p in stack.processes if p is not redis_process and not p.alive()]
+        assert not dead, dead
+        assert first.status_code == 202
+        after = receiver.endpoint(secret)
+        later = submit_json(client, [], {"instruction": "after", "steps": 2, "webhook_url": after}).json()
+        delivered = receiver.wait_for(after, lambda got: any(r.answered == 204 for r in got), timeout=60)
+        assert json.loads(delivered[-1].body)["id"] == later["id"]
+
+
+def _all_events(store: Store, job_id: str) -> list:
+    events: list = []
+    while batch := store.jobs.events(job_id, after=events[-1].id if events else "0-0"):
+        events += batch
+    return events
