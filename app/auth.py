@@ -47,6 +47,14 @@ class KeyRing:
                 banner,
             )
 
+    def knows(self, credentials: HTTPAuthorizationCredentials | None) -> bool:
+        """Whether the caller may see the service's internals: auth is off, or its key is known."""
+        try:
+            self.owner(credentials)
+        except Unauthorized:
+            return False
+        return True
+
     def owner(self, credentials: HTTPAuthorizationCredentials | None) -> str:
         """Who is calling: the key's name, or `ANONYMOUS` with auth off."""
         if not self.enabled:

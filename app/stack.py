@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 import redis
 
+from workers.store import Store
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -203,10 +205,14 @@ class LocalStack:
         count = count if count is not None else self.workers
         workers = [p for p in self.processes if p.name.startswith("worker")]
 
+        # Read from the workers' registry itself: with API keys on, /readyz shows counts to keys only.
+        prefix = self.process_env().get("DREAMOMNI2_REDIS_PREFIX", "do2")
+        registry = Store.from_url(self.redis_url, prefix).workers
+
         def ready() -> None:
-            body = httpx.get(f"{self.url}/readyz", timeout=5).json()
-            if body["workers"]["ready"] < count:
-                raise RuntimeError(f"{body['workers']['ready']} of {count} workers ready")
+            up = sum(1 for worker in registry.workers() if worker.get("ready"))
+            if up < count:
+                raise RuntimeError(f"{up} of {count} workers ready")
 
         self._wait(ready, workers[-1] if workers else None, f"{count} worker(s)", timeout)
 

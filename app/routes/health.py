@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Request, Response, Security
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api_schemas.api import Readiness
+from app.auth import BEARER
 from app.dependencies import Service
 
 health_router = APIRouter(tags=["operations"])
@@ -25,11 +29,20 @@ def healthz() -> dict[str, str]:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "Redis is unreachable."}},
 )
-def readyz(service: Service) -> Response:
+def readyz(
+    request: Request,
+    service: Service,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+) -> Response:
     """200 when this gateway can take jobs (Redis reachable). Workers may scale to zero, so they do not
-    count; the body says how many are up, how many have their models loaded, and their memory modes."""
+    count; the body says how many are up, how many have their models loaded, and their memory modes.
+
+    With API keys on, those details (and Redis's error) are for callers with a key; a probe without
+    one gets the status alone."""
     body, ready = service.readiness()
-    return JSONResponse(body.model_dump(mode="json"), status_code=200 if ready else 503)
+    if not request.app.state.keys.knows(credentials):
+        body = Readiness(status=body.status, redis="ok" if ready else "unreachable")
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=200 if ready else 503)
 
 
 @health_router.get(

@@ -275,7 +275,8 @@
   async function checkReadiness() {
     let next = 15000;
     try {
-      const response = await reach('readyz');
+      // With keys on, the worker counts are shown to a caller with a key only.
+      const response = await reach('readyz', { headers: authHeaders() });
       let body = null;
       try {
         body = await response.json();
@@ -284,7 +285,13 @@
       }
       if (response.ok && body && body.status === 'ready') {
         setProblem('ready', null);
-        const workers = body.workers || { up: 0, ready: 0 };
+        if (!body.workers) {
+          setServiceState('Ready.', true);
+          setProblem('workers', null);
+          scheduleReadiness(next);
+          return;
+        }
+        const workers = body.workers;
         const queued = body.queue_depth || 0;
         const plural = workers.ready === 1 ? 'worker' : 'workers';
         setServiceState(`Ready: ${workers.ready} ${plural} ready, ${queued} queued.`, workers.ready > 0);

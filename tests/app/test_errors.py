@@ -108,7 +108,12 @@ async def test_redis_down_is_503_and_readiness_says_so(redis_url: str):
 
 
 async def test_readiness(gateway: Gateway):
-    ready = await gateway.client(None).get("/readyz")
+    # Keys are on: a probe without one learns the status only, not the workers or the queue.
+    anonymous = await gateway.client(None).get("/readyz")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready", "redis": "ok"}
+    wrong = await gateway.client(None).get("/readyz", headers={"Authorization": "Bearer nope"})
+    assert wrong.json() == {"status": "ready", "redis": "ok"}
+    ready = await gateway.client("alice").get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
