@@ -48,6 +48,12 @@ def readyz(
 @health_router.get(
     "/metrics", operation_id="metrics", summary="Prometheus metrics", response_class=PlainTextResponse
 )
-def metrics(request: Request) -> Response:
-    """Prometheus text format: requests, latency, submissions, queue depth, workers."""
+def metrics(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
+) -> Response:
+    """Prometheus text format: requests, latency, submissions, queue depth, workers.
+
+    With API keys on, a scraper sends one (`Authorization: Bearer <key>`): the numbers describe every
+    key's traffic."""
+    request.app.state.keys.owner(credentials)  # 401 without a known key (auth on)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

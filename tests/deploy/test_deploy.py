@@ -333,6 +333,13 @@ ENDPOINT = strict(
         "interval": DURATION,
         "scrapeTimeout": DURATION,
         "honorLabels": {"type": "boolean"},
+        "authorization": strict(
+            {
+                "type": {"enum": ["Bearer"]},
+                "credentials": strict({"name": NAME, "key": NAME}, ["name", "key"]),
+            },
+            ["credentials"],
+        ),
     },
     ["port"],
 )
@@ -1117,3 +1124,37 @@ def test_compose_webhook_worker_shares_the_gateway_image_and_the_secret():
     assert env["DREAMOMNI2_WEBHOOK_SECRET"] == secret, "passed through from the shell"
     unset = compose_config(env={"DREAMOMNI2_WEBHOOK_SECRET": ""})["services"]["webhooks"]["environment"]
     assert unset["DREAMOMNI2_WEBHOOK_SECRET"] in ("", None)
+
+
+def test_with_keys_on_the_gateway_is_scraped_with_a_key(helm):
+    keyed = {"auth": {"apiKeys": ["ops:" + "0" * 64]}, "metrics": {"serviceMonitor": {"enabled": True}}}
+
+    def gateway_monitor(values: dict[str, Any]) -> Manifest:
+        return next(
+            d
+            for d in render(helm, values)
+            if d["kind"] == "ServiceMonitor" and d["metadata"]["name"].endswith("gateway")
+        )
+
+    def gateway_annotations(values: dict[str, Any]) -> dict[str, str]:
+        deployment = next(
+            d for d in render(helm, values)
+            if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("gateway")
+        )  # fmt: skip
+        return deployment["spec"]["template"]["metadata"]["annotations"]
+
+    def notes(values: dict[str, Any]) -> str:
+        return next(text for name, text in render_files(helm, values).items() if name.endswith("NOTES.txt"))
+
+    # Keys on, no scrape key: the notes say Prometheus cannot scrape; annotations would only get 401s.
+    assert "Prometheus cannot scrape the gateway" in notes(keyed)
+    assert "prometheus.io/scrape" not in gateway_annotations(keyed)
+    assert "authorization" not in gateway_monitor(keyed)["spec"]["endpoints"][0]
+    scraped = {**keyed, "metrics": {**keyed["metrics"], "scrapeKeySecret": "prom-key"}}
+    assert gateway_monitor(scraped)["spec"]["endpoints"][0]["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "prom-key", "key": "api-key"},
+    }
+    assert "Prometheus cannot scrape" not in notes(scraped)
+    # Keys off: annotation scraping as before.
+    assert gateway_annotations({})["prometheus.io/scrape"] == "true"

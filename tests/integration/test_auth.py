@@ -78,8 +78,11 @@ def test_unknown_job_ids_are_404(service: Service, alice: httpx.Client) -> None:
         assert_error(alice.get(f"/v1/jobs/{job_id}/result"), 404, "job_not_found")
 
 
-def test_operational_endpoints_need_no_key(service: Service) -> None:
+def test_operational_endpoints_need_no_key_but_metrics_do(service: Service) -> None:
     client = service.client(owner=None)
 
-    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+    for path in ("/healthz", "/readyz", "/openapi.json", "/docs", "/v1/service"):
         assert client.get(path).status_code == 200, path
+    # The numbers describe every key's traffic: with keys on, a scraper sends one.
+    assert_error(client.get("/metrics"), 401, "missing_api_key")
+    assert service.client("bob").get("/metrics").status_code == 200
