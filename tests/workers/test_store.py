@@ -123,6 +123,39 @@ def test_a_lapsed_lease_is_requeued_and_the_old_run_cannot_write(store):
     assert store.result(job.id) == b"new"
 
 
+def test_a_requeued_job_takes_back_its_place_in_line(store):
+    lost = new_job(store)
+    store.claim(lost.id, worker="w1", lease_ttl_s=0.2)
+    later = [new_job(store) for _ in range(2)]  # submitted while it ran
+    time.sleep(0.3)
+    assert store.requeue_lost(max_attempts=3) == [(lost.id, RequeueOutcome.REQUEUED)]
+    assert store.queued_ids() == [lost.id, *(job.id for job in later)]
+
+
+def test_a_run_takes_back_a_lease_that_lapsed_while_redis_was_away(store):
+    job = new_job(store)
+    claim = store.claim(job.id, worker="w1", lease_ttl_s=0.2)
+    time.sleep(0.3)  # the lease lapsed; nobody requeued the job (Redis was away, say)
+    assert store.renew_lease(job.id, claim.token, 5)
+    assert store.requeue_lost(max_attempts=3) == []
+    # Once another run owns the job, the old one gets nothing back.
+    store.redis.delete(store.keys.lease(job.id))
+    assert store.requeue_lost(max_attempts=3) == [(job.id, RequeueOutcome.REQUEUED)]
+    assert not store.renew_lease(job.id, claim.token, 5)  # queued now: not this run's
+    new = store.claim(job.id, worker="w2", lease_ttl_s=5)
+    store.redis.delete(store.keys.lease(job.id))
+    assert not store.renew_lease(job.id, claim.token, 5) and store.renew_lease(job.id, new.token, 5)
+
+
+def test_the_reaper_waits_after_a_redis_restart(store):
+    job = new_job(store)
+    store.claim(job.id, worker="w1", lease_ttl_s=0.1)
+    time.sleep(0.2)
+    uptime = int(store.redis.info("server")["uptime_in_seconds"])
+    assert store.requeue_lost(max_attempts=3, restart_grace_s=uptime + 60) == []  # "just restarted"
+    assert store.requeue_lost(max_attempts=3, restart_grace_s=0) == [(job.id, RequeueOutcome.REQUEUED)]
+
+
 def test_renewing_keeps_the_lease(store):
     job = new_job(store)
     claim = store.claim(job.id, worker="w1", lease_ttl_s=0.3)

@@ -104,6 +104,7 @@ class JobStore:
                 "created_at": repr(now),
                 "ttl_s": ttl_s,
                 "attempts": 0,
+                "seq": seq,  # its place in line, kept for a requeue
                 "deadline_at": repr(now + deadline_s) if deadline_s is not None else "",
             },
         )

@@ -2,6 +2,8 @@
 -- it has had its attempts.
 -- KEYS: job, lease, queue, running, events, images.
 -- ARGV: id, queue seq, now, max_attempts, error json, fallback ttl_s, events_maxlen.
+-- A requeued job takes back its place in line (its first queue seq, kept on the job): it waited once
+-- already, and a crash must not send it behind everything submitted since.
 -- Returns 0 (nothing to do), 1 (requeued: the caller sends a new message) or 2 (failed).
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' then redis.call('SREM', KEYS[4], ARGV[1]) return 0 end
@@ -17,7 +19,7 @@ if attempts >= tonumber(ARGV[4]) then
   return 2
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'run_token', '', 'progress', '{}')
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'seq') or ARGV[2], ARGV[1])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', 'type', 'queued', 'data',
   cjson.encode({reason = 'worker_lost', attempts = attempts}))
 return 1
