@@ -24,6 +24,7 @@ from .support import (
     submit_json,
     wait_for_job,
     wait_for_status,
+    wait_until,
 )
 
 # Short leases, so a dead worker's job is noticed in seconds: a lapsed 3 s lease, found within 1 s.
@@ -213,3 +214,39 @@ def test_a_queued_job_whose_message_is_lost_still_runs(tiny_cache: Path, tmp_pat
             assert done["status"] == "succeeded" and done["attempts"] == 1, done
         assert "was queued without a queue message; sent it again" in third.log.read_text()
         assert store.jobs.queue_depth() == 0
+
+
+def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_resumes(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    env = stack_env(tiny_cache, **FAST_LEASES)
+    with (
+        LocalStack(tmp_path, workers=2, env=env) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
+        store = Store.from_url(stack.redis_url).jobs
+        job_id = submit_json(client, [], {"instruction": "A long night", "steps": KILL_STEPS}).json()["id"]
+        wait_for_job(client, job_id, is_denoising, timeout=60, what="the job to be denoising")
+        frozen = next(p for p in stack.processes if p.name == store.get(job_id).worker)
+        other = next(p for p in stack.processes if p.name.startswith("worker") and p is not frozen)
+        frozen.popen.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: store.get(job_id).attempts == 2 or None,
+                timeout=60,
+                what="the second run",
+                watch=[other],
+            )
+        finally:
+            frozen.popen.send_signal(signal.SIGCONT)
+        done = wait_for_status(client, job_id, timeout=RECOVERY_BOUND_S + 60, watch=[other, frozen])
+
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        assert store.get(job_id).worker == other.name
+        types = [event.type for event in all_events(store, job_id)]
+        assert [t for t in types if t in TERMINAL] == ["succeeded"]
+        wait_until(
+            lambda: "run abandoned after losing its lease" in frozen.log.read_text() or None,
+            timeout=30, what="the resumed run to give up", watch=[frozen],
+        )  # fmt: skip
+        assert frozen.alive()
