@@ -82,7 +82,9 @@ def cancel_after(
 def last_event_id(
     last_event_id: Annotated[
         str | None,
-        Header(description="Resume a stream after this event id (what the stream sent as `id`)."),
+        Header(
+            description="Resume a stream after this event id (what the stream sent as `id`).",
+        ),
     ] = None,
 ) -> str | None:
     if last_event_id and not _is_stream_id(last_event_id):

@@ -69,6 +69,36 @@ def _with_range(schema: dict[str, Any], keywords: dict[str, Any]) -> dict[str, A
     return {**schema, **keywords}
 
 
+#: What the headers accept, as the gateway checks them (`app.headers`).
+_HEADER_FORMATS: dict[str, dict[str, Any]] = {
+    "last-event-id": {"pattern": r"^\d{1,20}(-\d{1,20})?$"},
+    "cancel-after": {"pattern": r"^\d*\.?\d+$"},
+    "idempotency-key": {"pattern": r"\S", "minLength": 1},
+}
+
+
+def _header_schema(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A header's schema: a string (a header is never null, only absent), with its format."""
+    flat = {key: value for key, value in schema.items() if key != "anyOf"}
+    for variant in schema.get("anyOf", []):
+        if variant.get("type") != "null":
+            flat = {**variant, **flat}
+    return {**flat, "type": "string", **_HEADER_FORMATS.get(name, {})}
+
+
+def _form_field(schema: dict[str, Any], keywords: dict[str, Any]) -> dict[str, Any]:
+    """A multipart field: no null variant (a part left out is "not set"; a part cannot be null)."""
+    ranged = _with_range(schema, keywords)
+    variants = [v for v in ranged.pop("anyOf", []) if v.get("type") != "null"]
+    if len(variants) == 1:
+        ranged = {**variants[0], **ranged}
+    elif variants:
+        ranged["anyOf"] = variants
+    if "default" in ranged and ranged["default"] is None:
+        del ranged["default"]
+    return ranged
+
+
 def openapi_document(app: FastAPI, limits: JobLimits) -> dict[str, Any]:
     """FastAPI's OpenAPI document plus what it cannot infer: the body schemas of `POST /v1/jobs` (the
     route reads its body itself), typed and with the deployment's ranges in both encodings."""
@@ -87,8 +117,13 @@ def openapi_document(app: FastAPI, limits: JobLimits) -> dict[str, Any]:
         options = JobOptions.model_json_schema(ref_template="#/components/schemas/{model}")["properties"]
         form["schema"]["properties"] = {
             "images": {**form["schema"]["properties"]["images"], **ranges["images"]},
-            **{name: _with_range(field, ranges.get(name, {})) for name, field in options.items()},
+            **{name: _form_field(field, ranges.get(name, {})) for name, field in options.items()},
         }
         # Multipart sends each webhook event as its own part (or comma-separated in one).
         form["encoding"] = {"webhook_events": {"style": "form", "explode": True}}
+        for path in document["paths"].values():
+            for operation in path.values():
+                for parameter in operation.get("parameters", []):
+                    if parameter["in"] == "header":
+                        parameter["schema"] = _header_schema(parameter["name"], parameter["schema"])
     return app.openapi_schema

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Request, Response, Security
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api_schemas.api import Readiness
 from app.auth import BEARER
 from app.dependencies import Service
+from app.errors import ERROR_RESPONSES
 
 health_router = APIRouter(tags=["operations"])
 
@@ -46,7 +47,14 @@ def readyz(
 
 
 @health_router.get(
-    "/metrics", operation_id="metrics", summary="Prometheus metrics", response_class=PlainTextResponse
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics",
+    response_class=Response,  # so the 401 is declared as the JSON it is, the 200 as text
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text format."},
+        401: ERROR_RESPONSES[401],
+    },
 )
 def metrics(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
