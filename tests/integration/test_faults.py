@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -91,3 +93,41 @@ def _all_events(store: Store, job_id: str) -> list:
     while batch := store.jobs.events(job_id, after=events[-1].id if events else "0-0"):
         events += batch
     return events
+
+
+def test_a_burst_of_held_submissions_larger_than_the_thread_pool(tiny_cache: Path, tmp_path: Path) -> None:
+    # 140 `Prefer: wait` submissions at once on a gateway with 128 threads and no worker: each is held
+    # its full wait, so some wait for a thread. None may fail for want of a Redis connection (or
+    # answer 503 after making its job), and readiness stays 200 meanwhile.
+    burst = 140
+    env = stack_env(
+        tiny_cache,
+        DREAMOMNI2_MAX_WAIT_S="3",
+        DREAMOMNI2_RATE_LIMIT_BURST=str(2 * burst),
+        DREAMOMNI2_THREADS="128",
+    )
+    with LocalStack(tmp_path, workers=0, env=env) as stack:
+        readiness: list[int] = []
+        stop = threading.Event()
+
+        def probe() -> None:
+            with httpx.Client(base_url=stack.url, timeout=30) as prober:
+                while not stop.is_set():
+                    readiness.append(prober.get("/readyz").status_code)
+                    time.sleep(0.2)
+
+        def submit(n: int) -> int:
+            with httpx.Client(base_url=stack.url, timeout=60) as one:
+                body = {"instruction": f"burst {n}", "steps": 1}
+                return submit_json(one, [], body, headers={"Prefer": "wait=30"}).status_code
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        with ThreadPoolExecutor(max_workers=burst) as pool:
+            statuses = list(pool.map(submit, range(burst)))
+        stop.set()
+        prober.join()
+        assert statuses == [202] * burst, sorted(set(statuses))
+        assert readiness and set(readiness) == {200}
+        assert Store.from_url(stack.redis_url).jobs.queue_depth() == burst  # one job per request
+        assert "Too many connections" not in stack.processes[-1].log_tail(2000)
