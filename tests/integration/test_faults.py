@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.stack import LocalStack
 from workers.store import Store
@@ -21,6 +22,7 @@ from .support import (
     submit_json,
     wait_for_job,
     wait_for_status,
+    wait_until,
 )
 
 #: Seconds Redis stays down: longer than a lease (3 s), so every lease lapses meanwhile.
@@ -131,3 +133,51 @@ def test_a_burst_of_held_submissions_larger_than_the_thread_pool(tiny_cache: Pat
         assert readiness and set(readiness) == {200}
         assert Store.from_url(stack.redis_url).jobs.queue_depth() == burst  # one job per request
         assert "Too many connections" not in stack.processes[-1].log_tail(2000)
+
+
+def test_a_flood_of_jobs_none_lost_none_twice_counters_agree_keys_expire(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    flood, ttl_s = 200, 600
+    env = stack_env(tiny_cache, DREAMOMNI2_JOB_TTL_S=str(ttl_s), DREAMOMNI2_RATE_LIMIT_BURST=str(2 * flood))
+    with (
+        LocalStack(tmp_path, workers=1, env=env) as stack,
+        httpx.Client(base_url=stack.url, timeout=60) as client,
+    ):
+
+        def submit(n: int) -> str:
+            body = {"instruction": f"flood {n}", "steps": 1, "translate": False}
+            response = submit_json(client, [], body)
+            assert response.status_code == 202, response.text
+            return response.json()["id"]
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            ids = list(pool.map(submit, range(flood)))
+        assert len(set(ids)) == flood
+        store = Store.from_url(stack.redis_url)
+        wait_until(
+            lambda: store.jobs.queue_depth() == 0 and not store.redis.scard("do2:running") or None,
+            timeout=240, what="the flood to drain", watch=stack.processes,
+        )  # fmt: skip
+        finals = {
+            job_id: [e.type for e in _all_events(store, job_id) if e.type in TERMINAL] for job_id in ids
+        }
+        assert all(types == ["succeeded"] for types in finals.values()), finals
+        samples = {
+            s.labels.get("adapter"): s.value
+            for family in text_string_to_metric_families(client.get("/metrics").text)
+            for s in family.samples
+            if s.name == "dreamomni2_jobs_submitted_total"
+        }
+        assert sum(samples.values()) == flood
+        # Everything the flood left in Redis goes by itself: every key but the few shared structures
+        # (the queue, the running set, the sequence, ...) carries an expiry within the job TTL.
+        shared = {"do2:queue", "do2:running", "do2:seq", "do2:deadlines"}
+        lasting = {
+            key.decode(): store.redis.ttl(key)
+            for key in store.redis.scan_iter(match="do2:*", count=1000)
+            if key.decode() not in shared
+        }
+        assert lasting and all(0 < ttl <= ttl_s for ttl in lasting.values()), {
+            k: v for k, v in lasting.items() if not 0 < v <= ttl_s
+        }
