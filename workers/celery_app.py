@@ -7,6 +7,7 @@ Celery is the transport here, not the state: job state, inputs and results live 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 
 from celery import Celery
@@ -48,10 +49,9 @@ def enqueue(app: Celery, settings: ServiceSettings, job_id: str) -> None:
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue)
 
 
-def _job_id(payload: bytes | str) -> str | None:
+def _job_id(message: dict) -> str | None:
     """The job id a broker message carries (`run_job`'s only argument), or None for other messages."""
     try:
-        message = json.loads(payload)
         if message.get("headers", {}).get("task") != RUN_JOB_TASK:
             return None
         body = message["body"]
@@ -68,18 +68,16 @@ def jobs_with_messages(app: Celery, settings: ServiceSettings) -> set[str]:
     and not acknowledged yet (Kombu's Redis transport keeps those in its `unacked` hash).
 
     The names come from Kombu's own channel, so they follow its configuration."""
-    found: set[str] = set()
+    messages: list[dict] = []
     with app.connection_for_read() as connection:
         channel = connection.default_channel
         client = channel.client
         for priority in channel.priority_steps:
             for payload in client.lrange(channel._q_for_pri(settings.queue, priority), 0, -1):
-                found.add(_job_id(payload) or "")
+                with contextlib.suppress(ValueError):
+                    messages.append(json.loads(payload))
+        # An unacked entry is `[message, exchange, routing key]`.
         for delivered in client.hvals(channel.unacked_key):
-            try:
-                message = json.loads(delivered)[0]
-            except (ValueError, IndexError, TypeError):
-                continue
-            found.add(_job_id(json.dumps(message)) or "")
-    found.discard("")
-    return found
+            with contextlib.suppress(ValueError, IndexError, TypeError):
+                messages.append(json.loads(delivered)[0])
+    return {job_id for job_id in map(_job_id, messages) if job_id is not None}

@@ -27,6 +27,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from app.stack import LocalStack, ManagedProcess
+from workers.store import Event, JobStore
 
 T = TypeVar("T")
 
@@ -394,3 +395,11 @@ def event_id_key(event_id: str) -> tuple[int, int]:
     """A Redis stream id (`ms-seq`) as a sortable pair."""
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def all_events(store: JobStore, job_id: str) -> list[Event]:
+    """The job's whole event stream (`events` answers at most 100 at a time)."""
+    events: list[Event] = []
+    while batch := store.events(job_id, after=events[-1].id if events else "0-0"):
+        events += batch
+    return events

@@ -17,6 +17,7 @@ from workers.store import Store
 from .support import (
     TERMINAL,
     WebhookReceiver,
+    all_events,
     new_webhook_secret,
     stack_env,
     submit_json,
@@ -76,7 +77,7 @@ def test_redis_killed_and_restarted_mid_traffic_loses_nothing(tiny_cache: Path, 
         # The outage cost the running job nothing: one run, one final event.
         assert client.get(f"/v1/jobs/{running}").json()["attempts"] == 1
         store = Store.from_url(stack.redis_url)
-        events = _all_events(store, running)
+        events = all_events(store.jobs, running)
         assert [e.type for e in events if e.type in TERMINAL] == ["succeeded"]
         # Every process is still running (the webhook worker used to exit, status 0, on this), and the
         # webhook worker took up its queue again. (The delivery it held when Redis died waits in
@@ -88,13 +89,6 @@ def test_redis_killed_and_restarted_mid_traffic_loses_nothing(tiny_cache: Path, 
         later = submit_json(client, [], {"instruction": "after", "steps": 2, "webhook_url": after}).json()
         delivered = receiver.wait_for(after, lambda got: any(r.answered == 204 for r in got), timeout=60)
         assert json.loads(delivered[-1].body)["id"] == later["id"]
-
-
-def _all_events(store: Store, job_id: str) -> list:
-    events: list = []
-    while batch := store.jobs.events(job_id, after=events[-1].id if events else "0-0"):
-        events += batch
-    return events
 
 
 def test_a_burst_of_held_submissions_larger_than_the_thread_pool(tiny_cache: Path, tmp_path: Path) -> None:
@@ -160,7 +154,7 @@ def test_a_flood_of_jobs_none_lost_none_twice_counters_agree_keys_expire(
             timeout=240, what="the flood to drain", watch=stack.processes,
         )  # fmt: skip
         finals = {
-            job_id: [e.type for e in _all_events(store, job_id) if e.type in TERMINAL] for job_id in ids
+            job_id: [e.type for e in all_events(store.jobs, job_id) if e.type in TERMINAL] for job_id in ids
         }
         assert all(types == ["succeeded"] for types in finals.values()), finals
         samples = {

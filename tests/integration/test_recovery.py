@@ -13,11 +13,12 @@ import httpx
 from PIL import Image
 
 from app.stack import LocalStack, ManagedProcess
-from workers.store import Event, JobStore, Store
+from workers.store import JobStore, Store
 
 from .support import (
     LONG_STEPS,
     TERMINAL,
+    all_events,
     assert_error,
     is_denoising,
     stack_env,
@@ -38,14 +39,6 @@ RECOVERY_BOUND_S = 60
 #: Steps of the job to kill: seconds to run, and few enough that both runs' progress events fit in
 #: the job's event stream (capped near 1000 entries) next to its queued, started and final events.
 KILL_STEPS = 800
-
-
-def all_events(store: JobStore, job_id: str) -> list[Event]:
-    """The job's whole event stream (`events` answers at most 100 at a time)."""
-    events: list[Event] = []
-    while batch := store.events(job_id, after=events[-1].id if events else "0-0"):
-        events += batch
-    return events
 
 
 def timestamp(value: str) -> float:
