@@ -13,6 +13,7 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import redis
 import redis.asyncio
 from celery import Celery
 from starlette.concurrency import run_in_threadpool
@@ -141,10 +142,21 @@ class JobService:
             if replay is not None:
                 return replay, True
         job_id = new_job_id()
+
+        def record_key(pipe: redis.client.Pipeline, job_id: str) -> None:
+            if idempotency_key is not None:
+                self.store.idempotency.complete(owner, idempotency_key, fingerprint, job_id, ttl_s, pipe)
+
         try:
             self._admit(owner, job_id)
             record = self.store.jobs.create(
-                owner=owner, spec=spec, images=images, ttl_s=ttl_s, deadline_s=deadline_s, job_id=job_id
+                owner=owner,
+                spec=spec,
+                images=images,
+                ttl_s=ttl_s,
+                deadline_s=deadline_s,
+                job_id=job_id,
+                also=record_key,
             )
         except Exception:
             if idempotency_key is not None:
@@ -156,8 +168,6 @@ class JobService:
         # new message for a queued job that has none.
         self.metrics.jobs_submitted.labels(spec.task.value, spec.adapter.value).inc()
         try:
-            if idempotency_key is not None:
-                self.store.idempotency.complete(owner, idempotency_key, fingerprint, record.id, ttl_s)
             enqueue(self.celery, self.settings, record.id)
         except Exception as exc:
             logger.warning("job %s stored, its message not sent (a worker will send it): %s", record.id, exc)

@@ -175,3 +175,80 @@ def test_a_flood_of_jobs_none_lost_none_twice_counters_agree_keys_expire(
         assert lasting and all(0 < ttl <= ttl_s for ttl in lasting.values()), {
             k: v for k, v in lasting.items() if not 0 < v <= ttl_s
         }
+
+
+def test_the_gateway_killed_again_and_again_under_load_leaves_no_dead_job(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    # Clients keep submitting, each with its own Idempotency-Key and retrying with that key until it
+    # gets an answer, while the gateway is SIGKILLed and restarted again and again. Afterwards every
+    # key names exactly one job, every stored job runs to its end (none sits queued with no message
+    # to run it), and every replay hands back that job.
+    kills, clients = 4, 6
+    env = stack_env(
+        tiny_cache,
+        DREAMOMNI2_LEASE_TTL_S="3",
+        DREAMOMNI2_HEARTBEAT_S="1",
+        DREAMOMNI2_REAPER_INTERVAL_S="1",
+    )
+    with LocalStack(tmp_path, workers=1, env=env) as stack:
+        answered: dict[str, str] = {}
+        stop = threading.Event()
+
+        def load(n: int) -> None:
+            with httpx.Client(base_url=stack.url, timeout=10) as one:
+                for attempt in range(10_000):
+                    if stop.is_set():
+                        return
+                    key = f"kill-{n}-{attempt}"
+                    body = {"instruction": f"load {n}.{attempt}", "steps": 1, "translate": False}
+                    while True:
+                        try:
+                            response = submit_json(one, [], body, headers={"Idempotency-Key": key})
+                        except httpx.TransportError:
+                            response = None  # the gateway died under this request: retry it
+                        if response is not None and response.status_code in (200, 202):
+                            answered[key] = response.json()["id"]
+                            break
+                        # 503: the gateway is starting; 409: the key's reservation, left by a gateway
+                        # killed before it stored the job, has not lapsed yet.
+                        assert response is None or response.status_code in (409, 503), response.text
+                        time.sleep(0.2)
+
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(kills):
+                before = len(answered)
+                wait_until(lambda b=before: len(answered) >= b + 5 or None, timeout=60, what="some load")
+                gateway = next(p for p in reversed(stack.processes) if p.name == "gateway")
+                gateway.kill()
+                stack.processes.remove(gateway)
+                stack.start_gateway()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+        store = Store.from_url(stack.redis_url)
+        workers = [p for p in stack.processes if p.name.startswith("worker")]
+        wait_until(
+            lambda: store.jobs.queue_depth() == 0 and not store.redis.scard("do2:running") or None,
+            timeout=180, what="every stored job to run", watch=workers,
+        )  # fmt: skip
+        stored = {key.decode().split(":")[-1] for key in store.redis.scan_iter(match="do2:job:j_*")}
+        stored = {job_id for job_id in stored if store.jobs.get(job_id) is not None}
+        # A request cut off before its job was stored made none; one that stored it, kept it: every
+        # stored job belongs to exactly one key, and every key that was answered to one job.
+        assert set(answered.values()) <= stored
+        assert len(set(answered.values())) == len(answered)
+        with httpx.Client(base_url=stack.url, timeout=30) as client:
+            for job_id in stored:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                assert job["status"] == "succeeded", job
+            for key, job_id in answered.items():
+                n, attempt = key.split("-")[1:]
+                body = {"instruction": f"load {n}.{attempt}", "steps": 1, "translate": False}
+                replay = submit_json(client, [], body, headers={"Idempotency-Key": key})
+                assert replay.headers.get("idempotent-replayed") == "true", replay.text
+                assert replay.json()["id"] == job_id and replay.json()["status"] == "succeeded"

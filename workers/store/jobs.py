@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,10 +85,12 @@ class JobStore:
         ttl_s: int,
         deadline_s: float | None = None,
         job_id: str | None = None,
+        also: Callable[[redis.client.Pipeline, str], None] | None = None,
     ) -> JobRecord:
         """Store a new queued job and its inputs atomically; the caller then sends its message.
 
         With `deadline_s`, a job not started that many seconds after now ends canceled unrun.
+        `also(pipe, job_id)` adds writes to the same transaction (the Idempotency-Key's record).
         """
         job_id = job_id or new_job_id()
         now = time.time()
@@ -117,6 +120,8 @@ class JobStore:
         pipe.zadd(k.queue, {job_id: seq})
         pipe.xadd(k.events(job_id), {"type": "queued", "data": "{}"}, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.expire(k.events(job_id), ttl_s)
+        if also is not None:
+            also(pipe, job_id)
         pipe.execute()
         record = self.get(job_id)
         assert record is not None, "written in the transaction above"
