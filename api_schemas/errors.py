@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     BAD_REQUEST = "bad_request"
+    CORS_REFUSED = "cors_refused"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     NOT_ACCEPTABLE = "not_acceptable"
     NOT_FOUND = "not_found"
@@ -44,6 +45,12 @@ class ErrorCode(StrEnum):
     INVALID_HEIGHT = "invalid_height"
     INVALID_SIZE = "invalid_size"
     SIZE_WITH_EDIT = "size_with_edit"
+    MIXING_NEEDS_PROMPTS = "mixing_needs_prompts"
+    MIXING_TAKES_NO_IMAGES = "mixing_takes_no_images"
+    MIXING_FIELD_WITHOUT_MIXING = "mixing_field_without_mixing"
+    INVALID_MIX_STEPS = "invalid_mix_steps"
+    INVALID_MIX_STRENGTH = "invalid_mix_strength"
+    PROMPT_TOO_LONG = "prompt_too_long"
     STEP_CACHE_NOT_ALLOWED = "step_cache_not_allowed"
     # Webhooks and idempotency.
     WEBHOOKS_UNAVAILABLE = "webhooks_unavailable"
@@ -102,6 +109,9 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: CodeInfo(415, _H, "the body is neither multipart/form-data nor JSON"),
     ErrorCode.PAYLOAD_TOO_LARGE: CodeInfo(413, _H, "the whole request body is over its byte limit"),
     ErrorCode.BAD_REQUEST: CodeInfo(400, _H, "the HTTP request could not be understood"),
+    ErrorCode.CORS_REFUSED: CodeInfo(
+        400, _H, "a browser preflight from an origin, method or header DREAMOMNI2_CORS_ORIGINS does not allow"
+    ),
     ErrorCode.METHOD_NOT_ALLOWED: CodeInfo(405, _H, "the route does not take this method"),
     ErrorCode.NOT_ACCEPTABLE: CodeInfo(406, _H, "no representation matches the Accept header"),
     ErrorCode.NOT_FOUND: CodeInfo(404, _H, "no such route"),
@@ -121,6 +131,14 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.INVALID_HEIGHT: CodeInfo(_I, _B, "height is outside DREAMOMNI2_MIN_SIZE..DREAMOMNI2_MAX_SIZE"),
     ErrorCode.INVALID_SIZE: CodeInfo(_I, _B, "the requested size is longer than DREAMOMNI2_MAX_ASPECT_RATIO"),
     ErrorCode.SIZE_WITH_EDIT: CodeInfo(_I, _B, "width/height sent with an edit (they are for generation)"),
+    ErrorCode.MIXING_NEEDS_PROMPTS: CodeInfo(_I, _B, "feature_mixing without both prompts"),
+    ErrorCode.MIXING_TAKES_NO_IMAGES: CodeInfo(_I, _B, "images sent with feature_mixing"),
+    ErrorCode.MIXING_FIELD_WITHOUT_MIXING: CodeInfo(
+        _I, _B, "a Feature Mixing field (prompts, attribute, mix_*) sent with another task"
+    ),
+    ErrorCode.INVALID_MIX_STEPS: CodeInfo(_I, _B, "mix_steps is outside 0..1"),
+    ErrorCode.INVALID_MIX_STRENGTH: CodeInfo(_I, _B, "mix_strength is outside 0..1"),
+    ErrorCode.PROMPT_TOO_LONG: CodeInfo(_I, _B, "a Feature Mixing prompt is over its limit"),
     ErrorCode.STEP_CACHE_NOT_ALLOWED: CodeInfo(_I, _B, "step_cache names a policy not allowed here"),
     ErrorCode.WEBHOOKS_UNAVAILABLE: CodeInfo(_I, _H, "webhook_url sent, but no signing secret is configured"),
     ErrorCode.WEBHOOK_URL_REFUSED: CodeInfo(_I, _H, "webhook_url is not a public http(s) destination"),

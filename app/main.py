@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 import redis.asyncio
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -21,7 +20,7 @@ from api_schemas.api import ErrorEnvelope
 from app.auth import KeyRing
 from app.errors import install_error_handlers
 from app.metrics import GatewayMetrics
-from app.middleware import CORS_HEADERS, EXPOSED_HEADERS, BodySizeLimit, HeadAsGet, RequestMetrics
+from app.middleware import CORS_HEADERS, EXPOSED_HEADERS, BodySizeLimit, Cors, HeadAsGet, RequestMetrics
 from app.openapi import DESCRIPTION, openapi_document
 from app.routes import (
     ASSETS_PATH,
@@ -98,7 +97,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     if settings.cors_origins:
         # Outermost: a preflight is answered before anything else looks at it.
         app.add_middleware(
-            CORSMiddleware,
+            Cors,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
             allow_headers=CORS_HEADERS,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import time
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_schemas.errors import ErrorCode
@@ -149,3 +152,32 @@ class RequestMetrics:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.observe(template, scope["method"], status, started)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the service's error envelope."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        failures = bytes(response.body).decode().removeprefix("Disallowed CORS ").split(", ")
+        asked = {
+            "origin": f"origin {request_headers.get('origin')}",
+            "method": f"method {request_headers.get('access-control-request-method')}",
+            "headers": f"headers {request_headers.get('access-control-request-headers')}",
+            "private-network": "private network access",
+        }
+        refused = ", ".join(asked.get(failure, failure) for failure in failures)
+        body = {
+            "error": {
+                "code": ErrorCode.CORS_REFUSED.value,
+                "message": f"Cross-origin requests are not allowed here for {refused}; the allowed origins "
+                "are set by the operator (DREAMOMNI2_CORS_ORIGINS).",
+                "details": {"refused": failures},
+            }
+        }
+        headers = {
+            k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")
+        }
+        return Response(json.dumps(body), status_code=400, headers=headers, media_type="application/json")

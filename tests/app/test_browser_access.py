@@ -40,6 +40,8 @@ async def test_cors_admits_the_listed_origins_only(gateway: Gateway):
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
     refused = await client.options("/v1/jobs", headers={"Origin": "https://evil.example", **preflight})
     assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    assert refused.json()["error"]["code"] == "cors_refused"
+    assert "https://evil.example" in refused.json()["error"]["message"]
     job = await gateway.client().post(
         "/v1/jobs", json={"instruction": "a cat"}, headers={"Origin": "http://localhost:3000"}
     )
