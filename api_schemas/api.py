@@ -63,6 +63,10 @@ class Progress(BaseModel):
     total: int = Field(default=0, description="Steps in the current stage.")
 
 
+#: The most result images a job has: a Feature Mixing pair (source, target); every other job, one.
+MAX_RESULTS = 2
+
+
 class ResultInfo(BaseModel):
     url: str
     width: int
@@ -102,7 +106,15 @@ class Job(BaseModel):
     task: Task
     adapter: AdapterChoice = Field(description="base (plain Kontext), edit or generation LoRA.")
     image_count: int
-    instruction: str
+    instruction: str | None = Field(default=None, description="The instruction (not for feature_mixing).")
+    source_prompt: str | None = Field(default=None, description="Feature Mixing: the source image's prompt.")
+    target_prompt: str | None = Field(default=None, description="Feature Mixing: the target image's prompt.")
+    attribute: str | None = Field(default=None, description="Feature Mixing: the shared attribute's label.")
+    mixing: dict[str, str | float | int] | None = Field(
+        default=None,
+        description="Feature Mixing: the mixing parameters (blocks, step_fraction, strength) and, once run, "
+        "the mixed_steps and mixed_layers.",
+    )
     prompt: str | None = Field(default=None, description="The prompt sampled with, once known.")
     translated: bool | None = Field(default=None, description="Whether the translator's prompt was used.")
     fallback_reason: str | None = None
@@ -123,7 +135,14 @@ class Job(BaseModel):
     finished_at: datetime | None = None
     timings: dict[str, float] | None = Field(default=None, description="Seconds per stage, once finished.")
     error: ErrorInfo | None = None
-    result: ResultInfo | None = None
+    result: ResultInfo | None = Field(
+        default=None, description="The result image (a pair's source), once succeeded."
+    )
+    results: list[ResultInfo] | None = Field(
+        default=None,
+        description="Every result image, once succeeded: one, or a Feature Mixing pair (source at "
+        "`result?index=0`, target at `result?index=1`).",
+    )
     cancel_requested: bool = Field(default=False, description="A cancel was asked while the job was running.")
     cancel_reason: str | None = Field(
         default=None, description="`requested` (POST .../cancel) or `deadline`, once a cancel applies."

@@ -8,10 +8,22 @@ MAX_SEED = 2**53 - 1
 
 
 class Task(StrEnum):
-    """What the user asks for: change image 1 (`edit`) or make a new image (`generate`)."""
+    """What the user asks for: change image 1 (`edit`), make a new image (`generate`), or make a pair
+    of images that share one attribute (`feature_mixing`, the method's paired-data synthesis)."""
 
     EDIT = "edit"
     GENERATE = "generate"
+    FEATURE_MIXING = "feature_mixing"
+
+
+class MixBlocks(StrEnum):
+    """Which transformer blocks mix in Feature Mixing: all of them, the double-stream (joint) blocks
+    only, the single-stream blocks only, or none (the target is then an ordinary generation)."""
+
+    ALL = "all"
+    DOUBLE = "double"
+    SINGLE = "single"
+    NONE = "none"
 
 
 class AdapterChoice(StrEnum):

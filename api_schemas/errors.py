@@ -69,6 +69,7 @@ class ErrorCode(StrEnum):
     # A job's state.
     JOB_NOT_FOUND = "job_not_found"
     RESULT_EXPIRED = "result_expired"
+    RESULT_INDEX = "result_index"
     JOB_NOT_FINISHED = "job_not_finished"
     JOB_FINISHED = "job_finished"
     JOB_FAILED = "job_failed"
@@ -154,6 +155,7 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.QUEUE_FULL: CodeInfo(429, _H, "the service's queue is at its cap; try again later"),
     ErrorCode.JOB_NOT_FOUND: CodeInfo(404, _H, "no such job for this API key, or it expired"),
     ErrorCode.RESULT_EXPIRED: CodeInfo(404, _H, "the job succeeded but its image has expired"),
+    ErrorCode.RESULT_INDEX: CodeInfo(404, _H, "`?index=` names a result image the job does not have"),
     ErrorCode.JOB_NOT_FINISHED: CodeInfo(409, _H, "the job is queued or running: no result yet"),
     ErrorCode.JOB_FINISHED: CodeInfo(409, _H, "the job already ended: it cannot be canceled"),
     ErrorCode.JOB_FAILED: CodeInfo(409, _H, "the job failed: it has no result (its error says why)"),

@@ -9,7 +9,7 @@ from typing import Annotated
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from api_schemas.common import MAX_SEED, AdapterChoice, StepCache, Task
+from api_schemas.common import MAX_SEED, AdapterChoice, MixBlocks, StepCache, Task
 from api_schemas.errors import ErrorCode, InvalidInput
 from api_schemas.images import ImageLimits
 
@@ -20,12 +20,15 @@ class JobParameters(BaseModel):
     # Non-finite numbers are refused here: they cannot be compared with a limit or rendered as JSON.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    instruction: str = Field(
-        description="What to do, in plain words; images are referred to as image 1, 2, ..."
+    instruction: str | None = Field(
+        default=None,
+        description="What to do, in plain words; images are referred to as image 1, 2, ... "
+        "Required for `edit` and `generate`; not used by `feature_mixing`.",
     )
     task: Task | None = Field(
         default=None,
-        description="`edit` or `generate`; left out: `edit` with at least one image, else `generate`.",
+        description="`edit`, `generate` or `feature_mixing`; left out: `edit` with at least one image, "
+        "else `generate` (or `feature_mixing` when source_prompt and target_prompt are sent).",
     )
     seed: int | None = Field(
         default=None,
@@ -45,6 +48,35 @@ class JobParameters(BaseModel):
         default=None,
         description="Step caching: `none`, or a policy the deployment allows (`first_block`, "
         "`taylorseer`); faster at some quality cost. Left out: the deployment's default.",
+    )
+    source_prompt: str | None = Field(
+        default=None,
+        description="Feature Mixing: the source image's prompt (the image that has the attribute).",
+    )
+    target_prompt: str | None = Field(
+        default=None,
+        description="Feature Mixing: the target image's prompt; the target takes the shared attribute "
+        "from the source.",
+    )
+    attribute: str | None = Field(
+        default=None,
+        description="Feature Mixing: the attribute or object the pair shares (a label kept with the job, "
+        "e.g. `material`).",
+    )
+    mix_blocks: MixBlocks | None = Field(
+        default=None,
+        description="Feature Mixing: which transformer blocks mix (`all`, `double`, `single`, `none`); "
+        "default `all`.",
+    )
+    mix_steps: float | None = Field(
+        default=None,
+        description="Feature Mixing: the fraction of denoising steps that mix, from the first; 0..1, "
+        "default 1.",
+    )
+    mix_strength: float | None = Field(
+        default=None,
+        description="Feature Mixing: how much attention the target may give the source's image tokens, "
+        "0..1 (1: the method's plain softmax over both, 0: none); default 1.",
     )
 
 
@@ -105,10 +137,14 @@ class JobLimits(BaseSettings):
         )
 
 
+#: The fields only Feature Mixing takes.
+MIXING_FIELDS = ("source_prompt", "target_prompt", "attribute", "mix_blocks", "mix_steps", "mix_strength")
+
+
 class ResolvedJob(BaseModel):
     """A checked job with every default filled in (seed excepted: the engine draws one)."""
 
-    instruction: str
+    instruction: str | None
     task: Task
     seed: int | None
     steps: int
@@ -119,6 +155,12 @@ class ResolvedJob(BaseModel):
     step_cache: StepCache
     image_count: int
     adapter: AdapterChoice
+    source_prompt: str | None = None
+    target_prompt: str | None = None
+    attribute: str | None = None
+    mix_blocks: MixBlocks | None = None
+    mix_steps: float | None = None
+    mix_strength: float | None = None
 
     def parameters(self) -> JobParameters:
         """The request with every default filled in, as the worker runs it."""
@@ -131,6 +173,8 @@ def choose_adapter(task: Task, image_count: int) -> AdapterChoice:
     For editing, image 1 is the image to edit and references are images 2..n; for generation every
     input image is a reference.
     """
+    if task is Task.FEATURE_MIXING:
+        return AdapterChoice.BASE
     references = image_count - 1 if task is Task.EDIT else image_count
     if references <= 0:
         return AdapterChoice.BASE
@@ -174,39 +218,25 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
             code=ErrorCode.TOO_MANY_IMAGES,
             details={"images": image_count, "max": limits.max_images},
         )
-    task = params.task or (Task.EDIT if image_count else Task.GENERATE)
+    task = params.task or _default_task(params, image_count)
     if task is Task.EDIT and image_count == 0:
         raise InvalidInput(
             "An edit needs the image to edit as image 1; send at least one image, or use task=generate.",
             code=ErrorCode.EDIT_NEEDS_IMAGE,
         )
-    instruction = params.instruction.strip()
-    if not _visible(instruction):
-        raise InvalidInput(
-            "The instruction is empty (or only invisible characters); say what to do with the images.",
-            code=ErrorCode.EMPTY_INSTRUCTION,
-        )
-    if len(instruction) > limits.max_instruction_chars:
-        raise InvalidInput(
-            f"The instruction has {len(instruction)} characters; "
-            f"the limit is {limits.max_instruction_chars}.",
-            code=ErrorCode.INSTRUCTION_TOO_LONG,
-            details={"length": len(instruction), "max": limits.max_instruction_chars},
-        )
+    mixing: dict = {}
+    if task is Task.FEATURE_MIXING:
+        instruction = None
+        mixing = _resolve_mixing(params, image_count, limits)
+    else:
+        instruction = _resolve_instruction(params, task, limits)
     steps = params.steps if params.steps is not None else limits.default_steps
     _check_range("steps", steps, limits.min_steps, limits.max_steps)
     guidance = params.guidance if params.guidance is not None else limits.default_guidance
     _check_range("guidance", guidance, limits.min_guidance, limits.max_guidance)
     if params.seed is not None:
         _check_range("seed", params.seed, 0, MAX_SEED)
-    step_cache = params.step_cache or limits.step_cache
-    if step_cache is not StepCache.NONE and step_cache not in limits.step_caches:
-        allowed = ", ".join(["none", *(c.value for c in limits.step_caches)])
-        raise InvalidInput(
-            f"step_cache={step_cache.value} is not allowed on this deployment; use one of {allowed}.",
-            code=ErrorCode.STEP_CACHE_NOT_ALLOWED,
-            details={"step_cache": step_cache.value, "allowed": allowed.split(", ")},
-        )
+    step_cache = _resolve_step_cache(params, task, limits)
 
     width, height = params.width, params.height
     if task is Task.EDIT and (width is not None or height is not None):
@@ -214,7 +244,7 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
             "width and height apply to generation only; an edit keeps the aspect ratio of image 1.",
             code=ErrorCode.SIZE_WITH_EDIT,
         )
-    if task is Task.GENERATE:
+    if task is not Task.EDIT:
         # Check the sides as sent first: a side left out copies the other, and the error must name
         # the one the caller actually sent.
         for name, value in (("width", width), ("height", height)):
@@ -240,11 +270,112 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
         guidance=guidance,
         width=width,
         height=height,
-        translate=params.translate,
+        # Feature Mixing's prompts go to the text encoders as they are.
+        translate=params.translate and task is not Task.FEATURE_MIXING,
         step_cache=step_cache,
         image_count=image_count,
         adapter=choose_adapter(task, image_count),
+        **mixing,
     )
+
+
+def _resolve_step_cache(params: JobParameters, task: Task, limits: JobLimits) -> StepCache:
+    step_cache = params.step_cache or limits.step_cache
+    if task is Task.FEATURE_MIXING:
+        # The two branches share every attention layer; a step cache would skip them apart.
+        if params.step_cache not in (None, StepCache.NONE):
+            raise InvalidInput(
+                f"step_cache={params.step_cache.value} does not apply to task=feature_mixing; leave it out.",
+                code=ErrorCode.STEP_CACHE_NOT_ALLOWED,
+                details={"step_cache": params.step_cache.value, "allowed": ["none"]},
+            )
+        step_cache = StepCache.NONE
+    if step_cache is not StepCache.NONE and step_cache not in limits.step_caches:
+        allowed = ", ".join(["none", *(c.value for c in limits.step_caches)])
+        raise InvalidInput(
+            f"step_cache={step_cache.value} is not allowed on this deployment; use one of {allowed}.",
+            code=ErrorCode.STEP_CACHE_NOT_ALLOWED,
+            details={"step_cache": step_cache.value, "allowed": allowed.split(", ")},
+        )
+    return step_cache
+
+
+def _resolve_instruction(params: JobParameters, task: Task, limits: JobLimits) -> str:
+    sent = [name for name in MIXING_FIELDS if getattr(params, name) is not None]
+    if sent:
+        raise InvalidInput(
+            f"{', '.join(sent)} apply to task=feature_mixing only; this job is task={task.value}.",
+            code=ErrorCode.MIXING_FIELD_WITHOUT_MIXING,
+            details={"fields": sent, "task": task.value},
+        )
+    instruction = (params.instruction or "").strip()
+    if not _visible(instruction):
+        raise InvalidInput(
+            "The instruction is empty (or only invisible characters); say what to do with the images.",
+            code=ErrorCode.EMPTY_INSTRUCTION,
+        )
+    if len(instruction) > limits.max_instruction_chars:
+        raise InvalidInput(
+            f"The instruction has {len(instruction)} characters; "
+            f"the limit is {limits.max_instruction_chars}.",
+            code=ErrorCode.INSTRUCTION_TOO_LONG,
+            details={"length": len(instruction), "max": limits.max_instruction_chars},
+        )
+    return instruction
+
+
+def _default_task(params: JobParameters, image_count: int) -> Task:
+    if image_count:
+        return Task.EDIT
+    if params.source_prompt is not None and params.target_prompt is not None and params.instruction is None:
+        return Task.FEATURE_MIXING
+    return Task.GENERATE
+
+
+def _resolve_mixing(params: JobParameters, image_count: int, limits: JobLimits) -> dict:
+    """Feature Mixing's own fields, checked, defaults filled in (the method as described: every block,
+    every step, full strength)."""
+    if image_count:
+        raise InvalidInput(
+            f"task=feature_mixing generates both images of a pair from text and takes no images; "
+            f"{image_count} were sent.",
+            code=ErrorCode.MIXING_TAKES_NO_IMAGES,
+            details={"images": image_count},
+        )
+    if params.instruction is not None:
+        raise InvalidInput(
+            "task=feature_mixing takes source_prompt and target_prompt, not an instruction.",
+            code=ErrorCode.MIXING_FIELD_WITHOUT_MIXING,
+            details={"fields": ["instruction"], "task": Task.FEATURE_MIXING.value},
+        )
+    prompts = {}
+    for name in ("source_prompt", "target_prompt", "attribute"):
+        value = getattr(params, name)
+        value = value.strip() if value is not None else None
+        if name != "attribute" and (value is None or not _visible(value)):
+            raise InvalidInput(
+                f"task=feature_mixing needs a non-empty {name}: the source_prompt describes the image "
+                "that has the attribute, the target_prompt the image that takes it.",
+                code=ErrorCode.MIXING_NEEDS_PROMPTS,
+                details={"field": name},
+            )
+        if value is not None and len(value) > limits.max_instruction_chars:
+            raise InvalidInput(
+                f"{name} has {len(value)} characters; the limit is {limits.max_instruction_chars}.",
+                code=ErrorCode.PROMPT_TOO_LONG,
+                details={"field": name, "length": len(value), "max": limits.max_instruction_chars},
+            )
+        prompts[name] = value or None
+    mix_steps = params.mix_steps if params.mix_steps is not None else 1.0
+    _check_range("mix_steps", mix_steps, 0.0, 1.0)
+    mix_strength = params.mix_strength if params.mix_strength is not None else 1.0
+    _check_range("mix_strength", mix_strength, 0.0, 1.0)
+    return {
+        **prompts,
+        "mix_blocks": params.mix_blocks or MixBlocks.ALL,
+        "mix_steps": mix_steps,
+        "mix_strength": mix_strength,
+    }
 
 
 class JobMetadata(BaseModel):
@@ -266,6 +397,14 @@ class JobMetadata(BaseModel):
     adapter: AdapterChoice
     task: Task
     seed: int
+    source_prompt: str | None = Field(default=None, description="Feature Mixing: the source image's prompt.")
+    target_prompt: str | None = Field(default=None, description="Feature Mixing: the target image's prompt.")
+    attribute: str | None = Field(default=None, description="Feature Mixing: the shared attribute's label.")
+    mixing: dict[str, str | float | int] | None = Field(
+        default=None,
+        description="Feature Mixing: blocks, step_fraction, strength, and the mixed_steps and "
+        "mixed_layers that ran.",
+    )
     steps: int
     guidance: float
     width: int

@@ -94,10 +94,16 @@ class JobRecord(BaseModel):
     metadata: Annotated[JobMetadata | None, StoredJson] = None
     error: Annotated[ErrorInfo | None, StoredJson] = None
     result: Annotated[StoredResult | None, StoredJson] = None
+    results: Annotated[list[StoredResult] | None, StoredJson] = None
     deadline_at: Annotated[float | None, EmptyIsNone] = None
     cancel_requested: Annotated[bool, BeforeValidator(_flag)] = False
     cancel_reason: Annotated[str | None, EmptyIsNone] = None
     webhook: Annotated[WebhookDelivery | None, StoredJson] = None
+
+    @property
+    def all_results(self) -> list[StoredResult]:
+        """Every result image, in order (a record from before `results` existed has only `result`)."""
+        return self.results or ([self.result] if self.result else [])
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> JobRecord:

@@ -22,7 +22,6 @@ Authenticate with `Authorization: Bearer <key>` when the deployment has API keys
 
 _MULTIPART_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "required": ["instruction"],
     "properties": {
         "images": {
             "type": "array",
@@ -52,6 +51,11 @@ def _ranges(limits: JobLimits) -> dict[str, dict[str, Any]]:
     """The deployment's limits as JSON Schema keywords, so a client (or a fuzzer) knows the ranges."""
     return {
         "instruction": {"minLength": 1, "maxLength": limits.max_instruction_chars},
+        "source_prompt": {"minLength": 1, "maxLength": limits.max_instruction_chars},
+        "target_prompt": {"minLength": 1, "maxLength": limits.max_instruction_chars},
+        "attribute": {"maxLength": limits.max_instruction_chars},
+        "mix_steps": {"minimum": 0, "maximum": 1},
+        "mix_strength": {"minimum": 0, "maximum": 1},
         "seed": {"minimum": 0, "maximum": MAX_SEED},
         "steps": {"minimum": limits.min_steps, "maximum": limits.max_steps},
         "guidance": {"minimum": limits.min_guidance, "maximum": limits.max_guidance},

@@ -287,12 +287,21 @@ class JobService:
             raise _not_found(record.id)
         return waited
 
-    def result(self, owner: str, job_id: str) -> tuple[bytes, str]:
+    def result(self, owner: str, job_id: str, index: int = 0) -> tuple[bytes, str]:
+        """Result image `index` (0: the only one; a Feature Mixing pair: 0 the source, 1 the target)."""
         record = self.get(owner, job_id)
         if record.status is JobStatus.SUCCEEDED:
-            data = self.store.jobs.result(job_id)
-            if data is not None and record.result:
-                return data, record.result.content_type
+            results = record.all_results
+            if results and index >= len(results):
+                raise NotFound(
+                    f"Job {job_id} has {len(results)} result image(s); index {index} does not exist "
+                    f"(use 0{' or 1' if len(results) == 2 else ''}).",
+                    code=ErrorCode.RESULT_INDEX,
+                    details={"index": index, "results": len(results)},
+                )
+            data = self.store.jobs.result(job_id, index)
+            if data is not None and results:
+                return data, results[index].content_type
             raise NotFound(
                 f"Job {job_id} succeeded, but its image has expired.",
                 code=ErrorCode.RESULT_EXPIRED,

@@ -1,7 +1,9 @@
 """Run one DreamOmni2 job without the service, or plan a worker's GPU memory.
 
     python -m models run --image a.png --image b.png --task edit "put the hat of image 2 on him" -o out.png
+    python -m models mix "a cat made of glass" "a teapot made of glass" --attribute material --seed 3
     python -m models plan --memory balanced --images 3 [--size 1024] [--json] [--card 48]
+    python -m models plan --memory low --feature-mixing     # a Feature Mixing pair, and its cost
 
 Settings come from `DREAMOMNI2_*` variables (the tiny CPU preset by default); flags override a few.
 `plan` loads and downloads nothing: it sizes the published architectures on the meta device.
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from api_schemas.common import Task
+from api_schemas.common import MixBlocks, Task
 from api_schemas.errors import ServiceError
 from api_schemas.images import load_image
 from api_schemas.jobs import JobParameters, resolve_job
@@ -34,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--image", action="append", default=[], type=Path, help="input image; repeat, in order")
     run.add_argument(
-        "--task", choices=[t.value for t in Task], help="edit or generate (default: by image count)"
+        "--task",
+        choices=[Task.EDIT.value, Task.GENERATE.value],
+        help="edit or generate (default: by image count); a Feature Mixing pair: `mix`",
     )
     run.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="where to save the result")
     run.add_argument("--seed", type=int)
@@ -44,6 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--height", type=int, help="generation only")
     run.add_argument("--no-translate", action="store_true", help="use the instruction as the prompt")
     run.add_argument("--preset", choices=["tiny", "dreamomni2"], help="overrides DREAMOMNI2_PRESET")
+
+    mix = commands.add_parser(
+        "mix",
+        help="generate a Feature Mixing pair (source, target) and save both images",
+        description="Feature Mixing, the method's paired-data synthesis: the source and the target "
+        "prompt sampled from one seed, the target attending to the source's image tokens.",
+    )
+    mix.add_argument("source_prompt", help="the source image's prompt (the image that has the attribute)")
+    mix.add_argument("target_prompt", help="the target image's prompt (the image that takes it)")
+    mix.add_argument("--attribute", help="a label for the shared attribute, kept with the job")
+    mix.add_argument("--source-output", type=Path, default=Path("source.png"), help="the source's file")
+    mix.add_argument("--target-output", type=Path, default=Path("target.png"), help="the target's file")
+    mix.add_argument("--seed", type=int)
+    mix.add_argument("--steps", type=int)
+    mix.add_argument("--guidance", type=float)
+    mix.add_argument("--width", type=int)
+    mix.add_argument("--height", type=int)
+    mix.add_argument("--mix-blocks", choices=[b.value for b in MixBlocks], help="default all")
+    mix.add_argument("--mix-steps", type=float, help="share of steps that mix, from the first (default 1)")
+    mix.add_argument("--mix-strength", type=float, help="0..1 (default 1, the plain formula)")
+    mix.add_argument("--preset", choices=["tiny", "dreamomni2"], help="overrides DREAMOMNI2_PRESET")
 
     from models.modes import MemoryMode
 
@@ -57,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory", choices=[m.value for m in MemoryMode], default=MemoryMode.RESIDENT.value,
                       help="memory mode (DREAMOMNI2_MEMORY); default resident")  # fmt: skip
     plan.add_argument(
-        "--images", type=int, default=5, help="input images per job (default 5, the image limit)"
+        "--images",
+        type=int,
+        help="input images per job (default 5, the image limit; 0 with --feature-mixing)",
     )
     plan.add_argument("--size", type=int, default=1024,
                       help="side of the inputs' buckets and the output in pixels (default 1024)")  # fmt: skip
@@ -71,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print one JSON object (byte counts as integers)")
     plan.add_argument("--table", action="store_true",
                       help="print the docs' card -> mode -> peak -> most images table instead")  # fmt: skip
+    plan.add_argument("--feature-mixing", action="store_true",
+                      help="plan a Feature Mixing pair and its cost against one generation")  # fmt: skip
+    plan.add_argument("--mixing-batched", action="store_true",
+                      help="with --feature-mixing: the batch-2 form, not the exact two-pass one")  # fmt: skip
     return parser
 
 
@@ -126,10 +157,16 @@ def plan(args: argparse.Namespace) -> int:
         MemoryMode,
         fits,
         max_images_that_fit,
+        mixing_cost,
         plan_memory,
         published_sizes,
     )
 
+    if args.images is None:
+        args.images = 0 if args.feature_mixing else 5
+    if args.feature_mixing and args.images:
+        print("error: a Feature Mixing pair takes no input image; leave --images out", file=sys.stderr)
+        return 2
     if args.images < 0:
         print("error: --images must be 0 or more", file=sys.stderr)
         return 2
@@ -152,8 +189,13 @@ def plan(args: argparse.Namespace) -> int:
             f"searched up to {MAX_PLANNED_IMAGES}. Peaks per GPU, PyTorch allocations."
         )
         return 0
-    result = plan_memory(MemoryMode(args.memory), args.images, **kwargs)
+    mixing = dict(feature_mixing=True, mixing_batched=args.mixing_batched) if args.feature_mixing else {}
+    result = plan_memory(MemoryMode(args.memory), args.images, **kwargs, **mixing)
     report = result.to_dict()
+    cost = None
+    if args.feature_mixing:
+        cost = mixing_cost(MemoryMode(args.memory), batched=args.mixing_batched, **kwargs)
+        report["feature_mixing_cost"] = cost.to_dict()
     if args.card is not None:
         free = {d: int(args.card * GiB) for d in result.devices}
         report["card_bytes"] = int(args.card * GiB)
@@ -165,6 +207,8 @@ def plan(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(result.format())
+    if cost is not None:
+        print(cost.format())
     if args.card is not None:
         verdict = "fits" if report["fits"] else "does NOT fit"
         most = report["max_images"]
@@ -213,25 +257,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading the {settings.preset} preset ...", file=sys.stderr)
     engine = Engine.from_settings(settings)
 
-    bar: tqdm | None = None
-
-    def on_progress(stage: str, step: int, total: int) -> None:
-        nonlocal bar
-        if stage != "denoise":
-            return
-        if bar is None:
-            bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
-        bar.n = step
-        bar.refresh()
-
+    progress = DenoiseBar()
     try:
-        result = engine.run(images, params, on_progress=on_progress)
+        result = engine.run(images, params, on_progress=progress)
     except ServiceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
 
     meta = result.metadata
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -245,9 +278,75 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def mix(args: argparse.Namespace) -> int:
+    from models.engine import Engine
+    from models.settings import EngineSettings
+
+    params = JobParameters(
+        task=Task.FEATURE_MIXING,
+        source_prompt=args.source_prompt,
+        target_prompt=args.target_prompt,
+        attribute=args.attribute,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        mix_blocks=args.mix_blocks,
+        mix_steps=args.mix_steps,
+        mix_strength=args.mix_strength,
+    )
+    settings = EngineSettings(**({"preset": args.preset} if args.preset else {}))
+    try:
+        resolve_job(params, 0, settings.limits)
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    print(f"loading the {settings.preset} preset ...", file=sys.stderr)
+    engine = Engine.from_settings(settings)
+    progress = DenoiseBar()
+    try:
+        result = engine.run([], params, on_progress=progress)
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        progress.close()
+    meta = result.metadata
+    for image, path in zip(result.images, (args.source_output, args.target_output), strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    print(f"seed:     {meta.seed}")
+    print("mixing:   " + ", ".join(f"{k} {v}" for k, v in (meta.mixing or {}).items()))
+    print("timings:  " + ", ".join(f"{stage} {seconds:.3f}s" for stage, seconds in meta.timings.items()))
+    size = f"{meta.width}x{meta.height}"
+    print(f"saved:    {args.source_output} (source), {args.target_output} (target), {size}")
+    return 0
+
+
+class DenoiseBar:
+    """An engine progress callback that shows the denoising steps as a bar on stderr."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if stage != "denoise":
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="denoise", unit="step", file=sys.stderr)
+        self.bar.n = step
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return plan(args) if args.command == "plan" else run(args)
+    commands = {"plan": plan, "mix": mix, "run": run}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -21,6 +22,7 @@ from api_schemas.images import load_image, normalize_image
 from api_schemas.jobs import JobMetadata, JobParameters, ResolvedJob, resolve_job
 from api_schemas.records import JobSpec
 from models.adapters import AdapterSet
+from models.mixing import MixingConfig, generate_pair
 from models.modes import Group, Residency, is_cpu, same_device
 from models.pipeline import (
     DEFAULT_MAX_AREA,
@@ -67,8 +69,15 @@ class ModelLayout:
 
 @dataclass
 class JobOutput:
-    image: PIL.Image.Image
+    """A job's images (one; a Feature Mixing pair: the source, then the target) and its metadata."""
+
+    images: list[PIL.Image.Image]
     metadata: JobMetadata
+
+    @property
+    def image(self) -> PIL.Image.Image:
+        """The first image: the job's result, or the source of a Feature Mixing pair."""
+        return self.images[0]
 
 
 def resolve_layout(settings: EngineSettings) -> ModelLayout:
@@ -94,6 +103,10 @@ class Engine:
 
     Build it once per process (loading takes minutes with the real weights) and call `run` per job.
     """
+
+    #: Feature Mixing pairs as one batch-2 transformer call per step instead of two exact batch-1
+    #: passes (`models.mixing.MixingConfig.batched`); off: the source is bit-identical to an ordinary job.
+    mixing_batched: bool = False
 
     def __init__(
         self,
@@ -144,9 +157,9 @@ class Engine:
         if settings.translator:
             translator_device = device if settings.translator_device == "auto" else settings.translator_device
         layout = resolve_layout(settings)
-        memory_plan = None
+        memory_plan, exact_mixing_fits = None, True
         if settings.memory_check:
-            memory_plan = check_memory(settings, layout, device, translator_device)
+            memory_plan, exact_mixing_fits = check_memory(settings, layout, device, translator_device)
 
         pipeline = DreamOmni2Pipeline.from_pretrained(layout.kontext, dtype=dtype)
         adapters = AdapterSet.load(pipeline, edit=layout.edit_lora, generation=layout.gen_lora)
@@ -162,6 +175,15 @@ class Engine:
             )
         engine = cls.assemble(settings, pipeline, adapters, translator, placement)
         engine.memory_plan = memory_plan
+        if not exact_mixing_fits:
+            # The batch-2 form peaks no higher than an ordinary job; the exact form keeps the source's
+            # keys and values of every layer (about 2.7 GiB at 1 MP), which this card has no room for.
+            engine.mixing_batched = True
+            logger.warning(
+                "Feature Mixing pairs run as one batch-2 call per step: the exact two-pass form does not "
+                "fit this GPU's free memory next to the planned peak (see `python -m models plan "
+                "--feature-mixing`)"
+            )
         engine.warm_up()
         logger.info(
             "engine ready: preset=%s memory=%s device=%s dtype=%s translator=%s in %.1fs",
@@ -230,6 +252,7 @@ class Engine:
         if self.translator is not None:
             # Qwen2VLImageProcessor (torchvision's resize, as the reference) or ...Pil (no torchvision).
             info["translator_image_processor"] = type(self.translator.processor.image_processor).__name__
+        info["feature_mixing"] = "batched" if self.mixing_batched else "sequential"
         if self.memory_plan is not None:
             info["planned_peak_bytes"] = self.memory_plan.peak_bytes
             info["planned_images"] = self.memory_plan.images
@@ -254,6 +277,9 @@ class Engine:
         should_cancel: Callable[[], bool] | None = None,
     ) -> JobOutput:
         """Run one job: translate the instruction, pick the adapter, sample, decode.
+
+        A `feature_mixing` job (no images) samples its source and target prompts as a pair instead
+        (`models.mixing`); its output holds both images, the source first.
 
         ``request`` is the caller's parameters, or a queued job's spec (as the worker runs it); either
         way it is checked again here against this engine's limits. ``images`` are PIL images or
@@ -284,13 +310,21 @@ class Engine:
             for gpu in gpus:
                 torch.cuda.reset_peak_memory_stats(gpu)
             try:
+                if job.task is Task.FEATURE_MIXING:
+                    return self._run_mixing(job, progress, cancel)
                 return self._run(job, pil_images, progress, cancel)
             except torch.OutOfMemoryError as exc:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                what = (
+                    "a Feature Mixing pair (two branches)"
+                    if job.task is Task.FEATURE_MIXING
+                    else f"{len(images)} input image(s)"
+                )
+                advice = "" if job.task is Task.FEATURE_MIXING else "send fewer reference images, or "
                 raise ModelOutOfMemory(
-                    f"The GPU ran out of memory for {len(images)} input image(s) in memory mode "
-                    f"{self.settings.memory.value}; send fewer reference images, or ask the operator for a "
+                    f"The GPU ran out of memory for {what} in memory mode "
+                    f"{self.settings.memory.value}; {advice}ask the operator for a "
                     "lower memory mode (`python -m models plan` shows what each needs).",
                     details={"images": len(images), "memory_mode": self.settings.memory.value},
                 ) from exc
@@ -408,20 +442,104 @@ class Engine:
             transformer_evaluations=self.evaluations.count,
             timings=timings,
         )
-        return JobOutput(image=image, metadata=metadata)
+        return JobOutput(images=[image], metadata=metadata)
+
+    def _run_mixing(
+        self, job: ResolvedJob, progress: ProgressCallback, cancel: Callable[[], bool]
+    ) -> JobOutput:
+        """A Feature Mixing pair: both prompts encoded, both branches sampled from one seed, both decoded.
+
+        Base Kontext samples it (the job's adapter; the rule gives `base`), with no step cache and no
+        translation: the prompts go to the text encoders as they are.
+        """
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        if cancel():
+            raise JobCanceled("The job was canceled before sampling started.")
+        progress("encode", 0, 1)
+        device = self.pipeline.compute_device or self.pipeline.device
+        with self.placement.running(Group.TEXT_ENCODERS):
+            source_embeds, source_pooled, _ = self.pipeline.encode_prompt(
+                prompt=job.source_prompt, prompt_2=None, device=device
+            )
+            target_embeds, target_pooled, _ = self.pipeline.encode_prompt(
+                prompt=job.target_prompt, prompt_2=None, device=device
+            )
+        encode_prompt_s = time.perf_counter() - started
+        if cancel():
+            raise JobCanceled("The job was canceled before sampling started.")
+
+        self.adapters.activate(job.adapter)
+        seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        config = MixingConfig.from_job(job)
+        if self.mixing_batched:
+            config = dataclasses.replace(config, batched=True)
+
+        def on_step_end(pipe: DreamOmni2Pipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
+            progress("denoise", step + 1, job.steps)
+            if cancel():
+                raise JobCanceled(f"The job was canceled after denoising step {step + 1} of {job.steps}.")
+            return {}
+
+        self.evaluations.count = 0
+        with self.placement.running(Group.TRANSFORMER):
+            output = generate_pair(
+                self.pipeline,
+                source_prompt_embeds=source_embeds,
+                source_pooled_prompt_embeds=source_pooled,
+                target_prompt_embeds=target_embeds,
+                target_pooled_prompt_embeds=target_pooled,
+                config=config,
+                height=job.height,
+                width=job.width,
+                num_inference_steps=job.steps,
+                guidance_scale=job.guidance,
+                generator=generator,
+                max_area=self.max_area,
+                callback_on_step_end=on_step_end,
+            )
+        progress("decode", 1, 1)
+        timings.update(output.timings)
+        timings["encode"] += encode_prompt_s
+        timings["total"] = time.perf_counter() - started
+        images = list(output.images)
+        metadata = JobMetadata(
+            prompt=job.source_prompt,
+            translated=False,
+            fallback_reason=None,
+            adapter=job.adapter,
+            task=job.task,
+            seed=seed,
+            source_prompt=job.source_prompt,
+            target_prompt=job.target_prompt,
+            attribute=job.attribute,
+            mixing=config.describe(output.mixed_steps, output.mixed_layers),
+            steps=job.steps,
+            guidance=job.guidance,
+            width=images[0].width,
+            height=images[0].height,
+            image_count=job.image_count,
+            speed_profile=self.settings.speed.value,
+            step_cache=job.step_cache,
+            transformer_evaluations=self.evaluations.count,
+            timings=timings,
+        )
+        return JobOutput(images=images, metadata=metadata)
 
 
 def check_memory(
     settings: EngineSettings, layout: ModelLayout, device: str, translator_device: str | None
-) -> MemoryPlan | None:
-    """The planner's prediction for this configuration, refused with `MemoryPlanError` if it cannot fit.
+) -> tuple[MemoryPlan | None, bool]:
+    """The planner's prediction for this configuration, refused with `MemoryPlanError` if it cannot fit,
+    and whether a Feature Mixing pair in its exact (sequential) form fits as well.
 
-    Checked only where the pipeline runs on a CUDA GPU; returns None elsewhere. The free memory of
-    every GPU the plan uses is read with the CUDA context already created.
+    Checked only where the pipeline runs on a CUDA GPU; returns (None, True) elsewhere. The free
+    memory of every GPU the plan uses is read with the CUDA context already created.
     """
     if is_cpu(device) or not torch.cuda.is_available():
-        return None
-    from models.memory import check_fit, layout_sizes
+        return None, True
+    from models.memory import check_fit, fits, layout_sizes, plan_memory
 
     sizes = layout_sizes(layout.kontext, layout.edit_lora, layout.gen_lora, layout.vlm)
     free = {}
@@ -429,13 +547,12 @@ def check_memory(
         if not is_cpu(name):
             free[str(name)] = torch.cuda.mem_get_info(torch.device(name))[0]
     size = round((settings.max_area or DEFAULT_MAX_AREA) ** 0.5) // 16 * 16
-    return check_fit(
-        settings.memory,
-        settings.limits.max_images,
-        free,
+    kwargs = dict(
         size=size,
         device=device,
         translator_device=translator_device,
         new_tokens=settings.translator_budget,
         sizes=sizes,
     )
+    plan = check_fit(settings.memory, settings.limits.max_images, free, **kwargs)
+    return plan, fits(plan_memory(settings.memory, 0, feature_mixing=True, **kwargs), free)

@@ -16,6 +16,12 @@ The planner predicts a job's peak without loading a weight:
 - the peak of each stage (translate, encode_prompt, encode_images, denoise, decode) on each device:
   weights present in that stage plus that stage's activations. The job's peak is the largest.
 
+A Feature Mixing job (`models.mixing`, `plan_memory(..., feature_mixing=True)`) has no input image and
+no translation; its denoise step is traced the same way, with the mixing processors installed: both
+branches (two batch-1 passes, or one batch-2 pass when batched) and the target's attention over the
+source's noise keys, plus the source's keys and values the sequential form keeps for every layer.
+`mixing_cost` sets it against one generation of the same size (activations, job peak, FLOPs).
+
 The prediction is of the memory PyTorch allocates; the CUDA context (a few hundred MiB, outside
 PyTorch) is not in it, which is why the start-up check compares it with the memory still free once
 the context exists (`torch.cuda.mem_get_info`), with `FIT_HEADROOM` to spare for the allocator's
@@ -445,6 +451,85 @@ def _denoise_bytes(config_json: str, lora_rank: int, lora_targets: tuple[str, ..
 
 
 @functools.cache
+def _mixing_denoise_bytes(config_json: str, tokens: int, batched: bool) -> int:
+    """Peak activation bytes of one Feature Mixing step with every layer mixing, `tokens` noise tokens.
+
+    Traced on one double and one single block as `_denoise_bytes` is, with the mixing processors
+    installed: the source pass then the target pass (or one batch-2 pass). The sequential form keeps
+    the source's noise keys and values of every layer until the target pass uses them; the trace
+    holds those of its two layers, the other layers' are added (all held at once: a bound, since the
+    target pass frees each as it goes).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from models.mixing import MixingConfig, MixingPhase, feature_mixing
+
+    config = json.loads(config_json)
+    layers = config["num_layers"] + config["num_single_layers"]
+    config.update(num_layers=1, num_single_layers=1)
+
+    def run(model: torch.nn.Module) -> object:
+        bf16 = torch.bfloat16
+
+        def call(batch: int) -> torch.Tensor:
+            return model(
+                hidden_states=torch.empty(batch, tokens, config["in_channels"], dtype=bf16),
+                encoder_hidden_states=torch.empty(
+                    batch, T5_TOKENS, config["joint_attention_dim"], dtype=bf16
+                ),
+                pooled_projections=torch.empty(batch, config["pooled_projection_dim"], dtype=bf16),
+                timestep=torch.ones(batch, dtype=bf16),
+                guidance=torch.ones(batch),
+                img_ids=torch.zeros(tokens, 3, dtype=bf16),
+                txt_ids=torch.zeros(T5_TOKENS, 3, dtype=bf16),
+                return_dict=False,
+            )[0]
+
+        with feature_mixing(model, MixingConfig(batched=batched)) as state:
+            state.active, state.text_tokens, state.noise_tokens = True, T5_TOKENS, tokens
+            if batched:
+                state.phase = MixingPhase.PAIRED
+                return call(2)
+            state.phase = MixingPhase.CAPTURE
+            source = call(1)
+            state.phase = MixingPhase.INJECT
+            return source, call(1)
+
+    peak = traced_peak_bytes(lambda: FluxTransformer2DModel.from_config(config).eval(), run)
+    return peak + (0 if batched else (layers - 2) * kept_kv_bytes(config, tokens, 1))
+
+
+def kept_kv_bytes(transformer_config: dict[str, Any], tokens: int, layers: int | None = None) -> int:
+    """Bytes (bf16) of the source's noise keys and values the sequential form keeps for `layers` layers
+    (default: every layer of the transformer) between the source pass and the target pass."""
+    if layers is None:
+        layers = transformer_config["num_layers"] + transformer_config["num_single_layers"]
+    inner = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    return layers * 2 * tokens * inner * 2
+
+
+def transformer_flops(
+    transformer_config: dict[str, Any], text_tokens: int, image_tokens: int, extra_keys: int = 0
+) -> int:
+    """Multiply-add FLOPs (2 per multiply-add) of one FLUX transformer pass, batch 1.
+
+    Every block, double or single, costs 24 d^2 per token in its linears (q/k/v 6, output 2, MLP 16;
+    a single block's fused MLP and output the same) and 4 S (S + E) d in attention (scores and the
+    weighted sum over S own keys plus E extra ones: the source keys of Feature Mixing), with d the
+    model width and S = text + image tokens; plus the input and output projections. Per-sample
+    modulation and the embedders are left out (well under 0.1 %).
+    """
+    c = transformer_config
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    seq = text_tokens + image_tokens
+    blocks = c["num_layers"] + c["num_single_layers"]
+    per_block = 24 * d * d * seq + 4 * seq * (seq + extra_keys) * d
+    projections = 2 * d * (c["in_channels"] * image_tokens + c["joint_attention_dim"] * text_tokens)
+    projections += 2 * d * c["in_channels"] * image_tokens  # proj_out back to the latent channels
+    return blocks * per_block + projections
+
+
+@functools.cache
 def _vae_bytes(config_json: str, width: int, height: int, decode: bool) -> int:
     from diffusers import AutoencoderKL
 
@@ -537,6 +622,24 @@ def activations(sizes: ArchitectureSizes, shape: JobShape, new_tokens: int, lora
     }
 
 
+def mixing_activations(sizes: ArchitectureSizes, shape: JobShape, batched: bool) -> dict[str, int]:
+    """The stages of a Feature Mixing job that differ from a generation of `shape` (0 input images).
+
+    No translation; the first prompt's embeddings wait while the second is encoded; the denoise
+    step of both branches (`_mixing_denoise_bytes`). Each image is decoded on its own: as one.
+    """
+    t5_width = sizes.transformer_config["joint_attention_dim"]
+    first_prompt = 2 * (T5_TOKENS * t5_width + sizes.transformer_config["pooled_projection_dim"])
+    text = _text_encoder_bytes(_json(sizes.t5_config), _json(sizes.clip_config))
+    return {
+        Stage.TRANSLATE.value: 0,
+        Stage.ENCODE_PROMPT.value: text + first_prompt,
+        Stage.DENOISE.value: _mixing_denoise_bytes(
+            _json(sizes.transformer_config), shape.output_tokens, batched
+        ),
+    }
+
+
 # The plan ---------------------------------------------------------------------------------------------
 @dataclass
 class ComponentPlan:
@@ -619,17 +722,22 @@ def plan_memory(
     translator_device: str | None = "auto",
     new_tokens: int | None = None,
     sizes: ArchitectureSizes | None = None,
+    feature_mixing: bool = False,
+    mixing_batched: bool = False,
 ) -> MemoryPlan:
     """Predict the GPU peak of a job of `images` inputs at `size` in `mode`, without loading weights.
 
     `translator_device` is where the translator runs ("auto": the pipeline's device; None: no
     translator). `new_tokens` is its answer budget (default: the engine's default). `sizes` defaults
-    to the published release's architectures.
+    to the published release's architectures. `feature_mixing`: a Feature Mixing pair instead (no
+    input image, no translation; `mixing_batched`: its batch-2 form).
     """
     from models.translator import DEFAULT_MAX_NEW_TOKENS
 
     if images < 0:
         raise ValueError(f"images must be 0 or more, got {images}")
+    if feature_mixing and images:
+        raise ValueError(f"a Feature Mixing job takes no input image, got images={images}")
     if size < 64 or size % 16:
         raise ValueError(f"size must be a multiple of 16 of at least 64, got {size}")
     mode = MemoryMode(mode)
@@ -641,6 +749,8 @@ def plan_memory(
     act = activations(sizes, shape, new_tokens if translator_device else 0, lora=images > 0)
     if translator_device is None:
         act[Stage.TRANSLATE.value] = 0
+    if feature_mixing:
+        act.update(mixing_activations(sizes, shape, mixing_batched))
 
     components = plan_components(mode, sizes, device, translator_device)
     stages = stage_totals(mode, sizes, components, act, device, translator_device)
@@ -660,6 +770,9 @@ def plan_memory(
         )
     if is_cpu(device):
         notes.append("the pipeline runs on the CPU: nothing is planned on a GPU.")
+    if feature_mixing:
+        form = "one batch-2 pass" if mixing_batched else "two batch-1 passes, the source's keys kept"
+        notes.append(f"a Feature Mixing pair: every layer mixing, {form} per step; no translation.")
     return MemoryPlan(
         mode=mode.value,
         images=images,
@@ -743,6 +856,88 @@ def _device_key(device: str, components: dict[str, ComponentPlan]) -> str:
         if same_device(comp.device, device):
             return comp.device
     return str(device)
+
+
+@dataclass(frozen=True)
+class MixingCost:
+    """A Feature Mixing pair against one generation of the same size: bytes and FLOPs."""
+
+    size: int
+    mode: str
+    batched: bool
+    noise_tokens: int
+    denoise_bytes: int  # one generation's denoise activations
+    mixing_denoise_bytes: int
+    kept_kv_bytes: int  # of which the source's kept keys and values (sequential form)
+    peak_bytes: int  # one generation's job peak in `mode`
+    mixing_peak_bytes: int
+    flops_per_step: int  # one generation
+    mixing_flops_per_step: int
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.mixing_flops_per_step / self.flops_per_step
+
+    @property
+    def denoise_ratio(self) -> float:
+        return self.mixing_denoise_bytes / self.denoise_bytes
+
+    @property
+    def peak_ratio(self) -> float:
+        return self.mixing_peak_bytes / self.peak_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "flops_ratio": self.flops_ratio,
+            "denoise_ratio": self.denoise_ratio,
+            "peak_ratio": self.peak_ratio,
+        }
+
+    def format(self) -> str:
+        form = "batch-2 form" if self.batched else "sequential form"
+        flops, now = self.mixing_flops_per_step / 1e12, self.flops_per_step / 1e12
+        act, one, kept = self.mixing_denoise_bytes / GiB, self.denoise_bytes / GiB, self.kept_kv_bytes / GiB
+        peak, base = self.mixing_peak_bytes / GiB, self.peak_bytes / GiB
+        return "\n".join(
+            [
+                f"Feature Mixing pair vs one generation at {self.size}x{self.size} "
+                f"({form}, every layer mixing):",
+                f"  transformer FLOPs per step: {flops:.1f} vs {now:.1f} TFLOP ({self.flops_ratio:.2f}x)",
+                f"  denoise activations: {act:.2f} vs {one:.2f} GiB ({self.denoise_ratio:.1f}x; "
+                f"of which kept source keys and values {kept:.2f} GiB)",
+                f"  job peak in {self.mode}: {peak:.2f} vs {base:.2f} GiB ({self.peak_ratio:.3f}x)",
+            ]
+        )
+
+
+def mixing_cost(
+    mode: MemoryMode | str = "resident", size: int = 1024, *, batched: bool = False, **plan_kwargs: Any
+) -> MixingCost:
+    """What a Feature Mixing pair costs against one text-to-image generation of `size` in `mode`.
+
+    `plan_kwargs` go to `plan_memory` (device, translator_device, sizes, ...).
+    """
+    sizes = plan_kwargs.pop("sizes", None) or published_sizes()
+    one = plan_memory(mode, 0, size, sizes=sizes, **plan_kwargs)
+    pair = plan_memory(mode, 0, size, sizes=sizes, feature_mixing=True, mixing_batched=batched, **plan_kwargs)
+    shape = job_shape(0, size, sizes.vlm_pixels)
+    tokens = shape.output_tokens
+    config = sizes.transformer_config
+    one_pass = transformer_flops(config, T5_TOKENS, tokens)
+    return MixingCost(
+        size=size,
+        mode=MemoryMode(mode).value,
+        batched=batched,
+        noise_tokens=tokens,
+        denoise_bytes=one.activations[Stage.DENOISE.value],
+        mixing_denoise_bytes=pair.activations[Stage.DENOISE.value],
+        kept_kv_bytes=0 if batched else kept_kv_bytes(config, tokens),
+        peak_bytes=one.peak_bytes,
+        mixing_peak_bytes=pair.peak_bytes,
+        flops_per_step=one_pass,
+        mixing_flops_per_step=one_pass + transformer_flops(config, T5_TOKENS, tokens, extra_keys=tokens),
+    )
 
 
 # Fitting a card ----------------------------------------------------------------------------------------

@@ -235,6 +235,42 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
         image = self.vae.decode(latents, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type)
 
+    def predict_velocity(
+        self,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        *,
+        guidance: torch.Tensor | None,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        text_ids: torch.Tensor,
+        latent_ids: torch.Tensor,
+        noise_tokens: int,
+        call: str,
+        step: int,
+        num_inference_steps: int,
+    ) -> torch.Tensor:
+        """One transformer pass: the velocity of the first ``noise_tokens`` tokens (the noisy latent's).
+
+        ``timestep`` is the scheduler's (0..1000), one per row of ``model_input``. The pass runs in
+        ``transformer.cache_context(call, ...)``, which tells diffusers' step caches (when one is
+        enabled) which call of which step this is; with none enabled it changes nothing.
+        """
+        with self.transformer.cache_context(
+            call, step_index=step, num_inference_steps=num_inference_steps, timestep=timestep
+        ):
+            return self.transformer(
+                hidden_states=model_input,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled_prompt_embeds,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=text_ids,
+                img_ids=latent_ids,
+                joint_attention_kwargs=self._joint_attention_kwargs,
+                return_dict=False,
+            )[0][:, :noise_tokens]
+
     @torch.no_grad()
     def __call__(
         self,
@@ -384,22 +420,19 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
             call: str,
             step: int,
         ) -> torch.Tensor:
-            # The cache context tells diffusers' step caches (when one is enabled) which call of which
-            # step this is; with none enabled it changes nothing.
-            with self.transformer.cache_context(
-                call, step_index=step, num_inference_steps=num_inference_steps, timestep=timestep
-            ):
-                return self.transformer(
-                    hidden_states=model_input,
-                    timestep=timestep / 1000,
-                    guidance=guidance,
-                    pooled_projections=pooled,
-                    encoder_hidden_states=embeds,
-                    txt_ids=ids,
-                    img_ids=latent_ids,
-                    joint_attention_kwargs=self._joint_attention_kwargs,
-                    return_dict=False,
-                )[0][:, : latents.size(1)]
+            return self.predict_velocity(
+                model_input,
+                timestep,
+                guidance=guidance,
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                text_ids=ids,
+                latent_ids=latent_ids,
+                noise_tokens=latents.size(1),
+                call=call,
+                step=step,
+                num_inference_steps=num_inference_steps,
+            )
 
         self.scheduler.set_begin_index(0)
         with self.progress_bar(total=num_inference_steps) as progress_bar:

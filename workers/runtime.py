@@ -48,11 +48,11 @@ def encode_image(image: PIL.Image.Image, output_format: OutputFormat) -> bytes:
 
 @dataclass(frozen=True)
 class EngineResult:
-    """What a successful run stores: the engine's metadata, the result's description and bytes."""
+    """What a successful run stores: the engine's metadata, and each result image's description and
+    bytes (one image; a Feature Mixing pair: source, then target)."""
 
     metadata: JobMetadata
-    result: StoredResult
-    data: bytes
+    results: list[tuple[StoredResult, bytes]]
 
 
 class WorkerRuntime:
@@ -247,8 +247,7 @@ class WorkerRuntime:
                 ttl_s=record.ttl_s,
                 metadata=output.metadata if output else None,
                 error=end.error,
-                result=output.result if output else None,
-                result_bytes=output.data if output else b"",
+                results=output.results if output else (),
             ),
             f"the outcome of job {job_id}",
         )
@@ -309,15 +308,18 @@ class WorkerRuntime:
         output = self.engine.run(
             self.store.jobs.images(job_id), spec, on_progress=on_progress, should_cancel=should_cancel
         )
-        data = encode_image(output.image, spec.output_format)
-        result = StoredResult(
-            width=output.image.width,
-            height=output.image.height,
-            content_type=spec.output_format.content_type,
-            bytes=len(data),
-        )
+        results = []
+        for image in output.images:
+            data = encode_image(image, spec.output_format)
+            info = StoredResult(
+                width=image.width,
+                height=image.height,
+                content_type=spec.output_format.content_type,
+                bytes=len(data),
+            )
+            results.append((info, data))
         for stage, seconds in output.metadata.timings.items():
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)
         for (device, kind), peak in self.engine.last_gpu_peak.items():
             metrics.GPU_PEAK_BYTES.labels(device, kind).set(peak)
-        return EngineResult(output.metadata, result, data)
+        return EngineResult(output.metadata, results)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from api_schemas.api import Job, JobLinks, JobStatus, ResultInfo, WebhookInfo
-from api_schemas.common import StepCache
+from api_schemas.common import StepCache, Task
 from api_schemas.records import JobRecord
 
 
@@ -17,9 +17,19 @@ def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
     spec, meta = record.spec, record.metadata
     params = spec.params
     base = f"/v1/jobs/{record.id}"
-    result = None
-    if record.status is JobStatus.SUCCEEDED and record.result:
-        result = ResultInfo(url=f"{base}/result", **record.result.model_dump())
+    results = None
+    if record.status is JobStatus.SUCCEEDED and record.all_results:
+        results = [
+            ResultInfo(url=f"{base}/result" + (f"?index={n}" if n else ""), **info.model_dump())
+            for n, info in enumerate(record.all_results)
+        ]
+    mixing = None
+    if spec.task is Task.FEATURE_MIXING:
+        mixing = (meta and meta.mixing) or {
+            "blocks": params.mix_blocks.value if params.mix_blocks else "all",
+            "step_fraction": params.mix_steps if params.mix_steps is not None else 1.0,
+            "strength": params.mix_strength if params.mix_strength is not None else 1.0,
+        }
     webhook = None
     if spec.webhook is not None:
         webhook = WebhookInfo(url=spec.webhook.url, events=spec.webhook.events, last_delivery=record.webhook)
@@ -30,6 +40,10 @@ def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
         adapter=meta.adapter if meta else spec.adapter,
         image_count=spec.image_count,
         instruction=params.instruction,
+        source_prompt=params.source_prompt,
+        target_prompt=params.target_prompt,
+        attribute=params.attribute,
+        mixing=mixing,
         prompt=meta.prompt if meta else None,
         translated=meta.translated if meta else None,
         fallback_reason=meta.fallback_reason if meta else None,
@@ -48,7 +62,8 @@ def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
         finished_at=_time(record.finished_at),
         timings=meta.timings if meta else None,
         error=record.error,
-        result=result,
+        result=results[0] if results else None,
+        results=results,
         cancel_requested=record.cancel_requested,
         cancel_reason=record.cancel_reason,
         deadline_at=_time(record.deadline_at),

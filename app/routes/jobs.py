@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from api_schemas.api import ErrorEnvelope, Job
+from api_schemas.api import MAX_RESULTS, ErrorEnvelope, Job
 from api_schemas.records import JobRecord
 from app.dependencies import Owner, Service, SubmissionBody
 from app.errors import ERROR_RESPONSES
@@ -82,9 +84,22 @@ def get_job(job_id: str, service: Service, owner: Owner) -> Response:
         **ERROR_RESPONSES,
     },
 )
-def get_job_result(job_id: str, service: Service, owner: Owner) -> Response:
+def get_job_result(
+    job_id: str,
+    service: Service,
+    owner: Owner,
+    index: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=MAX_RESULTS - 1,
+            description="Which image: 0 (the default) is the job's image; a Feature Mixing job has two, "
+            "0 the source and 1 the target.",
+        ),
+    ] = 0,
+) -> Response:
     """The image bytes; 409 while the job is not finished (or did not succeed), 404 once it expired."""
-    data, content_type = service.result(owner, job_id)
+    data, content_type = service.result(owner, job_id, index)
     return Response(content=data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 
 

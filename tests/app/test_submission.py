@@ -66,7 +66,7 @@ async def test_empty_form_fields_mean_not_set(gateway: Gateway):
     [
         ({"instruction": "x"}, [("seed", ("s.txt", b"1", "text/plain"))], "invalid_request", "Unexpected"),
         ({"instruction": "x", "steps": "abc"}, None, "invalid_request", "steps"),
-        ({"steps": "3"}, None, "invalid_request", "instruction"),
+        ({"steps": "3"}, None, "empty_instruction", "instruction"),
         ({"instruction": "x", "task": "paint"}, None, "invalid_request", "task"),
         ({"instruction": "x", "guidance": "nan"}, None, "invalid_request", "finite"),
         ({"instruction": "x", "guidance": "inf"}, None, "invalid_request", "finite"),
@@ -242,3 +242,52 @@ async def test_a_job_stored_but_not_sent_is_answered_with_the_job_not_a_5xx(gate
     assert response.status_code == 202, response.text
     job = response.json()
     assert job["status"] == "queued" and gateway.service.store.jobs.queued_ids() == [job["id"]]
+
+
+async def test_a_feature_mixing_job_is_queued_with_its_prompts_and_defaults(gateway: Gateway):
+    client = gateway.client()
+    body = {"source_prompt": "a leather bag on a table", "target_prompt": "a sofa", "attribute": "material"}
+    response = await client.post("/v1/jobs", json={**body, "seed": 3, "steps": 2})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["task"], job["adapter"], job["image_count"], job["instruction"]) == (
+        "feature_mixing", "base", 0, None
+    )  # fmt: skip
+    assert {k: job[k] for k in body} == body
+    assert job["mixing"] == {"blocks": "all", "step_fraction": 1.0, "strength": 1.0}
+    multipart = await client.post(
+        "/v1/jobs", **form({**body, "task": "feature_mixing", "mix_blocks": "double", "mix_steps": "0.25"})
+    )
+    assert multipart.status_code == 202, multipart.text
+    assert multipart.json()["mixing"]["blocks"] == "double"
+    assert multipart.json()["mixing"]["step_fraction"] == 0.25
+
+
+#: A Feature Mixing pair's prompts, and the same with the task named.
+PAIR = {"source_prompt": "a", "target_prompt": "b"}
+MIX = {"task": "feature_mixing", **PAIR}
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        ({"task": "feature_mixing", "source_prompt": "a bag"}, "mixing_needs_prompts", "target_prompt"),
+        ({**MIX, "target_prompt": "\u200b"}, "mixing_needs_prompts", "target"),
+        ({**PAIR, "images": [data_uri(png())]}, "mixing_field_without_mixing", "source_prompt"),
+        ({**MIX, "images": [data_uri(png())]}, "mixing_takes_no_images", "no images"),
+        ({**MIX, "instruction": "x"}, "mixing_field_without_mixing", "instruction"),
+        ({"instruction": "a cat", "mix_strength": 0.5}, "mixing_field_without_mixing", "mix_strength"),
+        ({**PAIR, "mix_steps": 1.5}, "invalid_mix_steps", "between 0.0 and 1.0"),
+        ({**PAIR, "mix_strength": -0.1}, "invalid_mix_strength", "mix_strength"),
+        ({**PAIR, "mix_blocks": "some"}, "invalid_request", "mix_blocks"),
+        ({**PAIR, "step_cache": "first_block"}, "step_cache_not_allowed", "feature_mixing"),
+        ({"source_prompt": "a" * 2001, "target_prompt": "b"}, "prompt_too_long", "source_prompt"),
+    ],
+    ids=["no-target", "invisible-target", "with-images-no-task", "with-images", "with-instruction",
+         "mixing-field-on-generate", "mix-steps", "mix-strength", "mix-blocks", "step-cache", "too-long"],
+)  # fmt: skip
+async def test_a_bad_feature_mixing_request_is_422_with_a_code(gateway: Gateway, body, code, words):
+    response = await gateway.client().post("/v1/jobs", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and words in error["message"], error

@@ -99,3 +99,16 @@ def test_engine_bench_prints_ratios(tmp_path):
     image_rows = [row for row in lines if len(row) == 5 and row[0].isdigit()]
     assert [row[0] for row in image_rows] == ["0", "1", "2", "3", "4", "5"]
     assert all(float(row[3]) > 0 for row in image_rows)
+
+
+def test_mixing_bench_prints_the_pair_against_two_generations(tiny_cache):
+    stdout = run_script(
+        "bench/mixing_bench.py", "--repeats", "1", "--steps", "2", "--cache-dir", str(tiny_cache)
+    )
+    rows = {line[:18].strip(): line[18:].split() for line in stdout.splitlines() if line[:2] in ("2 ", "pa")}
+    assert set(rows) == {"2 x ordinary", "pair, two passes", "pair, batch 2"}
+    # columns: job s, ratio, denoise s, ratio, transformer calls, source diff max (8-bit levels)
+    assert rows["2 x ordinary"][1] == "1.00" and rows["2 x ordinary"][4] == "4"
+    assert rows["pair, two passes"][4] == "4" and rows["pair, two passes"][5] == "0"  # bit-identical source
+    assert rows["pair, batch 2"][4] == "2" and float(rows["pair, batch 2"][1]) > 0
+    assert "Feature Mixing pair / two ordinary generations:" in stdout

@@ -8,6 +8,7 @@ loopback allowlist nor a deployment secret (alice keeps hers), for the refusals 
 
 from __future__ import annotations
 
+import io
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -25,6 +27,7 @@ from app.stack import LocalStack, free_port
 
 from .conftest import Service
 from .support import (
+    LONG_STEPS,
     MAX_STEPS,
     TERMINAL,
     WEBHOOK_BACKOFF_S,
@@ -581,3 +584,59 @@ def test_receiver_refuses_unsigned_deliveries(receiver: WebhookReceiver) -> None
     assert response.status_code == 401
     [received] = wait_until(lambda: receiver.received(url) or None, timeout=5, what="the receiver's record")
     assert not received.verified
+
+
+# Feature Mixing ---------------------------------------------------------------------------------------
+def test_a_feature_mixing_job_runs_reports_progress_and_webhooks_its_two_results(
+    service: Service, bob: httpx.Client, receiver: WebhookReceiver
+) -> None:
+    url = receiver.endpoint(service.webhook_secret("bob"))
+    fields = {
+        "source_prompt": "a woven straw hat on a wooden table",
+        "target_prompt": "a teapot",
+        "attribute": "material",
+        "seed": 11,
+        "steps": 3,
+        "webhook_url": url,
+        "webhook_events": ["started", "completed"],
+    }
+    created = submit_json(bob, [], fields)
+    assert created.status_code == 202, created.text
+    with bob.stream("GET", f"/v1/jobs/{created.json()['id']}/events") as stream:
+        events = list(sse_events(stream))
+    steps = [e.json()["step"] for e in events if e.event == "progress" and e.json()["stage"] == "denoise"]
+    assert steps and max(steps) == 3 and events[-1].event == "succeeded"
+    job = bob.get(f"/v1/jobs/{created.json()['id']}").json()
+    assert (job["task"], job["seed"], job["attribute"]) == ("feature_mixing", 11, "material")
+    assert job["mixing"]["mixed_steps"] == 3 and job["result"] == job["results"][0]
+    urls = [result["url"] for result in job["results"]]
+    assert urls == [f"/v1/jobs/{job['id']}/result", f"/v1/jobs/{job['id']}/result?index=1"]
+    source, target = (bob.get(u) for u in urls)
+    assert source.status_code == target.status_code == 200
+    assert bob.get(f"/v1/jobs/{job['id']}/result?index=0").content == source.content
+    assert source.content != target.content
+    assert Image.open(io.BytesIO(target.content)).size == (
+        job["results"][1]["width"],
+        job["results"][1]["height"],
+    )
+    for index in (-1, 2):  # no job has more than two
+        assert bob.get(f"/v1/jobs/{job['id']}/result?index={index}").status_code == 422
+    single = submit_json(bob, [], {"instruction": "a cup", "steps": 1}, headers={"Prefer": "wait=30"}).json()
+    missing = bob.get(f"/v1/jobs/{single['id']}/result?index=1")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "result_index"
+    hooks = receiver.wait_for(
+        url, lambda got: len(got) >= 2, what="started and completed", watch=service.core
+    )
+    completed = [h.payload for h in hooks if h.payload["status"] == "succeeded"]
+    assert completed and len(completed[0]["results"]) == 2
+
+
+def test_a_running_feature_mixing_job_can_be_canceled(service: Service, bob: httpx.Client) -> None:
+    fields = {"source_prompt": "a red coat", "target_prompt": "a cat", "steps": LONG_STEPS}
+    job_id = submit_json(bob, [], fields).json()["id"]
+    wait_for_job(
+        bob, job_id, lambda job: job["status"] == "running", what="the pair to run", watch=service.core
+    )
+    assert bob.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
+    done = wait_for_status(bob, job_id, watch=service.core)
+    assert done["status"] == "canceled" and done["results"] is None

@@ -89,8 +89,7 @@ def test_finish_writes_once_and_only_for_the_owning_run(store):
         claim.token,
         JobStatus.SUCCEEDED,
         ttl_s=60,
-        result=RESULT,
-        result_bytes=b"PNG",
+        results=[(RESULT, b"PNG")],
     )
     error = ErrorInfo(code="internal", message="x")
     assert not store.finish(job.id, claim.token, JobStatus.FAILED, ttl_s=60, error=error)
@@ -118,9 +117,22 @@ def test_a_lapsed_lease_is_requeued_and_the_old_run_cannot_write(store):
     assert store.get(job.id).status is JobStatus.QUEUED and store.queue_position(job.id) == 1
     new = store.claim(job.id, worker="w2", lease_ttl_s=5)
     assert new.claimed and new.attempt == 2
-    assert not store.finish(job.id, old.token, JobStatus.SUCCEEDED, ttl_s=60, result_bytes=b"old")
-    assert store.finish(job.id, new.token, JobStatus.SUCCEEDED, ttl_s=60, result_bytes=b"new")
+    assert not store.finish(job.id, old.token, JobStatus.SUCCEEDED, ttl_s=60, results=[(RESULT, b"old")])
+    assert store.finish(job.id, new.token, JobStatus.SUCCEEDED, ttl_s=60, results=[(RESULT, b"new")])
     assert store.result(job.id) == b"new"
+
+
+def test_a_pair_of_results_is_stored_under_two_keys(store):
+    job = new_job(store)
+    claim = store.claim(job.id, worker="w1", lease_ttl_s=5)
+    second = RESULT.model_copy(update={"bytes": 6})
+    assert store.finish(
+        job.id, claim.token, JobStatus.SUCCEEDED, ttl_s=60, results=[(RESULT, b"A"), (second, b"B")]
+    )
+    record = store.get(job.id)
+    assert record.result == RESULT and record.all_results == [RESULT, second]
+    assert (store.result(job.id), store.result(job.id, 1), store.result(job.id, 2)) == (b"A", b"B", None)
+    assert 0 < store.redis.ttl(store.keys.result(job.id, 1)) <= 60
 
 
 def test_a_requeued_job_takes_back_its_place_in_line(store):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,8 +141,8 @@ class JobStore:
     def queue_depth(self) -> int:
         return int(self.redis.zcard(self.keys.queue))
 
-    def result(self, job_id: str) -> bytes | None:
-        return self.redis.get(self.keys.result(job_id))
+    def result(self, job_id: str, index: int = 0) -> bytes | None:
+        return self.redis.get(self.keys.result(job_id, index))
 
     def events(self, job_id: str, after: str = "0-0", block_ms: int | None = None) -> list[Event]:
         """Events after the id `after`; with `block_ms`, wait up to that long for the first one."""
@@ -228,28 +228,26 @@ class JobStore:
         ttl_s: int,
         metadata: JobMetadata | None = None,
         error: ErrorInfo | None = None,
-        result: StoredResult | None = None,
-        result_bytes: bytes = b"",
+        results: Sequence[tuple[StoredResult, bytes]] = (),
     ) -> bool:
-        """End this run's job; False (and nothing written) when another run owns the job now."""
+        """End this run's job; False (and nothing written) when another run owns the job now.
+
+        `results`: the result images (most jobs have one; a Feature Mixing pair, two), each its
+        description and its bytes, stored under `Keys.result(job_id, index)`."""
         fields: dict[str, str] = {"finished_at": repr(time.time())}
         if metadata is not None:
             fields["metadata"] = metadata.model_dump_json()
         if error is not None:
             fields["error"] = error.model_dump_json(exclude_none=True)
-        if result is not None:
-            fields["result"] = result.model_dump_json()
+        if results:
+            fields["result"] = results[0][0].model_dump_json()
+            fields["results"] = json.dumps([info.model_dump() for info, _ in results])
         k = self.keys
-        keys = [
-            k.job(job_id),
-            k.lease(job_id),
-            k.running,
-            k.result(job_id),
-            k.images(job_id),
-            k.events(job_id),
-        ]
+        keys = [k.job(job_id), k.lease(job_id), k.running, k.images(job_id), k.events(job_id)]
+        keys += [k.result(job_id, index) for index in range(len(results))]
         event = fields.get("error", "{}")
-        args: list[Any] = [token, status.value, ttl_s, event, result_bytes, EVENTS_MAXLEN]
+        args: list[Any] = [token, status.value, ttl_s, event, EVENTS_MAXLEN, len(results)]
+        args += [data for _, data in results]
         for name, value in fields.items():
             args += [name, value]
         return bool(self._finish(keys=keys, args=args))

@@ -27,8 +27,9 @@ class Keys:
     def images(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:images"
 
-    def result(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:result"
+    def result(self, job_id: str, index: int = 0) -> str:
+        # The first image keeps the plain name; a pair's second is `...:result:1`.
+        return f"{self.prefix}:job:{job_id}:result" + (f":{index}" if index else "")
 
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:events"
