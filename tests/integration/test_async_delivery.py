@@ -359,7 +359,8 @@ def test_a_quiet_job_keeps_its_event_stream_and_prefer_wait_open(tiny_cache: Pat
         elapsed = time.monotonic() - started
 
         assert waited.status_code == 202, waited.text
-        assert waited.json()["status"] == "queued" and 6 <= elapsed < 9
+        # Held its full wait, then answered (the bound is loose: a busy machine may be slow to answer).
+        assert waited.json()["status"] == "queued" and 6 <= elapsed < 30
         assert not stream.done(), stream.exception() if stream.done() else None
         assert client.post(f"/v1/jobs/{quiet['id']}/cancel").status_code == 200
         events, ended = stream.result(timeout=10)
@@ -422,7 +423,9 @@ def test_cancel_of_a_running_job_stops_it_and_the_next_job_starts(
     following = wait_for_status(alice, behind["id"], watch=service.core)
     assert following["status"] == "succeeded"
     gap = parse_time(following["started_at"]) - parse_time(canceled["finished_at"])
-    assert 0 <= gap.total_seconds() < 2
+    # The worker takes the next job as soon as the canceled one ends, not after a lease or a timeout
+    # (those are 30 s and more; the bound leaves room for a busy machine).
+    assert 0 <= gap.total_seconds() < 10
     error = assert_error(alice.post(f"/v1/jobs/{running['id']}/cancel"), 409, "job_finished")
     assert error["details"] == {"status": "canceled"}
     error = assert_error(alice.post(f"/v1/jobs/{behind['id']}/cancel"), 409, "job_finished")
