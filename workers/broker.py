@@ -1,12 +1,12 @@
 """Kombu's Redis transport, with one fault of its own kept from stopping a worker.
 
-When Redis drops while a consumer holds unacknowledged messages (a webhook worker's retries waiting
-on their countdown, its normal state under traffic), Kombu closes the channel and tries to put those
-messages back first; the connection is already gone, and `restore_unacked` fails with an
-AttributeError (`'NoneType' object has no attribute 'hostname'`) that Celery takes as unrecoverable:
-the worker exits, with status 0. Here that is what it is, a connection error: the messages stay in
-Redis's unacked set (Kombu hands them out again after the visibility timeout) and the worker
-reconnects as it does for any other connection loss.
+When Redis drops while a consumer holds unacknowledged messages (a GPU worker's job, a webhook
+worker's attempts in flight), Kombu closes the channel and tries to put those messages back first;
+the connection is already gone, and `restore_unacked` fails with an AttributeError (`'NoneType'
+object has no attribute 'hostname'`) that Celery takes as unrecoverable: the worker exits, with status
+0. Here that is what it is, a connection error: the messages stay in Redis's unacked set (Kombu hands
+them out again after that app's visibility timeout) and the worker reconnects as it does for any
+other connection loss.
 """
 
 from __future__ import annotations

@@ -19,10 +19,18 @@ from workers.config import ServiceSettings
 RUN_JOB_TASK = "dreamomni2.run_job"
 #: Webhook deliveries, on their own queue (`DREAMOMNI2_WEBHOOK_QUEUE`).
 DELIVER_TASK = "dreamomni2.deliver_webhook"
+#: Where Kombu keeps the messages the webhook workers hold (Kombu's defaults, `unacked`, ... hold the
+#: GPU workers'): each set is handed out again after its own visibility timeout, by its own workers.
+WEBHOOK_UNACKED_KEYS = {
+    "unacked_key": "unacked_webhooks",
+    "unacked_index_key": "unacked_webhooks_index",
+    "unacked_mutex_key": "unacked_webhooks_mutex",
+}
 
 
 def create_celery(settings: ServiceSettings) -> Celery:
-    """The one Celery configuration of every process (gateway, GPU workers, webhook workers)."""
+    """The Celery configuration of every process: the gateway and the GPU workers use it as it is, the
+    webhook workers as `create_webhook_celery` changes it."""
     app = Celery("dreamomni2", broker=settings.redis_url, set_as_current=True)
     app.conf.update(
         broker_transport=TRANSPORT,
@@ -41,6 +49,20 @@ def create_celery(settings: ServiceSettings) -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
     )
+    return app
+
+
+def create_webhook_celery(settings: ServiceSettings) -> Celery:
+    """The webhook workers' app: their messages are held for one attempt only (retries wait in the job
+    store), so a short visibility timeout, on unacked keys of their own, since a GPU job's message
+    legitimately stays unacknowledged for the whole job."""
+    app = create_celery(settings)
+    app.conf.broker_transport_options = {
+        "visibility_timeout": settings.webhook_visibility_timeout_s,
+        **WEBHOOK_UNACKED_KEYS,
+        # Look for lapsed messages every 10 s (Kombu's default interval) rather than every 10th time.
+        "unacked_restore_throttle": 1,
+    }
     return app
 
 

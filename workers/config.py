@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 from typing import Annotated
@@ -93,6 +94,12 @@ class ServiceSettings(BaseSettings):
     def visibility_timeout_s(self) -> int:
         """Celery's Redis redelivery delay: above the longest job, or a running job would run twice."""
         return max(3600, 2 * self.job_timeout_s)
+
+    @property
+    def webhook_visibility_timeout_s(self) -> int:
+        """The webhook workers' redelivery delay: above one attempt, since no message waits longer
+        (retries wait in the job store), so a delivery cut off mid-attempt is sent again soon."""
+        return max(60, math.ceil(4 * self.webhook_timeout_s))
 
 
 class WorkerSettings(ServiceSettings):

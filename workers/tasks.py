@@ -37,10 +37,9 @@ def run_job(task: JobTask, job_id: str) -> None:
     task.runtime.run_job(job_id)
 
 
-@shared_task(name=DELIVER_TASK, base=WebhookTask, bind=True, max_retries=None)
+@shared_task(name=DELIVER_TASK, base=WebhookTask, bind=True)
 def deliver_webhook(task: WebhookTask, delivery_id: str) -> None:
-    """One delivery attempt; a failed one is retried with backoff as a Celery countdown."""
+    """One delivery attempt. A failed one's retry waits in the job store, not here, so the message is
+    acknowledged at once; the webhook worker's `RetryScheduler` sends a new one when it is due."""
     assert task.deliverer is not None, "python -m workers.webhooks sets the deliverer before consuming"
-    delay = task.deliverer.deliver(delivery_id)
-    if delay is not None:
-        raise task.retry(countdown=delay)
+    task.deliverer.deliver(delivery_id)

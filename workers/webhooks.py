@@ -2,6 +2,9 @@
 
 Deliveries run on a Celery queue of their own, consumed by `python -m workers.webhooks` (no models,
 many threads), so a GPU worker only enqueues a delivery id and never waits on a slow receiver.
+A failed attempt's retry waits in the job store (`Deliveries.record_attempt`), not in a worker: the
+webhook worker's `RetryScheduler` sends its message when it is due, so a worker holds a message only
+for one attempt, and a Redis outage or a worker's death leaves no retry stranded in the broker.
 Every attempt of a delivery sends the same body under the same `webhook-id`, signed afresh with the
 attempt's timestamp, as the specification asks. Destinations are checked by `workers.destinations`.
 """
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +23,7 @@ from datetime import UTC, datetime
 import httpx
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 from standardwebhooks import Webhook
 
 from api_schemas.api import JobStatus, WebhookDelivery
@@ -137,7 +143,7 @@ class WebhookDeliverer:
         return self.settings.webhook_secrets.get(owner) or self.settings.webhook_secret or None
 
     def deliver(self, delivery_id: str) -> float | None:
-        """Make one attempt; returns the delay before the next one, or None when done."""
+        """Make one attempt and schedule the next one if due; returns its delay, or None when done."""
         delivery = self.store.deliveries.get(delivery_id)
         if delivery is None:
             logger.warning("webhook %s expired before delivery", delivery_id)
@@ -162,44 +168,110 @@ class WebhookDeliverer:
             error=outcome.error,
             at=datetime.now(tz=UTC),
         )
-        self.store.deliveries.record_attempt(delivery_id, delivery.job_id, summary)
+        delay = None if final else backoff_s(attempt, self.settings.webhook_backoff_s)
+        retry_at = None if delay is None else time.time() + delay
+        self.store.deliveries.record_attempt(delivery_id, delivery.job_id, summary, retry_at=retry_at)
         if final:
             log = logger.info if outcome.delivered else logger.warning
             log(
                 "webhook %s for job %s: %s after %d attempt(s)", delivery_id, delivery.job_id, status, attempt
             )
-            return None
-        # A retry waits inside the worker as an unacknowledged message; past the broker's visibility
-        # timeout Redis would hand it out a second time, so no wait may reach it.
-        return min(
-            backoff_s(attempt, self.settings.webhook_backoff_s), 0.9 * self.settings.visibility_timeout_s
-        )
+        return delay
+
+
+class RetryScheduler:
+    """Sends the messages of the retries that are due: a thread of each webhook worker process.
+
+    Every `poll_s` it claims the due retries (atomically, so two workers never both send one), sends
+    each one's message and marks it sent. A retry whose message could not be sent stays claimed and is
+    due again after `claim_s`. Errors (Redis away) are logged once and tried again at the next poll.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        celery: Celery,
+        settings: ServiceSettings,
+        poll_s: float = 0.5,
+        claim_s: float = 60.0,
+    ):
+        self.store = store
+        self.celery = celery
+        self.settings = settings
+        self.poll_s = poll_s
+        self.claim_s = claim_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def run_once(self, batch: int = 100) -> int:
+        """Send the retries due now, `batch` at a time; returns how many were sent."""
+        sent = 0
+        while not self._stop.is_set():
+            claimed = self.store.deliveries.claim_retries(time.time(), self.claim_s, batch)
+            for delivery_id in claimed.ids:
+                self.celery.send_task(DELIVER_TASK, args=[delivery_id], queue=self.settings.webhook_queue)
+                self.store.deliveries.sent(delivery_id, claimed)
+                sent += 1
+            if len(claimed.ids) < batch:
+                break
+        return sent
+
+    def run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.run_once()
+            except Exception as exc:  # the thread outlives any error; claimed retries come back
+                if not self._failing:
+                    unreachable = isinstance(exc, redis.RedisError | OperationalError)
+                    logger.warning(
+                        "webhook retries cannot be sent (%s); trying again", exc, exc_info=not unreachable
+                    )
+                self._failing = True
+            else:
+                if self._failing:
+                    logger.info("webhook retries are sent again")
+                self._failing = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="webhook-retries", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
 
 def main(argv: Iterable[str] = ()) -> int:
-    """`python -m workers.webhooks`: consume the webhook queue with many threads (I/O bound)."""
-    from workers.celery_app import create_celery
+    """`python -m workers.webhooks`: consume the webhook queue with many threads (I/O bound), and send
+    the retries that fall due."""
+    from workers.celery_app import create_webhook_celery
     from workers.tasks import WebhookTask
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServiceSettings()
-    app = create_celery(settings)
-    WebhookTask.deliverer = WebhookDeliverer(
-        Store.from_url(settings.redis_url, settings.redis_prefix), settings
-    )
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={settings.webhook_concurrency}",
-            f"--queues={settings.webhook_queue}",
-            "--hostname=webhooks@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel=INFO",
-            *argv,
-        ]
-    )
+    app = create_webhook_celery(settings)
+    store = Store.from_url(settings.redis_url, settings.redis_prefix)
+    WebhookTask.deliverer = WebhookDeliverer(store, settings)
+    scheduler = RetryScheduler(store, app, settings)
+    scheduler.start()
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={settings.webhook_concurrency}",
+                f"--queues={settings.webhook_queue}",
+                "--hostname=webhooks@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel=INFO",
+                *argv,
+            ]
+        )
+    finally:
+        scheduler.stop()
     return 0
 
 

@@ -155,7 +155,7 @@ def test_completed_webhook_is_retried_under_one_id_until_delivered(
     assert {attempt.webhook_id for attempt in attempts} == {webhook_id}
     assert {attempt.body for attempt in attempts} == {attempts[0].body}
     assert {attempt.headers["content-type"] for attempt in attempts} == {"application/json"}
-    # Backoff doubles from the first delay (0.3 s, then 0.6 s); Celery never runs a retry early.
+    # Backoff doubles from the first delay (0.3 s, then 0.6 s); a retry never runs early.
     first_gap, second_gap = attempts[1].at - attempts[0].at, attempts[2].at - attempts[1].at
     assert first_gap >= 0.9 * WEBHOOK_BACKOFF_S
     assert second_gap >= 0.9 * 2 * WEBHOOK_BACKOFF_S

@@ -39,17 +39,18 @@ def test_redis_killed_and_restarted_mid_traffic_loses_nothing(tiny_cache: Path, 
         DREAMOMNI2_REAPER_INTERVAL_S="1",
         DREAMOMNI2_WEBHOOK_SECRET=secret,
         DREAMOMNI2_WEBHOOK_ALLOWLIST="127.0.0.1",
-        DREAMOMNI2_WEBHOOK_BACKOFF_S="3",
+        # The hooked job's retry falls due as Redis comes back (it dies ~2 s after the first attempt).
+        DREAMOMNI2_WEBHOOK_BACKOFF_S="8",
     )
     with (
         WebhookReceiver() as receiver,
         LocalStack(tmp_path, workers=1, env=env, persist_redis=True) as stack,
         httpx.Client(base_url=stack.url, timeout=30) as client,
     ):
-        # A delivery the webhook worker holds (unacknowledged, waiting to retry) when Redis dies.
+        # A delivery whose retry waits in Redis when Redis dies.
         hook = receiver.endpoint(secret, answers=[500])
         first = submit_json(client, [], {"instruction": "a hooked one", "steps": 2, "webhook_url": hook})
-        receiver.wait_for(hook, lambda got: len(got) >= 1, what="the first webhook attempt")
+        [attempt] = receiver.wait_for(hook, lambda got: len(got) >= 1, what="the first webhook attempt")
         # A job running and two queued behind it.
         running = submit_json(client, [], {"instruction": "a long one", "steps": 1500}).json()["id"]
         wait_for_job(client, running, lambda job: job["status"] == "running", what="the long job to run")
@@ -57,6 +58,8 @@ def test_redis_killed_and_restarted_mid_traffic_loses_nothing(tiny_cache: Path, 
             submit_json(client, [], {"instruction": f"queued {n}", "steps": 2}).json()["id"] for n in (1, 2)
         ]
         time.sleep(1.5)  # the append-only file is written every second
+        waiting = Store.from_url(stack.redis_url).deliveries.retry_due(attempt.webhook_id)
+        assert waiting is not None and waiting > time.time(), "the retry was sent before the outage"
 
         redis_process = next(p for p in stack.processes if p.name == "redis")
         redis_process.kill()
@@ -69,6 +72,7 @@ def test_redis_killed_and_restarted_mid_traffic_loses_nothing(tiny_cache: Path, 
             time.sleep(0.5)
         assert time.monotonic() - started < OUTAGE_S + 5, "the gateway hung while Redis was down"
         stack.start_redis()
+        back = time.monotonic()
 
         workers = [p for p in stack.processes if p.name != "redis"]
         for job_id in (running, *queued):
@@ -80,11 +84,14 @@ def test_redis_killed_and_restarted_mid_traffic_loses_nothing(tiny_cache: Path, 
         events = all_events(store.jobs, running)
         assert [e.type for e in events if e.type in TERMINAL] == ["succeeded"]
         # Every process is still running (the webhook worker used to exit, status 0, on this), and the
-        # webhook worker took up its queue again. (The delivery it held when Redis died waits in
-        # Redis's unacked set for the visibility timeout; this test does not wait an hour for it.)
+        # webhook worker took up its queue again: the retry that waited through the outage is sent,
+        # under the same webhook-id, and so is a new delivery.
         dead = [p.name for p in stack.processes if p is not redis_process and not p.alive()]
         assert not dead, dead
         assert first.status_code == 202
+        retried = receiver.wait_for(hook, lambda got: any(r.answered == 204 for r in got), timeout=30)
+        assert [r.answered for r in retried] == [500, 204] and retried[1].at > back
+        assert retried[1].webhook_id == attempt.webhook_id
         after = receiver.endpoint(secret)
         later = submit_json(client, [], {"instruction": "after", "steps": 2, "webhook_url": after}).json()
         delivered = receiver.wait_for(after, lambda got: any(r.answered == 204 for r in got), timeout=60)

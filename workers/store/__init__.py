@@ -19,6 +19,7 @@ Keys (under the configured prefix; a job's keys all expire with its TTL):
   deadlines         queued ids by deadline (swept by the gateways)
   idem:{hash}       an Idempotency-Key's request fingerprint and job id
   webhook:{id}      a webhook delivery: its fixed body, owner, URL and attempts
+  webhooks:due      delivery ids waiting to be retried, by when the next attempt is due
   worker:{name}     a worker's readiness info, kept alive by its heartbeat
 
 The store reports outcomes (`workers.store.outcomes`); the callers (the gateway's service, the worker
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 
 import redis
 
-from workers.store.deliveries import Deliveries
+from workers.store.deliveries import ClaimedRetries, Deliveries
 from workers.store.idempotency import IdempotencyKeys
 from workers.store.jobs import Event, JobStore, parse_events
 from workers.store.keys import Keys
@@ -50,6 +51,7 @@ __all__ = [
     "CancelOutcome",
     "Claim",
     "ClaimOutcome",
+    "ClaimedRetries",
     "Deliveries",
     "Event",
     "IdempotencyKeys",

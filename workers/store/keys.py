@@ -68,6 +68,10 @@ class Keys:
     def delivery(self, delivery_id: str) -> str:
         return f"{self.prefix}:webhook:{delivery_id}"
 
+    @property
+    def webhook_retries(self) -> str:
+        return f"{self.prefix}:webhooks:due"
+
     def idempotency(self, owner: str, key: str) -> str:
         # Hashed: the caller's key is arbitrary text, and owners must not collide.
         digest = hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
