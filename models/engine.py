@@ -422,27 +422,44 @@ class Engine:
         timings.update(output.timings)
         timings["encode"] += encode_prompt_s
         timings["total"] = time.perf_counter() - started
-        image = output.images[0]
-        metadata = JobMetadata(
+        images = [output.images[0]]
+        metadata = self._metadata(
+            job,
+            seed,
+            images,
+            timings,
             prompt=prompt,
             translated=translated,
             translation_raw=raw,
             translation_tokens=tokens,
             fallback_reason=fallback_reason,
+        )
+        return JobOutput(images=images, metadata=metadata)
+
+    def _metadata(
+        self,
+        job: ResolvedJob,
+        seed: int,
+        images: list[PIL.Image.Image],
+        timings: dict[str, float],
+        **fields: object,
+    ) -> JobMetadata:
+        """What every job reports, plus the task's own `fields`."""
+        return JobMetadata(
             adapter=job.adapter,
             task=job.task,
             seed=seed,
             steps=job.steps,
             guidance=job.guidance,
-            width=image.width,
-            height=image.height,
+            width=images[0].width,
+            height=images[0].height,
             image_count=job.image_count,
             speed_profile=self.settings.speed.value,
             step_cache=job.step_cache,
             transformer_evaluations=self.evaluations.count,
             timings=timings,
+            **fields,
         )
-        return JobOutput(images=[image], metadata=metadata)
 
     def _run_mixing(
         self, job: ResolvedJob, progress: ProgressCallback, cancel: Callable[[], bool]
@@ -504,26 +521,18 @@ class Engine:
         timings["encode"] += encode_prompt_s
         timings["total"] = time.perf_counter() - started
         images = list(output.images)
-        metadata = JobMetadata(
+        metadata = self._metadata(
+            job,
+            seed,
+            images,
+            timings,
             prompt=job.source_prompt,
             translated=False,
             fallback_reason=None,
-            adapter=job.adapter,
-            task=job.task,
-            seed=seed,
             source_prompt=job.source_prompt,
             target_prompt=job.target_prompt,
             attribute=job.attribute,
             mixing=config.describe(output.mixed_steps, output.mixed_layers),
-            steps=job.steps,
-            guidance=job.guidance,
-            width=images[0].width,
-            height=images[0].height,
-            image_count=job.image_count,
-            speed_profile=self.settings.speed.value,
-            step_cache=job.step_cache,
-            transformer_evaluations=self.evaluations.count,
-            timings=timings,
         )
         return JobOutput(images=images, metadata=metadata)
 
