@@ -1,4 +1,5 @@
-"""Everything that touches tensors: the DreamOmni2 pipeline, its adapters, the translator, the engine.
+"""Everything that touches tensors: the DreamOmni2 pipeline, its adapters, the translator, the engine,
+Feature Mixing.
 
 Names are imported lazily, so `import models.settings` stays light (no torch, no diffusers).
 """
@@ -14,6 +15,10 @@ _EXPORTS = {
     "Engine": "models.engine",
     "JobOutput": "models.engine",
     "EngineSettings": "models.settings",
+    "FeatureMixingOutput": "models.mixing",
+    "MixingConfig": "models.mixing",
+    "feature_mixing": "models.mixing",
+    "generate_pair": "models.mixing",
     "MemoryMode": "models.modes",
     "MemoryPlan": "models.memory",
     "plan_memory": "models.memory",
