@@ -40,6 +40,18 @@
     first_block: 'First block (adaptive)',
     taylorseer: 'TaylorSeer (schedule)',
   };
+  const MIXING = 'feature_mixing';
+  const MIX_BLOCKS = {
+    all: 'all blocks',
+    double: 'the double-stream blocks',
+    single: 'the single-stream blocks',
+    none: 'no blocks',
+  };
+  // Feature Mixing's fractions: [input id, form field, label]; each from 0 to 1, empty for the default 1.
+  const MIX_FRACTIONS = [
+    ['mix-steps', 'mix_steps', 'Mixed steps'],
+    ['mix-strength', 'mix_strength', 'Mix strength'],
+  ];
   // Which input an error code is about, so that it can be marked and focused.
   const FIELD_OF_CODE = {
     empty_instruction: 'instruction',
@@ -56,6 +68,8 @@
     invalid_api_key: 'api-key',
     too_many_images: 'file-input',
     edit_needs_image: 'file-input',
+    invalid_mix_steps: 'mix-steps',
+    invalid_mix_strength: 'mix-strength',
   };
   const ADVANCED_FIELDS = new Set(['steps', 'guidance', 'seed', 'width', 'height', 'step-cache']);
 
@@ -71,7 +85,8 @@
     denoised: null, // its latest denoising progress, still shown once decoding starts
     stream: null, // AbortController of the shown job's event stream and polling
     submissions: new Map(), // job id -> what this page sent for it (to run it again)
-    result: null, // {jobId, blob, url} of the shown result
+    result: null, // {jobId, blob, url} of the shown result (a pair's source)
+    pairTarget: null, // {blob, url} of the shown pair's target
     problems: { reach: null, ready: null, workers: null, info: null },
     readyTimer: null,
   };
@@ -392,9 +407,38 @@
     renderImages();
   }
 
+  function chosenTask() {
+    return document.querySelector('input[name="task"]:checked').value;
+  }
+
   function effectiveTask() {
-    const chosen = document.querySelector('input[name="task"]:checked').value;
-    return chosen || (state.images.length ? 'edit' : 'generate');
+    return chosenTask() || (state.images.length ? 'edit' : 'generate');
+  }
+
+  /** Feature Mixing takes two prompts and no images or instruction: show the fields of the chosen task. */
+  function renderMode() {
+    const mixing = chosenTask() === MIXING;
+    $('images-field').hidden = mixing;
+    $('instruction-field').hidden = mixing;
+    $('mixing-field').hidden = !mixing;
+    $('translate-field').hidden = mixing;
+    // Both branches share every attention layer, so a step cache (which skips them apart) does not apply.
+    $('step-cache').disabled = mixing;
+    $('step-cache-mixing').hidden = !mixing;
+    $('step-cache-help').hidden = mixing;
+    const skip = $('skip');
+    skip.href = mixing ? '#source-prompt' : '#instruction';
+    skip.textContent = mixing ? 'Skip to the prompts' : 'Skip to the instruction';
+    renderImages();
+  }
+
+  /** What a job is about, in a line: its instruction, or a pair's two prompts. */
+  function jobLabel(job) {
+    if (job.instruction) return job.instruction;
+    if (job.source_prompt || job.target_prompt) {
+      return `Feature Mixing: ${job.source_prompt || '?'} → ${job.target_prompt || '?'}`;
+    }
+    return '';
   }
 
   function formatBytes(bytes) {
@@ -455,7 +499,7 @@
     if (count > max) {
       warning.textContent = `${count} images: this service takes at most ${max}. Remove ${count - max} before running.`;
     }
-    const sizeAllowed = effectiveTask() === 'generate';
+    const sizeAllowed = effectiveTask() === 'generate' || effectiveTask() === MIXING;
     $('width').disabled = !sizeAllowed;
     $('height').disabled = !sizeAllowed;
     if (focus) restoreFocus(focus);
@@ -579,23 +623,64 @@
 
   // Submitting --------------------------------------------------------------------------------------------
   function collectSubmission() {
-    const fields = { instruction: $('instruction').value };
-    const task = document.querySelector('input[name="task"]:checked').value;
-    if (task) fields.task = task;
+    const task = chosenTask();
+    const mixing = task === MIXING;
+    const fields = {};
+    if (mixing) {
+      fields.task = task;
+      fields.source_prompt = $('source-prompt').value;
+      fields.target_prompt = $('target-prompt').value;
+      const attribute = $('attribute').value.trim();
+      if (attribute) fields.attribute = attribute;
+      fields.mix_blocks = $('mix-blocks').value;
+      for (const [id, name] of MIX_FRACTIONS) {
+        const value = $(id).value.trim();
+        if (value !== '') fields[name] = value;
+      }
+    } else {
+      fields.instruction = $('instruction').value;
+      if (task) fields.task = task;
+    }
     for (const name of ['seed', 'steps', 'guidance']) {
       const value = $(name).value.trim();
       if (value !== '') fields[name] = value;
     }
-    if (effectiveTask() === 'generate') {
+    if (effectiveTask() === 'generate' || mixing) {
       for (const name of ['width', 'height']) {
         const value = $(name).value.trim();
         if (value !== '') fields[name] = value;
       }
     }
-    fields.translate = $('translate').checked ? 'true' : 'false';
+    if (!mixing) fields.translate = $('translate').checked ? 'true' : 'false';
     if ($('output-format').value) fields.output_format = $('output-format').value;
-    if (!$('step-cache-field').hidden && $('step-cache').value) fields.step_cache = $('step-cache').value;
-    return { files: state.images.map((image) => image.file), fields };
+    if (!mixing && !$('step-cache-field').hidden && $('step-cache').value) {
+      fields.step_cache = $('step-cache').value;
+    }
+    return { files: mixing ? [] : state.images.map((image) => image.file), fields };
+  }
+
+  /**
+   * Feature Mixing's fractions are checked here too, so that an out-of-range one is marked at once;
+   * the service checks them again (and everything else). The refusal, or null.
+   */
+  function checkMixingFractions() {
+    if (chosenTask() !== MIXING) return null;
+    for (const [id, name, label] of MIX_FRACTIONS) {
+      const input = $(id);
+      const text = input.value.trim();
+      const value = Number(text);
+      // A number input holds '' for text it cannot read as a number; badInput tells it from empty.
+      if (input.validity.badInput || (text !== '' && !(Number.isFinite(value) && value >= 0 && value <= 1))) {
+        const got = input.validity.badInput ? 'not a number' : `got ${text}`;
+        return new ApiError(
+          0,
+          `invalid_${name}`,
+          `${label} must be a number from 0 to 1 (empty: 1); ${got}. Nothing was sent.`,
+          { field: name },
+        );
+      }
+    }
+    return null;
   }
 
   async function submit(submission) {
@@ -749,14 +834,19 @@
     renderStatus();
   }
 
-  function stageIndex(stage) {
-    return STAGES.findIndex(([name]) => name === stage);
+  /** The stages a job goes through: a Feature Mixing pair has no instruction to translate. */
+  function stagesOf(job) {
+    return job.task === MIXING ? STAGES.filter(([name]) => name !== 'translate') : STAGES;
+  }
+
+  function stageIndex(job, stage) {
+    return stagesOf(job).findIndex(([name]) => name === stage);
   }
 
   function renderStatus() {
     const job = state.job;
     const seen = state.seen;
-    const current = seen ? stageIndex(seen.stage) : -1;
+    const current = seen ? stageIndex(job, seen.stage) : -1;
     let text;
     let fraction = 0;
     if (job.status === 'queued') {
@@ -797,11 +887,12 @@
 
   function renderStages(job, current) {
     const list = $('stages');
-    if (list.children.length !== STAGES.length) {
-      list.replaceChildren(...STAGES.map(() => document.createElement('li')));
+    const stages = stagesOf(job);
+    if (list.children.length !== stages.length) {
+      list.replaceChildren(...stages.map(() => document.createElement('li')));
     }
     const ended = TERMINAL.has(job.status);
-    STAGES.forEach(([name, label], index) => {
+    stages.forEach(([name, label], index) => {
       const item = list.children[index];
       let className = '';
       let text = label;
@@ -834,51 +925,123 @@
     if (job.status === 'succeeded') await showResult(job);
   }
 
+  function isPair(job) {
+    return job.task === MIXING || (job.results || []).length > 1;
+  }
+
+  async function fetchResult(jobId, index) {
+    const query = index === null ? '' : `?index=${index}`;
+    return (await api(`v1/jobs/${encodeURIComponent(jobId)}/result${query}`)).blob();
+  }
+
+  function releaseResults() {
+    if (state.result) URL.revokeObjectURL(state.result.url);
+    if (state.pairTarget) URL.revokeObjectURL(state.pairTarget.url);
+    state.result = null;
+    state.pairTarget = null;
+  }
+
   async function showResult(job) {
+    const pair = isPair(job);
+    let blobs;
     try {
-      const response = await api(`v1/jobs/${encodeURIComponent(job.id)}/result`);
-      const blob = await response.blob();
-      if (!state.job || state.job.id !== job.id) return;
-      if (state.result) URL.revokeObjectURL(state.result.url);
-      state.result = { jobId: job.id, blob, url: URL.createObjectURL(blob) };
+      blobs = await Promise.all(pair ? [fetchResult(job.id, 0), fetchResult(job.id, 1)] : [fetchResult(job.id, null)]);
     } catch (error) {
       errorBlock($('job-error'), error);
       return;
     }
-    const extension = job.output_format === 'jpeg' ? 'jpg' : job.output_format;
-    $('result-image').src = state.result.url;
-    $('result-image').alt = `The result of job ${job.id}: ${job.instruction}`;
-    const info = job.result || {};
-    $('result-caption').textContent = info.width
-      ? `${info.width} × ${info.height} ${info.content_type}, ${formatBytes(info.bytes)}`
-      : '';
-    const download = $('download');
-    download.href = state.result.url;
-    download.download = `dreamomni2-${job.id}.${extension}`;
-    download.setAttribute('aria-label', `Download the result of job ${job.id}`);
+    if (!state.job || state.job.id !== job.id) return;
+    releaseResults();
+    state.result = { jobId: job.id, blob: blobs[0], url: URL.createObjectURL(blobs[0]) };
+    if (pair) state.pairTarget = { blob: blobs[1], url: URL.createObjectURL(blobs[1]) };
+    $('result-single').hidden = pair;
+    $('download').hidden = pair;
+    $('result-pair').hidden = !pair;
+    $('reuse').hidden = pair;
+    if (pair) renderPair(job);
+    else renderSingle(job);
     $('rerun').hidden = !state.submissions.has(job.id);
     $('rerun').textContent = `Run again with seed ${job.seed}`;
     renderDetails(job);
     $('result').hidden = false;
   }
 
+  function extensionOf(job) {
+    return job.output_format === 'jpeg' ? 'jpg' : job.output_format;
+  }
+
+  function describeResult(info) {
+    return info && info.width ? `${info.width} × ${info.height} ${info.content_type}, ${formatBytes(info.bytes)}` : '';
+  }
+
+  function renderSingle(job) {
+    $('result-image').src = state.result.url;
+    $('result-image').alt = `The result of job ${job.id}: ${jobLabel(job)}`;
+    $('result-caption').textContent = describeResult(job.result);
+    const download = $('download');
+    download.href = state.result.url;
+    download.download = `dreamomni2-${job.id}.${extensionOf(job)}`;
+    download.setAttribute('aria-label', `Download the result of job ${job.id}`);
+  }
+
+  /** A Feature Mixing pair side by side: the source (index 0) and the target that took its attribute. */
+  function renderPair(job) {
+    const shown = [
+      ['source', job.source_prompt, state.result],
+      ['target', job.target_prompt, state.pairTarget],
+    ];
+    shown.forEach(([role, prompt, image], index) => {
+      const info = (job.results || [])[index] || (index === 0 ? job.result : null);
+      $(`${role}-image`).src = image.url;
+      $(`${role}-image`).alt = `The ${role} image of job ${job.id}: ${prompt || ''}`;
+      $(`${role}-caption`).textContent = [prompt, describeResult(info)].filter(Boolean).join(' · ');
+      const download = $(`download-${role}`);
+      download.href = image.url;
+      download.download = `dreamomni2-${job.id}-${role}.${extensionOf(job)}`;
+      download.setAttribute('aria-label', `Download the ${role} image of job ${job.id}`);
+    });
+  }
+
+  function mixingSummary(job) {
+    const mixing = job.mixing || {};
+    const parts = [MIX_BLOCKS[mixing.blocks] || mixing.blocks || 'all blocks'];
+    if (mixing.step_fraction != null) {
+      const mixed = mixing.mixed_steps != null ? ` (${mixing.mixed_steps} of ${job.steps})` : '';
+      parts.push(`${Math.round(mixing.step_fraction * 100)}% of the steps${mixed}`);
+    }
+    if (mixing.strength != null) parts.push(`strength ${mixing.strength}`);
+    return parts.join(', ');
+  }
+
   function renderDetails(job) {
     const translation = job.translated
       ? "the translator's rewrite was used"
       : `the instruction was used as is: ${FALLBACKS[job.fallback_reason] || job.fallback_reason || 'no reason given'}`;
+    const described = job.task === MIXING
+      ? [
+        ['Source prompt', job.source_prompt],
+        ['Target prompt', job.target_prompt],
+        ['Attribute', job.attribute || '—'],
+        ['Mixing', mixingSummary(job)],
+        ['Adapter', `${ADAPTERS[job.adapter] || job.adapter} (${job.adapter})`],
+        ['Task', `${job.task}, a pair: source and target`],
+      ]
+      : [
+        ['Instruction', job.instruction],
+        ['Prompt', job.prompt || '—'],
+        ['Translation', translation],
+        ['Adapter', `${ADAPTERS[job.adapter] || job.adapter} (${job.adapter})`],
+        ['Task', `${job.task}, ${job.image_count} image${job.image_count === 1 ? '' : 's'}`],
+      ];
     const rows = [
-      ['Instruction', job.instruction],
-      ['Prompt', job.prompt || '—'],
-      ['Translation', translation],
-      ['Adapter', `${ADAPTERS[job.adapter] || job.adapter} (${job.adapter})`],
-      ['Task', `${job.task}, ${job.image_count} image${job.image_count === 1 ? '' : 's'}`],
+      ...described,
       ['Seed', String(job.seed)],
       ['Steps', job.transformer_evaluations != null && job.transformer_evaluations !== job.steps
         ? `${job.steps} (${job.transformer_evaluations} full transformer passes)`
         : String(job.steps)],
       ['Guidance', String(job.guidance)],
-      ['Step cache', job.step_cache],
     ];
+    if (job.task !== MIXING) rows.push(['Step cache', job.step_cache]);
     if (job.speed_profile) rows.push(['Speed profile', job.speed_profile]);
     const list = $('result-details');
     list.replaceChildren();
@@ -942,7 +1105,7 @@
   function reuseResult() {
     const job = state.job;
     if (!state.result || !job || state.result.jobId !== job.id) return;
-    const extension = job.output_format === 'jpeg' ? 'jpg' : job.output_format;
+    const extension = extensionOf(job);
     const file = new File([state.result.blob], `result-${job.id}.${extension}`, { type: state.result.blob.type });
     const image = { id: state.nextImageId++, file, url: URL.createObjectURL(file) };
     // The result takes the place of the image it was made from; the references stay.
@@ -950,7 +1113,7 @@
     state.images.unshift(image);
     document.querySelector('input[name="task"][value="edit"]').checked = true;
     $('seed').value = '';
-    renderImages();
+    renderMode();
     clearErrors();
     const instruction = $('instruction');
     instruction.focus();
@@ -977,7 +1140,7 @@
   }
 
   function rememberJob(job) {
-    const entry = { id: job.id, instruction: job.instruction, status: job.status, created_at: job.created_at };
+    const entry = { id: job.id, instruction: jobLabel(job), status: job.status, created_at: job.created_at };
     saveHistory([entry, ...loadHistory().filter((e) => e.id !== job.id)]);
   }
 
@@ -1055,7 +1218,7 @@
   function start() {
     loadKey();
     renderHistory();
-    renderImages();
+    renderMode();
     renderInstructionCount();
     setUpDragAndDrop();
 
@@ -1069,14 +1232,22 @@
       renderInstructionCount();
       $('instruction').removeAttribute('aria-invalid');
     });
-    $('instruction').addEventListener('keydown', (event) => {
-      if (event.key === 'Enter' && (event.ctrlKey || event.metaKey)) {
-        event.preventDefault();
-        $('job-form').requestSubmit();
-      }
-    });
+    for (const id of ['instruction', 'source-prompt', 'target-prompt']) {
+      $(id).addEventListener('keydown', (event) => {
+        if (event.key === 'Enter' && (event.ctrlKey || event.metaKey)) {
+          event.preventDefault();
+          $('job-form').requestSubmit();
+        }
+      });
+    }
+    for (const id of ['source-prompt', 'target-prompt', 'attribute', 'mix-steps', 'mix-strength']) {
+      $(id).addEventListener('input', () => $(id).removeAttribute('aria-invalid'));
+    }
     for (const radio of document.querySelectorAll('input[name="task"]')) {
-      radio.addEventListener('change', () => renderImages());
+      radio.addEventListener('change', () => {
+        renderMode();
+        clearErrors();
+      });
     }
     $('api-key').addEventListener('input', () => {
       saveKey();
@@ -1093,6 +1264,12 @@
     });
     $('job-form').addEventListener('submit', (event) => {
       event.preventDefault();
+      const refused = checkMixingFractions();
+      if (refused) {
+        clearErrors();
+        showFormError(refused);
+        return;
+      }
       submit(collectSubmission());
     });
     $('cancel').addEventListener('click', cancelJob);

@@ -484,3 +484,77 @@ def test_phone_width_layout(service: Service, new_page, tmp_path):
     page.locator("#result").scroll_into_view_if_needed()
     assert_fits(page, 375)
     assert page.evaluate(UNLABELLED) == [], "controls without an accessible name"
+
+
+LOADED = """ids => ids.every(id => {
+  const image = document.getElementById(id);
+  return image.complete && image.naturalWidth > 0;
+})"""
+
+
+def test_a_feature_mixing_pair_shows_source_and_target_side_by_side(
+    service: Service, alice: httpx.Client, new_page
+):
+    web = new_page()
+    page = web.page
+    web.open("alice")
+    page.get_by_role("radio", name=re.compile(r"^Feature Mixing")).check()
+    # Two prompts instead of images and an instruction.
+    expect(page.get_by_label("Instruction", exact=True)).to_be_hidden()
+    expect(page.locator("#images-field")).to_be_hidden()
+    expect(page.get_by_label("Mixed blocks")).to_have_value("all")
+    expect(page.get_by_label("Mixed steps")).to_have_attribute("placeholder", "1 (default)")
+    page.get_by_label("Source prompt").fill("A woven straw hat on a wooden table")
+    page.get_by_label("Target prompt").fill("A teapot")
+    page.get_by_label("Attribute").fill("material")
+    page.get_by_label("Mixed blocks").select_option("double")
+    web.advanced(steps="2", seed="7")
+    assert page.evaluate(UNLABELLED) == [], "controls without an accessible name"
+
+    # Out of range: refused in the page, the field marked, nothing sent.
+    mix_steps = page.get_by_label("Mixed steps")
+    mix_steps.fill("1.5")
+    page.get_by_role("button", name="Run", exact=True).click()
+    assert "Mixed steps must be a number from 0 to 1" in web.form_error()
+    expect(mix_steps).to_have_attribute("aria-invalid", "true")
+    expect(mix_steps).to_be_focused()
+    assert not [r for r in web.requests if r.method == "POST"]
+
+    mix_steps.fill("0.5")
+    page.get_by_label("Mix strength").fill("0.8")
+    page.get_by_label("Target prompt").press("Control+Enter")
+    web.status().to_contain_text("Succeeded", timeout=JOB_TIMEOUT_MS)
+    expect(page.locator("#stages li")).to_have_text(["Encode", "Denoise: step 2 of 2", "Decode"])
+    job_id = web.job_id()
+    job = get_job(alice, job_id)
+    assert (job["task"], job["image_count"], job["seed"]) == ("feature_mixing", 0, 7)
+    assert (job["attribute"], job["steps"], len(job["results"])) == ("material", 2, 2)
+    mixing = job["mixing"]
+    assert (mixing["blocks"], mixing["step_fraction"], mixing["strength"]) == ("double", 0.5, 0.8)
+    [posted] = [r for r in web.requests if r.method == "POST"]
+    assert 'name="instruction"' not in (posted.post_data or "")
+
+    expect(page.locator("#result-pair figcaption strong")).to_have_text(["Source", "Target"])
+    expect(page.locator("#source-caption")).to_contain_text("A woven straw hat on a wooden table")
+    expect(page.locator("#target-caption")).to_contain_text("A teapot")
+    expect(page.locator("#result-image")).to_be_hidden()
+    page.wait_for_function(LOADED, arg=["source-image", "target-image"])
+    sizes = page.locator("#result-pair img").evaluate_all("images => images.map(i => i.naturalWidth)")
+    assert sizes == [r["width"] for r in job["results"]]
+    boxes = [page.locator(f"#{role}-image").bounding_box() for role in ("source", "target")]
+    assert boxes[0]["x"] + boxes[0]["width"] <= boxes[1]["x"], "the pair is not side by side"
+    mixed = "the double-stream blocks, 50% of the steps (1 of 2), strength 0.8"
+    expect(page.locator("#result-details")).to_contain_text(mixed)
+
+    for index, role in enumerate(("source", "target")):
+        with page.expect_download() as download:
+            page.get_by_role("link", name=f"Download the {role} image of job {job_id}").click()
+        assert download.value.suggested_filename == f"dreamomni2-{job_id}-{role}.png"
+        expected = alice.get(f"/v1/jobs/{job_id}/result?index={index}").content
+        assert Path(download.value.path()).read_bytes() == expected
+    web.screenshot("feature-mixing-result")
+
+    # Back to an ordinary task: the instruction and the images return.
+    page.get_by_role("radio", name="Generate a new image").check()
+    expect(page.get_by_label("Instruction", exact=True)).to_be_visible()
+    expect(page.locator("#mixing-field")).to_be_hidden()
