@@ -1,4 +1,4 @@
-"""The DreamOmni2 client: submit edits and generations, follow them, fetch the images.
+"""The DreamOmni2 client: submit edits, generations and Feature Mixing pairs, follow them, fetch the images.
 
     from dreamomni2 import Client
 
@@ -8,6 +8,10 @@
         job = client.wait(job, on_progress=lambda p: print(p.describe()))
         client.download(job, "out.png")
 
+        pair = client.wait(client.feature_mix("a woven straw hat", "a teapot", attribute="material"))
+        client.download(pair, "hat.png", index=0)  # the source
+        client.download(pair, "teapot.png", index=1)  # the target, in the hat's material
+
 `AsyncClient` is the same for asyncio; `verify_webhook` checks a webhook delivery; the exceptions
 are in `dreamomni2.errors`. The command line is `dreamomni2` (`dreamomni2 --help`).
 Needs httpx, pydantic, Pillow and standardwebhooks (tqdm for the command line); never the server's
@@ -15,7 +19,7 @@ dependencies.
 """
 
 from api_schemas.api import ErrorInfo, Job, JobStatus, OutputFormat, Progress, ResultInfo
-from api_schemas.common import AdapterChoice, StepCache, Task, WebhookEvent
+from api_schemas.common import AdapterChoice, MixBlocks, StepCache, Task, WebhookEvent
 from dreamomni2._core import DEFAULT_SERVER, __version__
 from dreamomni2.aio import AsyncClient
 from dreamomni2.client import Client
@@ -56,6 +60,7 @@ __all__ = [
     "JobFailedError",
     "JobProgress",
     "JobStatus",
+    "MixBlocks",
     "NotFoundError",
     "OutputFormat",
     "Progress",

@@ -18,8 +18,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from api_schemas.api import Job, JobOptions, OutputFormat
-from api_schemas.common import StepCache, Task, WebhookEvent
+from api_schemas.api import MAX_RESULTS, Job, JobOptions, OutputFormat
+from api_schemas.common import MixBlocks, StepCache, Task, WebhookEvent
 from dreamomni2.errors import (
     CONNECTION_LOST,
     DreamOmni2Error,
@@ -72,6 +72,15 @@ def job_id_of(job: JobRef) -> str:
 def job_path(job: JobRef, suffix: str = "") -> str:
     # Quoted: an id is the caller's input and must not be able to reach another route.
     return f"/v1/jobs/{quote(job_id_of(job), safe='')}{suffix}"
+
+
+def result_path(job: JobRef, index: int = 0) -> str:
+    """`GET .../result` of image `index`: 0 the job's image (a pair's source), 1 a pair's target."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_RESULTS:
+        raise ValueError(
+            f"index must be 0 (the image, or a pair's source) or 1 (a pair's target); got {index!r}."
+        )
+    return job_path(job, f"/result?index={index}" if index else "/result")
 
 
 def succeeded(job: Job) -> Job:
@@ -140,7 +149,7 @@ def _form_value(value: object) -> str:
 
 
 def prepare_submission(
-    instruction: str,
+    instruction: str | None,
     images: Sequence[ImageInput],
     *,
     task: Task | str | None,
@@ -155,11 +164,18 @@ def prepare_submission(
     webhook_events: Sequence[WebhookEvent | str] | None,
     deadline_s: float | None,
     idempotency_key: str | None,
+    source_prompt: str | None = None,
+    target_prompt: str | None = None,
+    attribute: str | None = None,
+    mix_blocks: MixBlocks | str | None = None,
+    mix_steps: float | None = None,
+    mix_strength: float | None = None,
 ) -> Prepared:
     """`POST /v1/jobs` as multipart: the images in order, then the options the caller set.
 
     The options are checked by the API's own model (`JobOptions`) first, so a misspelt choice fails
-    here with the field named; limits (steps, sizes, image counts) are the deployment's to check.
+    here with the field named; limits (steps, sizes, image counts, the mixing fractions' 0..1) are
+    the deployment's to check. Feature Mixing sends no instruction and no images, and its own fields.
     """
     if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike) or not isinstance(
         images, Sequence
@@ -181,6 +197,12 @@ def prepare_submission(
         "webhook_url": webhook_url,
         "webhook_events": list(webhook_events) if webhook_events is not None else None,
         "deadline_s": deadline_s,
+        "source_prompt": source_prompt,
+        "target_prompt": target_prompt,
+        "attribute": attribute,
+        "mix_blocks": mix_blocks,
+        "mix_steps": mix_steps,
+        "mix_strength": mix_strength,
     }
     try:
         options = JobOptions.model_validate(

@@ -14,7 +14,7 @@ import httpx
 from PIL import Image
 
 from api_schemas.api import Job, OutputFormat
-from api_schemas.common import StepCache, Task, WebhookEvent
+from api_schemas.common import MixBlocks, StepCache, Task, WebhookEvent
 from dreamomni2._core import (
     USER_AGENT,
     JobRef,
@@ -29,6 +29,7 @@ from dreamomni2._core import (
     reached_server,
     resolve_api_key,
     resolve_server,
+    result_path,
     retryable,
     succeeded,
 )
@@ -159,6 +160,50 @@ class AsyncClient:
         )
         return await self._job(request)
 
+    async def feature_mix(
+        self,
+        source_prompt: str,
+        target_prompt: str,
+        *,
+        attribute: str | None = None,
+        mix_blocks: MixBlocks | str | None = None,
+        mix_steps: float | None = None,
+        mix_strength: float | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: tuple[int, int] | None = None,
+        output_format: OutputFormat | str | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[WebhookEvent | str] | None = None,
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Queue a Feature Mixing pair; returns the job object. Arguments and errors: `Client.feature_mix`."""
+        request = prepare_submission(
+            None,
+            (),
+            task=Task.FEATURE_MIXING,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            size=size,
+            translate=None,
+            output_format=output_format,
+            step_cache=None,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            deadline_s=deadline_s,
+            idempotency_key=idempotency_key,
+            source_prompt=source_prompt,
+            target_prompt=target_prompt,
+            attribute=attribute,
+            mix_blocks=mix_blocks,
+            mix_steps=mix_steps,
+            mix_strength=mix_strength,
+        )
+        return await self._job(request)
+
     async def get(self, job: JobRef) -> Job:
         """The job object now (see `Client.get`)."""
         return await self._job(Prepared("GET", job_path(job), idempotent=True))
@@ -251,24 +296,25 @@ class AsyncClient:
                 follower.failed(follower.ended_early())
 
     # Results ------------------------------------------------------------------------------------------
-    async def result_bytes(self, job: JobRef) -> bytes:
-        """The result image as encoded bytes; raises as `Client.result_bytes`."""
+    async def result_bytes(self, job: JobRef, index: int = 0) -> bytes:
+        """Result image `index` as encoded bytes (1: a Feature Mixing pair's target); `index` and errors
+        as `Client.result_bytes`."""
         try:
-            return (await self._send(Prepared("GET", job_path(job, "/result"), idempotent=True))).content
+            return (await self._send(Prepared("GET", result_path(job, index), idempotent=True))).content
         except ConflictError as exc:
             if exc.code not in ("job_failed", "job_canceled"):
                 raise
             error: JobError | None = job_error(await self.get(job), status=exc.status)
             raise (error if error is not None else exc) from None
 
-    async def result_image(self, job: JobRef) -> Image.Image:
-        """The result as a PIL image (decoded in full)."""
-        image = Image.open(io.BytesIO(await self.result_bytes(job)))
+    async def result_image(self, job: JobRef, index: int = 0) -> Image.Image:
+        """Result image `index` as a PIL image (decoded in full)."""
+        image = Image.open(io.BytesIO(await self.result_bytes(job, index)))
         image.load()
         return image
 
-    async def download(self, job: JobRef, path: str | Path) -> Path:
-        """Write the result image to `path`; returns the path."""
+    async def download(self, job: JobRef, path: str | Path, index: int = 0) -> Path:
+        """Write result image `index` to `path`; returns the path."""
         target = Path(path)
-        target.write_bytes(await self.result_bytes(job))
+        target.write_bytes(await self.result_bytes(job, index))
         return target

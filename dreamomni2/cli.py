@@ -2,6 +2,8 @@
 
     dreamomni2 edit bag.png dress.png "make the bag in image 1 use the pattern of image 2" -o out.png
     dreamomni2 generate style.png "a portrait in the style of image 1" --seed 7 -o portrait.png
+    dreamomni2 mix "a woven straw hat" "a teapot" --attribute material -o hat.png  # hat-source/-target.png
+    dreamomni2 dataset prompts.jsonl pairs/ --concurrency 4  # a Feature Mixing dataset, resumable
     dreamomni2 status JOB | result JOB -o out.png | cancel JOB | events JOB
 
 Progress goes to stderr (a bar on a terminal, plain lines otherwise); results go to stdout (the file
@@ -11,6 +13,7 @@ written, or with --json the job object), so the output pipes into other tools.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -21,9 +24,18 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from api_schemas.api import Job, JobStatus, OutputFormat
-from api_schemas.common import StepCache, Task, WebhookEvent
+from api_schemas.common import MixBlocks, StepCache, Task, WebhookEvent
 from dreamomni2._core import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV, __version__
+from dreamomni2.aio import AsyncClient
 from dreamomni2.client import Client
+from dreamomni2.dataset import (
+    DatasetFolder,
+    PairOptions,
+    PairOutcome,
+    make_dataset,
+    plan_dataset,
+    read_prompts,
+)
 from dreamomni2.errors import (
     AuthenticationError,
     ConflictError,
@@ -61,7 +73,7 @@ exit codes:
        a bad image, ...) or a job in the wrong state (no result yet, already finished)
   {EXIT_AUTH}    the API key is missing or not accepted
   {EXIT_NOT_FOUND}    no such job (unknown id, another key's job, or expired)
-  {EXIT_FAILED}    the job failed (the message says why)
+  {EXIT_FAILED}    the job failed (the message says why); dataset: some pairs failed (the summary lists them)
   {EXIT_CANCELED}    the job was canceled (by request or by its deadline)
   {EXIT_UNAVAILABLE}    the service is unreachable or unavailable (connection refused, 503, 429)
   {EXIT_TIMEOUT}    --timeout passed before the job ended (it goes on)
@@ -197,14 +209,22 @@ def describe_job(job: Job) -> str:
         f"job:         {job.id}",
         f"status:      {state}",
         f"task:        {job.task.value}, {job.image_count} image(s), adapter {job.adapter.value}",
-        f"instruction: {job.instruction}",
-        f"steps:       {job.steps}, guidance {job.guidance:g}, seed {job.seed}",
     ]
-    if job.result is not None:
-        result = job.result
-        lines.append(
-            f"result:      {result.width}x{result.height} {result.content_type}, {result.bytes} bytes"
-        )
+    if job.task is Task.FEATURE_MIXING:
+        mixing = ", ".join(f"{name} {value}" for name, value in (job.mixing or {}).items())
+        lines += [
+            f"source:      {job.source_prompt}",
+            f"target:      {job.target_prompt}",
+            f"attribute:   {job.attribute or '-'}",
+            f"mixing:      {mixing}",
+        ]
+    else:
+        lines.append(f"instruction: {job.instruction}")
+    lines.append(f"steps:       {job.steps}, guidance {job.guidance:g}, seed {job.seed}")
+    results = job.results or ([job.result] if job.result is not None else [])
+    for index, result in enumerate(results):
+        label = f"result {index}:" if len(results) > 1 else "result:"
+        lines.append(f"{label:<13}{result.width}x{result.height} {result.content_type}, {result.bytes} bytes")
     if job.error is not None:
         lines.append(f"error:       {job.error.code}: {job.error.message}")
     if job.timings and "total" in job.timings:
@@ -230,7 +250,41 @@ def output_path(args: argparse.Namespace, job: Job) -> str:
     return args.output or f"{job.id}.{job.output_format.value}"
 
 
+def pair_paths(output: str | None, job: Job) -> tuple[Path, Path]:
+    """Where a Feature Mixing pair goes: -o out.png -> out-source.png and out-target.png; -o DIR (an
+    existing folder) -> DIR/<job id>-source.<format>, ...; no -o -> <job id>-source.<format>, ..."""
+    fmt = job.output_format.value
+    base = Path(output) if output else Path(f"{job.id}.{fmt}")
+    if output and base.is_dir():
+        base = base / f"{job.id}.{fmt}"
+    suffix = base.suffix or f".{fmt}"
+    source, target = (base.with_name(f"{base.stem}-{role}{suffix}") for role in ("source", "target"))
+    return source, target
+
+
+def save_pair(client: Client, args: argparse.Namespace, job: Job) -> int:
+    """Save both images of a Feature Mixing job (see `pair_paths`); print the two paths (or the job)."""
+    if args.output == "-":  # `result JOB -o -` of a pair (`mix` refuses it up front)
+        say(f"dreamomni2: job {job.id} is a pair of images; -o - cannot hold both: give a file name")
+        return EXIT_USAGE
+    paths = pair_paths(args.output, job)
+    for index, path in enumerate(paths):
+        client.download(job, path, index=index)
+    if args.json:
+        print_json(job_json(job))
+    else:
+        print("\n".join(map(str, paths)), flush=True)
+    if not args.quiet:
+        took = f" in {job.timings['total']:.2f} s" if job.timings and "total" in job.timings else ""
+        result = job.result
+        size = f" ({result.width}x{result.height} {job.output_format.value})" if result else ""
+        say(f"{job.id}: succeeded{took}; saved {paths[0]} and {paths[1]}{size}")
+    return EXIT_OK
+
+
 def save_result(client: Client, args: argparse.Namespace, job: Job) -> int:
+    if job.task is Task.FEATURE_MIXING:
+        return save_pair(client, args, job)
     data = client.result_bytes(job)
     target = output_path(args, job)
     if target == "-":
@@ -291,6 +345,118 @@ def run_submit(client: Client, args: argparse.Namespace, task: Task) -> int:
     return save_result(client, args, wait_for(client, args, job))
 
 
+def run_mix(client: Client, args: argparse.Namespace) -> int:
+    job = client.feature_mix(
+        args.source_prompt,
+        args.target_prompt,
+        attribute=args.attribute,
+        mix_blocks=args.mix_blocks,
+        mix_steps=args.mix_steps,
+        mix_strength=args.mix_strength,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        size=args.size,
+        output_format=args.format,
+        webhook_url=args.webhook_url,
+        webhook_events=args.webhook_events,
+        deadline_s=args.deadline,
+        idempotency_key=args.idempotency_key,
+    )
+    if args.no_wait:
+        if args.json:
+            print_json(job_json(job))
+        else:
+            print(job.id, flush=True)
+        return EXIT_OK
+    args.current_job = job.id  # for the Ctrl-C hint
+    return save_pair(client, args, wait_for(client, args, job))
+
+
+class DatasetProgress:
+    """The dataset's progress on stderr: a bar of pairs on a terminal, a line per pair otherwise."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self._bar: tqdm | None = None
+        self._lines = not quiet and not sys.stderr.isatty()
+        if not quiet and not self._lines:
+            self._bar = tqdm(total=total, desc="pairs", unit="pair", file=sys.stderr, dynamic_ncols=True)
+        self._total = total
+        self._count = 0
+        self._failed = 0
+
+    def __call__(self, outcome: PairOutcome) -> None:
+        self._count += 1
+        self._failed += outcome.status == "failed"
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{self._failed} failed" if self._failed else "", refresh=False)
+            self._bar.update(1)
+        elif self._lines:
+            what = outcome.record["job_id"] if outcome.record else outcome.message
+            say(f"[{self._count}/{self._total}] line {outcome.line}: {outcome.status} ({what})")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def dataset_summary(outcomes: list[PairOutcome], folder: DatasetFolder, args: argparse.Namespace) -> int:
+    """Print how each line went (stdout); EXIT_FAILED when any failed."""
+    count = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
+    failed = [o for o in outcomes if o.status == "failed"]
+    if args.json:
+        print_json({**count, "manifest": str(folder.manifest),
+                    "failures": [{"line": o.line, "pair_id": o.pair_id, "message": o.message,
+                                  "code": getattr(o.error, "code", None)} for o in failed]})  # fmt: skip
+    else:
+        print(f"done {count['done']}, skipped {count['skipped']}, failed {count['failed']}; "
+              f"manifest {folder.manifest}", flush=True)  # fmt: skip
+        for outcome in failed:
+            print(f"line {outcome.line}: {outcome.message}", flush=True)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def run_dataset(client: Client, args: argparse.Namespace) -> int:
+    # The pairs go through an AsyncClient (`client` stays unused): asyncio bounds the concurrency,
+    # and Ctrl-C cancels the waits at once.
+    pairs, bad_lines = read_prompts(args.prompts)
+    options = PairOptions(
+        mix_blocks=args.mix_blocks,
+        mix_steps=args.mix_steps,
+        mix_strength=args.mix_strength,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        size=args.size,
+        output_format=args.format,
+    )
+    folder = DatasetFolder(args.out_dir)
+    plan = plan_dataset(pairs, bad_lines, folder, options)
+    display = DatasetProgress(len(plan.todo), args.quiet)
+    finished: list[PairOutcome] = []
+
+    def on_outcome(outcome: PairOutcome) -> None:
+        finished.append(outcome)
+        display(outcome)
+
+    async def make() -> list[PairOutcome]:
+        async with AsyncClient(args.server, args.api_key) as pairs_client:
+            return await make_dataset(pairs_client, plan, folder, options, concurrency=args.concurrency,
+                                      timeout=args.timeout, on_outcome=on_outcome)  # fmt: skip
+
+    try:
+        outcomes = asyncio.run(make())
+    except KeyboardInterrupt:
+        display.close()
+        say(f"\ninterrupted after {len(finished)} of {len(plan.todo)} pair(s); run the same command again "
+            "to go on (finished pairs are skipped, submitted ones picked up)")  # fmt: skip
+        return EXIT_INTERRUPTED
+    finally:
+        display.close()
+    return dataset_summary(outcomes, folder, args)
+
+
 def run_status(client: Client, args: argparse.Namespace) -> int:
     job = client.get(args.job)
     if args.json:
@@ -348,6 +514,20 @@ def non_negative_int(value: str) -> int:
     return number
 
 
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {value}")
+    return number
+
+
+def fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {value}")
+    return number
+
+
 def size(value: str) -> tuple[int, int]:
     width, x, height = value.lower().partition("x")
     if not x or not width.isdigit() or not height.isdigit():
@@ -397,25 +577,57 @@ def add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     )
 
 
-def add_job_options(parser: argparse.ArgumentParser, generation: bool) -> None:
+def add_job_options(parser: argparse.ArgumentParser, generation: bool, mixing: bool = False) -> None:
     group = parser.add_argument_group("job options")
-    group.add_argument("-o", "--output", metavar="PATH", help="where to save the image ('-': stdout; "
-                       "default <job id>.<format>)")  # fmt: skip
+    if mixing:
+        group.add_argument("-o", "--output", metavar="PATH", help="where to save the pair: -o out.png "
+                           "saves out-source.png and out-target.png; -o DIR (a folder) saves "
+                           "DIR/<job id>-source.<format>, ...; default <job id>-source.<format>, ...",
+                           )  # fmt: skip
+    else:
+        group.add_argument("-o", "--output", metavar="PATH", help="where to save the image ('-': stdout; "
+                           "default <job id>.<format>)")  # fmt: skip
     group.add_argument("--no-wait", action="store_true", help="print the job id (or job) and exit; no image")
-    group.add_argument(
-        "--seed", type=non_negative_int, help="random seed (default: a random one, reported back)"
-    )
+    add_sampling_options(group, generation, "random seed (default: a random one, reported back)")
+    if not mixing:
+        group.add_argument(
+            "--step-cache",
+            choices=[c.value for c in StepCache],
+            help="reuse work across steps (faster, lossy)",
+        )
+        group.add_argument(
+            "--no-translate", action="store_true", help="sample with the instruction as is (no VLM rewrite)"
+        )
+    add_delivery_options(group)
+
+
+def add_sampling_options(group: argparse._ArgumentGroup, generation: bool, seed_help: str) -> None:
+    group.add_argument("--seed", type=non_negative_int, help=seed_help)
     group.add_argument("--steps", type=int, help="denoising steps (default: the deployment's, 30)")
     group.add_argument("--guidance", type=float, help="guidance scale (default: the deployment's, 3.5)")
     if generation:
         group.add_argument("--size", type=size, metavar="WxH", help="output aspect, e.g. 1024x768 (~1 MP)")
     group.add_argument("--format", choices=[f.value for f in OutputFormat], help="image format (default png)")
+
+
+def add_mixing_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--step-cache", choices=[c.value for c in StepCache], help="reuse work across steps (faster, lossy)"
+        "--mix-blocks",
+        choices=[b.value for b in MixBlocks],
+        help="the transformer blocks that mix (default all; none: the target is a plain generation)",
     )
     group.add_argument(
-        "--no-translate", action="store_true", help="sample with the instruction as is (no VLM rewrite)"
+        "--mix-steps", type=fraction, metavar="F", help="fraction of the denoising steps that mix, 0..1 (1)"
     )
+    group.add_argument(
+        "--mix-strength",
+        type=fraction,
+        metavar="F",
+        help="how much the target attends to the source, 0..1 (1)",
+    )
+
+
+def add_delivery_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--webhook-url", metavar="URL", help="POST signed job events there")
     group.add_argument(
         "--webhook-events", type=webhook_events, metavar="E,E", help="started,progress,completed (completed)"
@@ -469,6 +681,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_options(generate, generation=True)
     generate.set_defaults(run=lambda client, args: run_submit(client, args, Task.GENERATE))
 
+    mix = command(
+        "mix",
+        "Make a Feature Mixing pair: a source image, and a target that takes the source's attribute "
+        "(a material, a pose, a hairstyle, a style, an object); save both.",
+        "dreamomni2 mix [options] SOURCE_PROMPT TARGET_PROMPT",
+    )
+    mix.add_argument("source_prompt", metavar="SOURCE_PROMPT", help="the image that has the attribute")
+    mix.add_argument("target_prompt", metavar="TARGET_PROMPT", help="the image that takes it")
+    mix.add_argument(
+        "--attribute", metavar="LABEL", help="what the pair shares, kept with the job (material)"
+    )
+    add_job_options(mix, generation=True, mixing=True)
+    add_mixing_options(mix.add_argument_group("mixing options"))
+    mix.set_defaults(run=run_mix)
+
+    dataset = command(
+        "dataset",
+        'Make a Feature Mixing dataset: one pair per line of PROMPTS ({"attribute", "source_prompt", '
+        '"target_prompt", "seed"} JSON lines; blank lines and # comments skipped) into '
+        "OUT_DIR/<pair id>/source.<format> and target.<format>, each finished pair appended to "
+        "OUT_DIR/manifest.jsonl. Rerun the same command to resume: pairs in the manifest are skipped, "
+        "pairs submitted before are picked up (the same job, by an Idempotency-Key from the pair id), "
+        "failed ones submitted afresh. Options apply to every line; a line's seed overrides --seed; "
+        "--timeout is each pair's.",
+        "dreamomni2 dataset [options] PROMPTS.jsonl OUT_DIR",
+    )
+    dataset.add_argument("prompts", type=existing_file, metavar="PROMPTS.jsonl", help="the prompt pairs")
+    dataset.add_argument("out_dir", metavar="OUT_DIR", help="where the pairs and manifest.jsonl go")
+    dataset.add_argument(
+        "--concurrency", type=positive_int, default=4, metavar="N", help="pairs in flight at once (4)"
+    )
+    dataset_options = dataset.add_argument_group("job options (every line)")
+    add_sampling_options(dataset_options, True, "seed of the lines without one (default: random per pair)")
+    add_mixing_options(dataset_options)
+    dataset.set_defaults(run=run_dataset)
+
     status = command("status", "Print a job's status, progress, result or error.")
     status.add_argument("job", metavar="JOB", help="the job id (j_...)")
     status.set_defaults(run=run_status)
@@ -476,7 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
     result = command("result", "Save a job's result image (waiting for the job unless --no-wait).")
     result.add_argument("job", metavar="JOB", help="the job id (j_...)")
     result.add_argument(
-        "-o", "--output", metavar="PATH", help="where ('-': stdout; default <job id>.<format>)"
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="where ('-': stdout; default <job id>.<format>; a Feature Mixing pair: as `mix -o`)",
     )
     result.add_argument(
         "--no-wait", action="store_true", help=f"do not wait: exit {EXIT_REFUSED} if not finished"
@@ -507,6 +758,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
                 parser.error(str(exc))
     if getattr(args, "output", None) == "-" and args.json:
         parser.error("-o - writes the image to stdout, where --json also writes: choose one")
+    if args.command == "mix" and args.output == "-":
+        parser.error("a pair is two images; -o - cannot hold both: give a file name (out.png)")
 
 
 def report(error: DreamOmni2Error, args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import httpx
 from PIL import Image
 
 from api_schemas.api import Job, OutputFormat
-from api_schemas.common import StepCache, Task, WebhookEvent
+from api_schemas.common import MixBlocks, StepCache, Task, WebhookEvent
 from dreamomni2._core import (
     USER_AGENT,
     JobRef,
@@ -28,6 +28,7 @@ from dreamomni2._core import (
     reached_server,
     resolve_api_key,
     resolve_server,
+    result_path,
     retryable,
     succeeded,
 )
@@ -53,6 +54,10 @@ class Client:
             job = client.submit("make image 1 use the pattern of image 2", ["bag.png", "dress.png"])
             job = client.wait(job, on_progress=lambda p: print(p.describe()))
             client.download(job, "out.png")
+
+            pair = client.wait(client.feature_mix("a woven straw hat", "a teapot", attribute="material"))
+            client.download(pair, "source.png", index=0)
+            client.download(pair, "target.png", index=1)
 
     Args:
         server: the service's base URL; default `$DREAMOMNI2_SERVER`, else http://127.0.0.1:8000.
@@ -151,7 +156,8 @@ class Client:
             instruction: what to do, in plain words; images are "image 1", "image 2", ...
             images: image 1 (the image to edit) and the references, in order: paths, bytes, PIL
                 images or binary files. None at all: a generation from the instruction alone.
-            task: `edit` or `generate`; left out: `edit` with at least one image, else `generate`.
+            task: `edit` or `generate`; left out: `edit` with at least one image, else `generate`
+                (a Feature Mixing pair: `feature_mix`).
             seed, steps, guidance: sampling; left out, the deployment's defaults (seed: random).
             size: (width, height) of a generation (sets the aspect ratio; the area is the model's).
             translate: False samples with the instruction as is, skipping the VLM translator.
@@ -184,6 +190,72 @@ class Client:
             webhook_events=webhook_events,
             deadline_s=deadline_s,
             idempotency_key=idempotency_key,
+        )
+        return self._job(request)
+
+    def feature_mix(
+        self,
+        source_prompt: str,
+        target_prompt: str,
+        *,
+        attribute: str | None = None,
+        mix_blocks: MixBlocks | str | None = None,
+        mix_steps: float | None = None,
+        mix_strength: float | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: tuple[int, int] | None = None,
+        output_format: OutputFormat | str | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[WebhookEvent | str] | None = None,
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Queue a Feature Mixing pair (`task=feature_mixing`); returns the job object (status `queued`).
+
+        Two images are generated from one seed: the source from `source_prompt`, and the target from
+        `target_prompt` while its attention also sees the source's, so it takes the source's attribute
+        (a material, a pose, a hairstyle, a style, an object). Once it succeeded, `result_bytes(job,
+        index=0)` is the source and `index=1` the target (`job.results` describes both).
+
+        Args:
+            source_prompt: the image that has the attribute ("a woven straw hat on a table").
+            target_prompt: the image that takes it ("a teapot").
+            attribute: a label kept with the job ("material"); it does not change the images.
+            mix_blocks: the transformer blocks that mix: `all` (default), `double`, `single` or `none`
+                (then the target is an ordinary generation).
+            mix_steps: the fraction of the denoising steps that mix, from the first; 0..1, default 1.
+            mix_strength: how much the target attends to the source, 0..1; default 1.
+            seed, steps, guidance, size, output_format, webhook_url, webhook_events, deadline_s,
+                idempotency_key: as `submit` (`size` applies to both images).
+
+        Raises:
+            InvalidInputError: the request was refused (`mixing_needs_prompts`, `invalid_mix_steps`,
+                `invalid_mix_strength`, `invalid_steps`, ...), before sending or by the service.
+            AuthenticationError, ServiceUnavailableError, DreamOmni2Error: see `dreamomni2.errors`.
+        """
+        request = prepare_submission(
+            None,
+            (),
+            task=Task.FEATURE_MIXING,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            size=size,
+            translate=None,
+            output_format=output_format,
+            step_cache=None,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            deadline_s=deadline_s,
+            idempotency_key=idempotency_key,
+            source_prompt=source_prompt,
+            target_prompt=target_prompt,
+            attribute=attribute,
+            mix_blocks=mix_blocks,
+            mix_steps=mix_steps,
+            mix_strength=mix_strength,
         )
         return self._job(request)
 
@@ -298,15 +370,18 @@ class Client:
                 follower.failed(follower.ended_early())
 
     # Results ------------------------------------------------------------------------------------------
-    def result_bytes(self, job: JobRef) -> bytes:
-        """The result image as encoded bytes (in the job's `output_format`).
+    def result_bytes(self, job: JobRef, index: int = 0) -> bytes:
+        """Result image `index` as encoded bytes (in the job's `output_format`).
+
+        `index`: 0, the job's image (a Feature Mixing pair's source); 1, a pair's target.
 
         Raises ConflictError (`job_not_finished`) while the job is queued or running,
         JobFailedError / JobCanceledError for a job that ended without a result, NotFoundError for an
-        unknown job or an expired result.
+        unknown job, an expired result, or an index the job has no image for (`result_index`);
+        ValueError for an index no job has.
         """
         try:
-            return self._send(Prepared("GET", job_path(job, "/result"), idempotent=True)).content
+            return self._send(Prepared("GET", result_path(job, index), idempotent=True)).content
         except ConflictError as exc:
             raise self._ended_without_result(job, exc) from None
 
@@ -317,14 +392,15 @@ class Client:
         error: JobError | None = job_error(self.get(job), status=conflict.status)
         return error if error is not None else conflict
 
-    def result_image(self, job: JobRef) -> Image.Image:
-        """The result as a PIL image (decoded in full); raises as `result_bytes`."""
-        image = Image.open(io.BytesIO(self.result_bytes(job)))
+    def result_image(self, job: JobRef, index: int = 0) -> Image.Image:
+        """Result image `index` as a PIL image (decoded in full); `index` and errors as `result_bytes`."""
+        image = Image.open(io.BytesIO(self.result_bytes(job, index)))
         image.load()
         return image
 
-    def download(self, job: JobRef, path: str | Path) -> Path:
-        """Write the result image to `path` (its format is the job's `output_format`); returns the path."""
+    def download(self, job: JobRef, path: str | Path, index: int = 0) -> Path:
+        """Write result image `index` (see `result_bytes`) to `path`, in the job's `output_format`;
+        returns the path."""
         target = Path(path)
-        target.write_bytes(self.result_bytes(job))
+        target.write_bytes(self.result_bytes(job, index))
         return target

@@ -89,7 +89,7 @@ def image_of(path: Path) -> Image.Image:
 def test_help_documents_the_commands_options_and_exit_codes(tmp_path: Path) -> None:
     top = run(["--help"], dict(os.environ), tmp_path)
     assert top.returncode == 0, top.stderr
-    for command in ("edit", "generate", "status", "result", "cancel", "events"):
+    for command in ("edit", "generate", "mix", "dataset", "status", "result", "cancel", "events"):
         assert re.search(rf"^\s+{command}\s", top.stdout, re.MULTILINE), command
     for code in (cli.EXIT_REFUSED, cli.EXIT_FAILED, cli.EXIT_CANCELED, cli.EXIT_UNAVAILABLE, cli.EXIT_AUTH):
         assert re.search(rf"^\s+{code}\s+\w", top.stdout, re.MULTILINE), f"exit code {code} undocumented"
@@ -144,6 +144,30 @@ def test_generate_with_json_output(service: Service, env: dict[str, str], images
     image = image_of(out)
     assert image.format == "JPEG" and image.size == (job["result"]["width"], job["result"]["height"])
     assert image.width > image.height  # the 2:1 aspect asked for
+
+
+def test_mix_saves_the_source_and_the_target(service: Service, env: dict[str, str], tmp_path: Path) -> None:
+    done = run(["mix", "a chunky knitted red wool scarf", "a sofa", "--attribute", "material",
+                "-o", "pair.png", "--steps", "1", "--seed", "4", "--mix-blocks", "double"],
+               env, tmp_path)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    source, target = tmp_path / "pair-source.png", tmp_path / "pair-target.png"
+    assert done.stdout == "pair-source.png\npair-target.png\n"
+    job_id = done.stderr.splitlines()[0].split(":")[0]
+    job = get_job(service.client("alice"), job_id)
+    assert (job["task"], job["attribute"], job["seed"], job["mixing"]["blocks"]) == (
+        "feature_mixing", "material", 4, "double"
+    )  # fmt: skip
+    assert source.read_bytes() != target.read_bytes()
+    for path, result in zip((source, target), job["results"], strict=True):
+        image = image_of(path)
+        assert image.format == "PNG" and image.size == (result["width"], result["height"])
+    status = run(["status", job_id], env, tmp_path)
+    assert re.search(r"^source:\s+a chunky knitted red wool scarf$", status.stdout, re.MULTILINE), (
+        status.stdout
+    )
+    assert re.search(r"^result 1:\s+\d+x\d+ image/png", status.stdout, re.MULTILINE), status.stdout
 
 
 def test_no_wait_then_status_events_and_result(

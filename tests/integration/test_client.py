@@ -32,6 +32,7 @@ from dreamomni2 import (
     JobStatus,
     NotFoundError,
     ServiceUnavailableError,
+    Task,
     WaitTimeoutError,
     WebhookVerificationError,
     verify_webhook,
@@ -150,6 +151,50 @@ def test_generation_options_and_the_async_client(service: Service, tmp_path: Pat
             assert missing.value.code == "job_not_found"
 
     asyncio.run(scenario())
+
+
+def test_feature_mix_downloads_both_images_and_refusals_carry_the_code(
+    service: Service, client: Client, tmp_path: Path
+) -> None:
+    job = client.feature_mix(
+        "a woven straw hat on a wooden table",
+        "a teapot",
+        attribute="material",
+        seed=5,
+        steps=1,
+        mix_steps=0.5,
+    )
+    assert (job.task, job.instruction, job.image_count) == (Task.FEATURE_MIXING, None, 0)
+    assert (job.source_prompt, job.target_prompt, job.attribute) == (
+        "a woven straw hat on a wooden table", "a teapot", "material"
+    )  # fmt: skip
+    done = client.wait(job, timeout=60)
+    assert done.status is JobStatus.SUCCEEDED and done.seed == 5
+    assert done.mixing is not None and done.mixing["step_fraction"] == 0.5
+    assert done.results is not None and len(done.results) == 2 and done.result == done.results[0]
+
+    source, target = client.result_bytes(done), client.result_bytes(done.id, index=1)
+    assert source != target and source == client.result_bytes(done, index=0)
+    assert client.download(done, tmp_path / "target.png", index=1).read_bytes() == target
+    image = client.result_image(done, index=1)
+    assert image.size == (done.results[1].width, done.results[1].height)
+    with pytest.raises(ValueError, match="index"):
+        client.result_bytes(done, index=2)
+
+    for kwargs, code in (
+        ({"source_prompt": " ", "target_prompt": "a teapot"}, "mixing_needs_prompts"),
+        ({"source_prompt": "a hat", "target_prompt": "a teapot", "mix_steps": 1.5}, "invalid_mix_steps"),
+        (
+            {"source_prompt": "a hat", "target_prompt": "a teapot", "mix_strength": -0.1},
+            "invalid_mix_strength",
+        ),
+    ):
+        with pytest.raises(InvalidInputError) as refused:
+            client.feature_mix(**kwargs)
+        assert refused.value.code == code and refused.value.status == 422, kwargs
+    with pytest.raises(InvalidInputError) as local:
+        client.feature_mix("a hat", "a teapot", mix_blocks="some")
+    assert local.value.code == "invalid_request" and "mix_blocks" in local.value.message
 
 
 # A cut event stream -----------------------------------------------------------------------------------------
