@@ -308,7 +308,13 @@ def _resolve_instruction(params: JobParameters, task: Task, limits: JobLimits) -
             code=ErrorCode.MIXING_FIELD_WITHOUT_MIXING,
             details={"fields": sent, "task": task.value},
         )
-    instruction = (params.instruction or "").strip()
+    if params.instruction is None:
+        raise InvalidInput(
+            f"task={task.value} needs an instruction: say what to do, in plain words (for a Feature "
+            "Mixing pair, send task=feature_mixing with source_prompt and target_prompt instead).",
+            code=ErrorCode.EMPTY_INSTRUCTION,
+        )
+    instruction = params.instruction.strip()
     if not _visible(instruction):
         raise InvalidInput(
             "The instruction is empty (or only invisible characters); say what to do with the images.",

@@ -58,7 +58,7 @@ MULTIPART_CASES = [
     ("one", {"instruction": "   \n "}, 422, "empty_instruction"),
     ("one", {"instruction": "\u200b\u200c\u200d\ufeff\u2060"}, 422, "empty_instruction"),  # zero-width only
     ("one", {"instruction": " \u3164\u2800 "}, 422, "empty_instruction"),  # blank letters only
-    ("one", {}, 422, "invalid_request"),
+    ("one", {}, 422, "empty_instruction"),  # no instruction (and no Feature Mixing prompts)
     ("one", {"instruction": "x" * 2001}, 422, "instruction_too_long"),
     ("one", {**OK, "steps": "0"}, 422, "invalid_steps"),
     ("one", {**OK, "steps": str(MAX_STEPS + 1)}, 422, "invalid_steps"),
@@ -95,7 +95,7 @@ JSON_CASES: list[tuple[str, Callable[[], dict[str, Any] | bytes], int, str]] = [
     ("malformed", lambda: b'{"instruction": "Make it blue", ', 422, "invalid_request"),
     ("not_an_object", lambda: b"[]", 422, "invalid_request"),
     ("unknown_field", lambda: json_body(strength=0.8), 422, "invalid_request"),
-    ("instruction_missing", lambda: {"images": []}, 422, "invalid_request"),
+    ("instruction_missing", lambda: {"images": []}, 422, "empty_instruction"),
     ("instruction_not_text", lambda: json_body(instruction=12), 422, "invalid_request"),
     ("images_not_a_list", lambda: json_body(images=data_uri(png_bytes())), 422, "invalid_request"),
     ("empty_instruction", lambda: json_body(instruction=""), 422, "empty_instruction"),
