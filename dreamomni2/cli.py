@@ -335,6 +335,13 @@ def run_submit(client: Client, args: argparse.Namespace, task: Task) -> int:
         deadline_s=args.deadline,
         idempotency_key=args.idempotency_key,
     )
+    return queued_or_saved(client, args, job, save_result)
+
+
+def queued_or_saved(
+    client: Client, args: argparse.Namespace, job: Job, save: Callable[[Client, argparse.Namespace, Job], int]
+) -> int:
+    """With --no-wait, print the queued job; else wait for it and `save` its result."""
     if args.no_wait:
         if args.json:
             print_json(job_json(job))
@@ -342,7 +349,7 @@ def run_submit(client: Client, args: argparse.Namespace, task: Task) -> int:
             print(job.id, flush=True)
         return EXIT_OK
     args.current_job = job.id  # for the Ctrl-C hint
-    return save_result(client, args, wait_for(client, args, job))
+    return save(client, args, wait_for(client, args, job))
 
 
 def run_mix(client: Client, args: argparse.Namespace) -> int:
@@ -363,14 +370,7 @@ def run_mix(client: Client, args: argparse.Namespace) -> int:
         deadline_s=args.deadline,
         idempotency_key=args.idempotency_key,
     )
-    if args.no_wait:
-        if args.json:
-            print_json(job_json(job))
-        else:
-            print(job.id, flush=True)
-        return EXIT_OK
-    args.current_job = job.id  # for the Ctrl-C hint
-    return save_pair(client, args, wait_for(client, args, job))
+    return queued_or_saved(client, args, job, save_pair)
 
 
 class DatasetProgress:
