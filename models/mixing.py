@@ -184,7 +184,6 @@ class FeatureMixingAttnProcessor:
         self.layer = layer
         self.original = original
         self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(
         self,
@@ -252,9 +251,7 @@ class FeatureMixingAttnProcessor:
         return query, key, value
 
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return dispatch_attention_fn(
-            query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
-        )
+        return dispatch_attention_fn(query, key, value, backend=self._attention_backend)
 
     def _attend_mixed(
         self,
@@ -274,9 +271,7 @@ class FeatureMixingAttnProcessor:
         bias[..., own:] = math.log(strength)
         backend = self._attention_backend
         backend = backend if backend in MASK_BACKENDS else "native"
-        return dispatch_attention_fn(
-            query, key, value, attn_mask=bias, backend=backend, parallel_config=self._parallel_config
-        )
+        return dispatch_attention_fn(query, key, value, attn_mask=bias, backend=backend)
 
     @staticmethod
     def _output(
@@ -307,7 +302,10 @@ def feature_mixing(transformer: torch.nn.Module, config: MixingConfig) -> Iterat
     layers = mixing_layers(transformer, config.blocks) if config.mixes else []
     originals = [(attn, attn.processor) for attn in layers]
     if any(getattr(p, "_parallel_config", None) is not None for _, p in originals):
-        raise NotImplementedError("Feature Mixing does not support context-parallel attention.")
+        # The kept source keys are whole-sequence tensors; a sharded sequence would need them gathered.
+        raise ValueError(
+            "Feature Mixing runs on one device per pair: turn off context-parallel attention for it."
+        )
     try:
         for index, (attn, original) in enumerate(originals):
             attn.set_processor(FeatureMixingAttnProcessor(state, index, original))

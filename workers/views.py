@@ -25,10 +25,11 @@ def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
         ]
     mixing = None
     if spec.task is Task.FEATURE_MIXING:
+        # The spec's parameters are resolved: the mixing defaults are filled in at submission.
         mixing = (meta and meta.mixing) or {
-            "blocks": params.mix_blocks.value if params.mix_blocks else "all",
-            "step_fraction": params.mix_steps if params.mix_steps is not None else 1.0,
-            "strength": params.mix_strength if params.mix_strength is not None else 1.0,
+            "blocks": params.mix_blocks,
+            "step_fraction": params.mix_steps,
+            "strength": params.mix_strength,
         }
     webhook = None
     if spec.webhook is not None:
