@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--pool=solo",
                 "--concurrency=1",
                 "--prefetch-multiplier=1",
-                f"--queues={settings.queue}",
+                # The front queue first: a requeued or resent job goes before new ones.
+                f"--queues={settings.front_queue},{settings.queue}",
                 f"--hostname={settings.worker_name}",
                 "--without-gossip",
                 "--without-mingle",

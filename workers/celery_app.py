@@ -41,7 +41,11 @@ def create_celery(settings: ServiceSettings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Poll the queues in the order the worker names them (front first), not round robin.
+            "queue_order_strategy": "priority",
+        },
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
@@ -66,9 +70,10 @@ def create_webhook_celery(settings: ServiceSettings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, settings: ServiceSettings, job_id: str) -> None:
-    """Send the message that makes a worker run `job_id`."""
-    app.send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue)
+def enqueue(app: Celery, settings: ServiceSettings, job_id: str, *, front: bool = False) -> None:
+    """Send the message that makes a worker run `job_id`; `front` for a job that already waited its
+    turn (requeued or resent), which then goes before every new job."""
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=settings.front_queue if front else settings.queue)
 
 
 def _job_id(message: dict) -> str | None:
@@ -94,10 +99,11 @@ def jobs_with_messages(app: Celery, settings: ServiceSettings) -> set[str]:
     with app.connection_for_read() as connection:
         channel = connection.default_channel
         client = channel.client
-        for priority in channel.priority_steps:
-            for payload in client.lrange(channel._q_for_pri(settings.queue, priority), 0, -1):
-                with contextlib.suppress(ValueError):
-                    messages.append(json.loads(payload))
+        for queue in (settings.front_queue, settings.queue):
+            for priority in channel.priority_steps:
+                for payload in client.lrange(channel._q_for_pri(queue, priority), 0, -1):
+                    with contextlib.suppress(ValueError):
+                        messages.append(json.loads(payload))
         # An unacked entry is `[message, exchange, routing key]`.
         for delivered in client.hvals(channel.unacked_key):
             with contextlib.suppress(ValueError, IndexError, TypeError):

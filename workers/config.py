@@ -91,6 +91,13 @@ class ServiceSettings(BaseSettings):
     limits: JobLimits = Field(default_factory=JobLimits)
 
     @property
+    def front_queue(self) -> str:
+        """The Celery queue of jobs that already waited their turn (requeued after their worker died,
+        or resent after their message was lost): the GPU workers take it before `queue`, so such a job
+        runs next rather than after everything submitted since."""
+        return f"{self.queue}.front"
+
+    @property
     def visibility_timeout_s(self) -> int:
         """Celery's Redis redelivery delay: above the longest job, or a running job would run twice."""
         return max(3600, 2 * self.job_timeout_s)

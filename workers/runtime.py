@@ -174,7 +174,7 @@ class WorkerRuntime:
         ):
             if outcome is RequeueOutcome.REQUEUED:
                 metrics.REQUEUED.inc()
-                enqueue(self.celery, self.settings, job_id)
+                enqueue(self.celery, self.settings, job_id, front=True)
                 logger.warning("job %s lost its worker; requeued", job_id)
             else:
                 logger.error("job %s lost its worker %d times; failed", job_id, self.settings.max_attempts)
@@ -195,7 +195,7 @@ class WorkerRuntime:
         resent = []
         for job_id in sorted(missing & self._unsent):
             if self.store.jobs.lock_resend(job_id, ttl_s=max(10.0, 3 * self.settings.reaper_interval_s)):
-                enqueue(self.celery, self.settings, job_id)
+                enqueue(self.celery, self.settings, job_id, front=True)
                 metrics.RESENT.inc()
                 resent.append(job_id)
                 logger.warning("job %s was queued without a queue message; sent it again", job_id)

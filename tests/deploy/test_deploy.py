@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
+from workers.config import ServiceSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "dreamomni2"
 DOCKER = ROOT / "docker"
@@ -839,10 +841,16 @@ def test_keda_scales_workers_on_the_celery_list(rendered):
     assert "replicas" not in worker["spec"], "KEDA owns the worker count"
     assert scaled["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
     assert scaled["spec"]["minReplicaCount"] == 0
-    [trigger] = scaled["spec"]["triggers"]
+    # New jobs, and the front list of jobs requeued after their worker died (`ServiceSettings`).
+    triggers = scaled["spec"]["triggers"]
+    queue = shared_config(docs)["DREAMOMNI2_QUEUE"]
+    assert queue == "dreamomni2.jobs" and ServiceSettings(queue=queue).front_queue == f"{queue}.front"
+    assert [t["metadata"]["listName"] for t in triggers] == [queue, f"{queue}.front"]
+    trigger, front = triggers
+    assert trigger["type"] == front["type"] == "redis"
+    assert {**front["metadata"], "listName": queue} == trigger["metadata"]
+    assert front["authenticationRef"] == trigger["authenticationRef"]
     meta = trigger["metadata"]
-    assert trigger["type"] == "redis"
-    assert meta["listName"] == shared_config(docs)["DREAMOMNI2_QUEUE"] == "dreamomni2.jobs"
     assert meta["address"] == f"{RELEASE}-redis.{NAMESPACE}.svc:6379" and meta["databaseIndex"] == "0"
     auth = one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
     [ref] = auth["spec"]["secretTargetRef"]

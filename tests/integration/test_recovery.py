@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+import redis
 from PIL import Image
 
 from app.stack import LocalStack, ManagedProcess
@@ -17,9 +18,11 @@ from workers.store import JobStore, Store
 
 from .support import (
     LONG_STEPS,
+    MAX_STEPS,
     TERMINAL,
     all_events,
     assert_error,
+    get_job,
     is_denoising,
     stack_env,
     submit_json,
@@ -105,6 +108,38 @@ def test_killed_worker_job_runs_again_exactly_once(tiny_cache: Path, tmp_path: P
         )
 
 
+def test_a_requeued_job_runs_before_jobs_submitted_after_it(tiny_cache: Path, tmp_path: Path) -> None:
+    # A job whose worker died already waited its turn: it goes first, not behind everything since.
+    env = stack_env(tiny_cache, **FAST_LEASES)
+    with (
+        LocalStack(tmp_path, workers=2, env=env) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
+        store = Store.from_url(stack.redis_url).jobs
+        lost, busy = (
+            submit_json(client, [], {"instruction": name, "steps": MAX_STEPS}).json()["id"]
+            for name in ("a lost run", "a long run")
+        )
+        for job_id in (lost, busy):
+            wait_for_job(client, job_id, is_denoising, timeout=60, what="both to run", watch=stack.processes)
+        later = [submit_json(client, [], {"instruction": "later", "steps": 2}).json()["id"] for _ in range(2)]
+
+        victim, _ = kill_mid_job(stack, store, client, lost)
+        survivor = next(p for p in stack.processes if p.name.startswith("worker") and p is not victim)
+        requeued = wait_for_job(
+            client, lost, lambda job: job["status"] == "queued", timeout=RECOVERY_BOUND_S, watch=[survivor]
+        )
+        assert requeued["queue_position"] == 1, requeued
+        assert [get_job(client, job_id)["queue_position"] for job_id in later] == [2, 3]
+        # Free the one live worker: it takes the requeued job before the two submitted after it.
+        assert client.post(f"/v1/jobs/{busy}/cancel").status_code == 202
+        wait_for_job(client, lost, is_denoising, timeout=60, what="the requeued job to run", watch=[survivor])
+        assert [get_job(client, job_id)["status"] for job_id in later] == ["queued", "queued"]
+        assert client.post(f"/v1/jobs/{lost}/cancel").status_code == 202
+        started = [timestamp(wait_for_status(client, job_id, timeout=60)["started_at"]) for job_id in later]
+        assert started == sorted(started), "the later jobs ran out of order"
+
+
 def test_killed_worker_job_fails_when_out_of_attempts(tiny_cache: Path, tmp_path: Path) -> None:
     env = stack_env(tiny_cache, **FAST_LEASES, DREAMOMNI2_MAX_ATTEMPTS="1")
     with (
@@ -173,6 +208,11 @@ def test_failed_job_leaves_the_worker_serving(tiny_cache: Path, tmp_path: Path) 
         }
 
 
+def blocked_pops(broker: redis.Redis) -> int:
+    """How many clients wait in a blocking pop (a Celery worker idle on its queues)."""
+    return sum(1 for client in broker.client_list() if client["cmd"] == "brpop" and "b" in client["flags"])
+
+
 def test_a_queued_job_whose_message_is_lost_still_runs(tiny_cache: Path, tmp_path: Path) -> None:
     # The job store is the truth: a queued job with no message in the broker gets a new one.
     env = stack_env(tiny_cache, **FAST_LEASES)
@@ -191,12 +231,14 @@ def test_a_queued_job_whose_message_is_lost_still_runs(tiny_cache: Path, tmp_pat
         broker.delete("dreamomni2.jobs")
 
         # (b) Taken and lost: a frozen idle worker's pending BRPOP takes the message; then it dies.
+        waiting_before = blocked_pops(broker)  # the webhook worker's
         second = stack.start_worker()
         stack.wait_workers_ready(1)
+        # Frozen once its BRPOP waits in Redis: the pending pop still takes the next message.
+        wait_until(lambda: blocked_pops(broker) > waiting_before, timeout=30, what="the worker's BRPOP")
         second.popen.send_signal(signal.SIGSTOP)
-        time.sleep(0.5)  # the worker's BRPOP stays pending in Redis while it is frozen
         taken = submit_json(client, [], {"instruction": "a taken one", "steps": 2}).json()["id"]
-        time.sleep(0.5)
+        wait_until(lambda: broker.llen("dreamomni2.jobs") == 0, timeout=30, what="the frozen pop to take it")
         second.kill()
         assert store.jobs.get(never_sent).status.value == "queued"
         assert store.jobs.get(taken).status.value == "queued"
