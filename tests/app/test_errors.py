@@ -85,6 +85,26 @@ async def test_cancelling_a_job_that_expires_meanwhile_is_404(gateway: Gateway):
         jobs.cancel = real_cancel
 
 
+async def test_a_job_claimed_between_its_two_reads_shows_running_not_queued_nowhere(gateway: Gateway):
+    client = gateway.client()
+    job = (await client.post("/v1/jobs", json={"instruction": "a cat"})).json()
+    jobs = gateway.service.store.jobs
+    real_get = jobs.get
+
+    def claim_after_reading(job_id: str):
+        record = real_get(job_id)  # read while queued; a worker claims it before its place is read
+        if record is not None and record.status is JobStatus.QUEUED:
+            assert jobs.claim(job_id, worker="w", lease_ttl_s=5).claimed
+        return record
+
+    jobs.get = claim_after_reading
+    try:
+        shown = (await client.get(f"/v1/jobs/{job['id']}")).json()
+    finally:
+        jobs.get = real_get
+    assert (shown["status"], shown["queue_position"]) == ("running", None), shown
+
+
 async def test_redis_down_is_503_and_readiness_says_so(redis_url: str):
     from app.main import create_app
     from tests.app.conftest import settings_for
