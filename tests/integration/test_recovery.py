@@ -3,9 +3,11 @@ attempts), and a job that fails inside a worker leaves that worker serving."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -44,6 +46,18 @@ RECOVERY_BOUND_S = 60
 KILL_STEPS = 800
 
 
+@contextlib.contextmanager
+def fast_lease_stack(
+    tiny_cache: Path, tmp_path: Path, workers: int, **env: str
+) -> Iterator[tuple[LocalStack, httpx.Client]]:
+    """A stack of its own with short leases (`FAST_LEASES`, then `env`), and a client of its gateway."""
+    with (
+        LocalStack(tmp_path, workers=workers, env=stack_env(tiny_cache, **FAST_LEASES, **env)) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
+        yield stack, client
+
+
 def timestamp(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -66,11 +80,7 @@ def kill_mid_job(
 
 
 def test_killed_worker_job_runs_again_exactly_once(tiny_cache: Path, tmp_path: Path) -> None:
-    env = stack_env(tiny_cache, **FAST_LEASES)
-    with (
-        LocalStack(tmp_path, workers=2, env=env) as stack,
-        httpx.Client(base_url=stack.url, timeout=30) as client,
-    ):
+    with fast_lease_stack(tiny_cache, tmp_path, 2) as (stack, client):
         store = Store.from_url(stack.redis_url).jobs
         response = submit_json(client, [], {"instruction": "A long night", "steps": KILL_STEPS, "seed": 11})
         assert response.status_code == 202, response.text
@@ -110,11 +120,7 @@ def test_killed_worker_job_runs_again_exactly_once(tiny_cache: Path, tmp_path: P
 
 def test_a_requeued_job_runs_before_jobs_submitted_after_it(tiny_cache: Path, tmp_path: Path) -> None:
     # A job whose worker died already waited its turn: it goes first, not behind everything since.
-    env = stack_env(tiny_cache, **FAST_LEASES)
-    with (
-        LocalStack(tmp_path, workers=2, env=env) as stack,
-        httpx.Client(base_url=stack.url, timeout=30) as client,
-    ):
+    with fast_lease_stack(tiny_cache, tmp_path, 2) as (stack, client):
         store = Store.from_url(stack.redis_url).jobs
         lost, busy = (
             submit_json(client, [], {"instruction": name, "steps": MAX_STEPS}).json()["id"]
@@ -141,11 +147,7 @@ def test_a_requeued_job_runs_before_jobs_submitted_after_it(tiny_cache: Path, tm
 
 
 def test_killed_worker_job_fails_when_out_of_attempts(tiny_cache: Path, tmp_path: Path) -> None:
-    env = stack_env(tiny_cache, **FAST_LEASES, DREAMOMNI2_MAX_ATTEMPTS="1")
-    with (
-        LocalStack(tmp_path, workers=2, env=env) as stack,
-        httpx.Client(base_url=stack.url, timeout=30) as client,
-    ):
+    with fast_lease_stack(tiny_cache, tmp_path, 2, DREAMOMNI2_MAX_ATTEMPTS="1") as (stack, client):
         store = Store.from_url(stack.redis_url).jobs
         response = submit_json(client, [], {"instruction": "A long night", "steps": KILL_STEPS})
         job_id = response.json()["id"]
@@ -215,11 +217,7 @@ def blocked_pops(broker: redis.Redis) -> int:
 
 def test_a_queued_job_whose_message_is_lost_still_runs(tiny_cache: Path, tmp_path: Path) -> None:
     # The job store is the truth: a queued job with no message in the broker gets a new one.
-    env = stack_env(tiny_cache, **FAST_LEASES)
-    with (
-        LocalStack(tmp_path, workers=1, env=env) as stack,
-        httpx.Client(base_url=stack.url, timeout=30) as client,
-    ):
+    with fast_lease_stack(tiny_cache, tmp_path, 1) as (stack, client):
         store = Store.from_url(stack.redis_url)
         broker = store.redis
         first = next(p for p in stack.processes if p.name.startswith("worker"))
@@ -254,11 +252,7 @@ def test_a_queued_job_whose_message_is_lost_still_runs(tiny_cache: Path, tmp_pat
 def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_resumes(
     tiny_cache: Path, tmp_path: Path
 ) -> None:
-    env = stack_env(tiny_cache, **FAST_LEASES)
-    with (
-        LocalStack(tmp_path, workers=2, env=env) as stack,
-        httpx.Client(base_url=stack.url, timeout=30) as client,
-    ):
+    with fast_lease_stack(tiny_cache, tmp_path, 2) as (stack, client):
         store = Store.from_url(stack.redis_url).jobs
         job_id = submit_json(client, [], {"instruction": "A long night", "steps": KILL_STEPS}).json()["id"]
         wait_for_job(client, job_id, is_denoising, timeout=60, what="the job to be denoising")
