@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -352,11 +353,9 @@ def queued_or_saved(
     return save(client, args, wait_for(client, args, job))
 
 
-def run_mix(client: Client, args: argparse.Namespace) -> int:
-    job = client.feature_mix(
-        args.source_prompt,
-        args.target_prompt,
-        attribute=args.attribute,
+def pair_options(args: argparse.Namespace) -> PairOptions:
+    """The mixing and sampling options of `mix` and `dataset` (None where the option was left out)."""
+    return PairOptions(
         mix_blocks=args.mix_blocks,
         mix_steps=args.mix_steps,
         mix_strength=args.mix_strength,
@@ -365,6 +364,15 @@ def run_mix(client: Client, args: argparse.Namespace) -> int:
         guidance=args.guidance,
         size=args.size,
         output_format=args.format,
+    )
+
+
+def run_mix(client: Client, args: argparse.Namespace) -> int:
+    job = client.feature_mix(
+        args.source_prompt,
+        args.target_prompt,
+        attribute=args.attribute,
+        **asdict(pair_options(args)),
         webhook_url=args.webhook_url,
         webhook_events=args.webhook_events,
         deadline_s=args.deadline,
@@ -421,16 +429,7 @@ def run_dataset(client: Client, args: argparse.Namespace) -> int:
     # The pairs go through an AsyncClient (`client` stays unused): asyncio bounds the concurrency,
     # and Ctrl-C cancels the waits at once.
     pairs, bad_lines = read_prompts(args.prompts)
-    options = PairOptions(
-        mix_blocks=args.mix_blocks,
-        mix_steps=args.mix_steps,
-        mix_strength=args.mix_strength,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        size=args.size,
-        output_format=args.format,
-    )
+    options = pair_options(args)
     folder = DatasetFolder(args.out_dir)
     plan = plan_dataset(pairs, bad_lines, folder, options)
     display = DatasetProgress(len(plan.todo), args.quiet)
