@@ -2,7 +2,7 @@
 
     python -m models run --image a.png --image b.png --task edit "put the hat of image 2 on him" -o out.png
     python -m models mix "a cat made of glass" "a teapot made of glass" --attribute material --seed 3
-    python -m models plan --memory balanced --images 3 [--size 1024] [--json] [--card 48]
+    python -m models plan --memory balanced --images 3 [--size 1024] [--json] [--card 44 --host 64]
     python -m models plan --memory low --feature-mixing     # a Feature Mixing pair, and its cost
 
 Settings come from `DREAMOMNI2_*` variables (the tiny CPU preset by default); flags override a few.
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lora-rank", type=int, help="LoRA rank to assume (the release does not state it)")
     plan.add_argument("--card", type=float, metavar="GIB",
                       help="also check the fit on a GPU with GIB free; the most images that fit")  # fmt: skip
+    plan.add_argument("--host", type=float, metavar="GIB",
+                      help="with --card: the host has GIB of memory available too")  # fmt: skip
     plan.add_argument("--json", action="store_true", help="print one JSON object (byte counts as integers)")
     plan.add_argument("--table", action="store_true",
                       help="print the docs' card -> mode -> peak -> most images table instead")  # fmt: skip
@@ -105,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The setups of the docs' table: (card, GiB per GPU, mode, translator device). The last GPU of a
-#: two-GPU setup holds the translator.
+#: The setups of the docs' table: (label, card sizes sold in GB per GPU, mode, translator device). The
+#: last GPU of a two-GPU setup holds the translator. Each size is checked on its smallest known card.
 CARD_SETUPS = [
     ("24 GB (RTX 4090, L4, A10)", [24], "low", "auto"),
     ("24 GB, bf16 exact", [24], "stream", "auto"),
@@ -117,21 +119,22 @@ CARD_SETUPS = [
     ("two GPUs, 40-48 + 24 GB", [40, 24], "resident", "cuda:1"),
     ("two GPUs, 24 + 24 GB", [24, 24], "low", "cuda:1"),
 ]
-#: Memory taken as unavailable on each card in the table: the CUDA context and the driver's own.
-#: An allowance (a few hundred MiB is typical), not a measurement.
-CONTEXT_ALLOWANCE_GIB = 1.0
 
 
 def card_table(sizes: ArchitectureSizes, size: int, limit: int) -> str:
-    from models.memory import GiB, MemoryMode, max_images_that_fit, plan_memory
+    from models.cards import card_class
+    from models.memory import GiB, max_images_that_fit, plan_memory
+    from models.modes import MemoryMode
 
     lines = [
-        f"| card | DREAMOMNI2_MEMORY | translator | predicted peak, 2 / 5 images at {size}² | most images |",
-        "|---|---|---|---|---|",
+        f"| card | GiB (smallest) | DREAMOMNI2_MEMORY | translator | predicted GPU peak, 2 / 5 images at "
+        f"{size}² | host memory (weights kept there) | most images |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for card, gib, mode, translator in CARD_SETUPS:
-        devices = ["cuda:0"] if len(gib) == 1 else ["cuda:0", "cuda:1"]
-        free = {d: int((g - CONTEXT_ALLOWANCE_GIB) * GiB) for d, g in zip(devices, gib, strict=True)}
+    for label, classes, mode, translator in CARD_SETUPS:
+        cards = [card_class(gb) for gb in classes]
+        devices = ["cuda:0"] if len(cards) == 1 else ["cuda:0", "cuda:1"]
+        free = {d: card.usable_bytes for d, card in zip(devices, cards, strict=True)}
         where = "cuda:0" if translator == "auto" else translator
         kwargs = dict(size=size, device="cuda:0", translator_device=where, sizes=sizes)
         peaks = []
@@ -140,7 +143,11 @@ def card_table(sizes: ArchitectureSizes, size: int, limit: int) -> str:
             peaks.append(" + ".join(f"{n / GiB:.1f}" for n in plan.devices.values()))
         most = max_images_that_fit(MemoryMode(mode), free, limit, **kwargs)
         shown = "none" if most is None else (f"{most}+" if most == limit else str(most))
-        lines.append(f"| {card} | `{mode}` | {where} | {peaks[0]} / {peaks[1]} GiB | {shown} |")
+        gib = " + ".join(f"{card.total_gib:.1f} ({card.name})" for card in cards)
+        host = f"{plan.host_bytes / GiB:.1f} GiB"
+        lines.append(
+            f"| {label} | {gib} | `{mode}` | {where} | {peaks[0]} / {peaks[1]} GiB | {host} | {shown} |"
+        )
     return "\n".join(lines)
 
 
@@ -151,16 +158,18 @@ MAX_PLANNED_IMAGES = 10
 def plan(args: argparse.Namespace) -> int:
     import json
 
+    from models.cards import CONTEXT_ALLOWANCE_BYTES
     from models.memory import (
         FIT_HEADROOM,
+        HOST_OVERHEAD_BYTES,
         GiB,
-        MemoryMode,
         fits,
         max_images_that_fit,
         mixing_cost,
         plan_memory,
         published_sizes,
     )
+    from models.modes import MemoryMode
 
     if args.images is None:
         args.images = 0 if args.feature_mixing else 5
@@ -184,9 +193,12 @@ def plan(args: argparse.Namespace) -> int:
     if args.table:
         print(card_table(kwargs["sizes"], args.size, MAX_PLANNED_IMAGES))
         print(
-            f"\nmost images: input images per job whose predicted peak, plus {FIT_HEADROOM:.0%} headroom, "
-            f"fits each card less {CONTEXT_ALLOWANCE_GIB:g} GiB for the CUDA context (an allowance); "
-            f"searched up to {MAX_PLANNED_IMAGES}. Peaks per GPU, PyTorch allocations."
+            f"\nGiB: the smallest card of the size class as the driver reports it (cards are sold in GB, "
+            f"10^9 bytes). Most images: input images per job whose predicted peak, plus "
+            f"{FIT_HEADROOM:.0%} headroom, fits that card less {CONTEXT_ALLOWANCE_BYTES / GiB:g} GiB for "
+            f"the CUDA context (an allowance); searched up to {MAX_PLANNED_IMAGES}. Peaks per GPU, "
+            f"PyTorch allocations. Host memory: the pinned blocks of the models kept off the GPU (plus "
+            f"any model on the CPU); a worker needs about {HOST_OVERHEAD_BYTES / GiB:.0f} GiB more."
         )
         return 0
     mixing = dict(feature_mixing=True, mixing_batched=args.mixing_batched) if args.feature_mixing else {}
@@ -196,12 +208,17 @@ def plan(args: argparse.Namespace) -> int:
     if args.feature_mixing:
         cost = mixing_cost(MemoryMode(args.memory), batched=args.mixing_batched, **kwargs)
         report["feature_mixing_cost"] = cost.to_dict()
+    if args.host is not None and args.card is None:
+        print("error: --host goes with --card", file=sys.stderr)
+        return 2
     if args.card is not None:
         free = {d: int(args.card * GiB) for d in result.devices}
+        host = None if args.host is None else int(args.host * GiB)
         report["card_bytes"] = int(args.card * GiB)
-        report["fits"] = fits(result, free)
+        report["host_available_bytes"] = host
+        report["fits"] = fits(result, free, host)
         report["max_images"] = max_images_that_fit(
-            MemoryMode(args.memory), free, MAX_PLANNED_IMAGES, **kwargs
+            MemoryMode(args.memory), free, MAX_PLANNED_IMAGES, host, **kwargs
         )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -212,8 +229,11 @@ def plan(args: argparse.Namespace) -> int:
     if args.card is not None:
         verdict = "fits" if report["fits"] else "does NOT fit"
         most = report["max_images"]
+        host = "" if args.host is None else f" and {args.host:g} GiB of host memory"
         print(
-            f"on a GPU with {args.card:g} GiB free: {verdict} (with {FIT_HEADROOM:.0%} headroom); "
+            f"on a GPU with {args.card:g} GiB free{host}: {verdict} (with {FIT_HEADROOM:.0%} headroom"
+            + ("" if args.host is None else f", {HOST_OVERHEAD_BYTES / GiB:.0f} GiB for the process")
+            + "); "
             + (f"up to {most} input image(s) fit" if most is not None else "not even a text-only job fits")
         )
     return 0

@@ -4,14 +4,16 @@
 what runs. Three ways a group of models can use the accelerator:
 
 - resident: moved there once at start;
-- swapped (`HostSwap`): weights kept in host memory (pinned, so copies run at full PCIe speed) and
-  copied onto the device for the stage that uses them; leaving the stage drops the device copy
-  (weights never change, so nothing is copied back);
+- swapped (`HostSwap`): weights kept in host memory (packed into a few pinned blocks, so copies run at
+  full PCIe speed and the host holds little more than the weights) and copied onto the device for
+  the stage that uses them; leaving the stage drops the device copy (weights never change, so
+  nothing is copied back);
 - streamed: diffusers' group offloading, block by block, on a CUDA stream that prefetches the next
   block while the current one runs.
 
-On a CPU-only machine every device is the CPU and the moves do nothing, but the same calls happen in
-the same order, which the tests check.
+On a CPU-only machine every device is the CPU: the host blocks are ordinary memory and an onload
+still makes its copy, so the same calls make the same allocations in the same order, which the
+tests check (`models.memory.ledger`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.memory import fp8_storage
+from models.memory.sizes import fp8_storage, module_tensors
 from models.modes import GROUP_STAGES, MODES, Group, MemoryMode, Residency, translator_residency
+from models.pinned import HostBlocks
 
 if TYPE_CHECKING:
     from models.pipeline import DreamOmni2Pipeline
@@ -34,37 +37,52 @@ logger = logging.getLogger(__name__)
 
 
 class HostSwap:
-    """Modules whose weights live in host memory and visit `device` only inside `on_device()`."""
+    """Modules whose weights live in host memory and visit `device` only inside `on_device()`.
+
+    The host copies are packed into a few blocks (`models.pinned.HostBlocks`, pinned next to a GPU),
+    which the planner's `host_bytes` predicts exactly. Onloading makes a device copy of every tensor
+    (a real copy on a CPU too, so that the CPU tests see what a GPU holds); offloading points the
+    modules back at the host copies and drops the device ones. Both are failure-atomic: an error
+    part-way (out of memory at tensor k) puts every tensor back on the host copy before it propagates,
+    so no device copy is stranded.
+    """
 
     def __init__(self, modules: list[torch.nn.Module], device: str | torch.device):
         self.device = torch.device(device)
         self.onloaded = False
         #: Every stage this swap served, in order (for logs and tests).
         self.visits = 0
-        pin = self.device.type == "cuda"
-        self._tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        tensors: list[torch.Tensor] = []
         seen: set[int] = set()
         for module in modules:
             for tensor in [*module.parameters(), *module.buffers()]:
-                if id(tensor) in seen:
-                    continue
-                seen.add(id(tensor))
-                host = tensor.data.to("cpu")
-                if pin:
-                    host = host.pin_memory()
-                tensor.data = host
-                self._tensors.append((tensor, host))
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    tensors.append(tensor)
+        for tensor in tensors:
+            if tensor.device.type != "cpu":
+                tensor.data = tensor.data.to("cpu")
+        self.host = HostBlocks(tensors, pin=self.device.type == "cuda", adopt=True)
+        self._tensors = list(zip(tensors, self.host.views, strict=True))
 
     @property
     def nbytes(self) -> int:
-        return sum(host.numel() * host.element_size() for _, host in self._tensors)
+        """Host bytes this group holds (its blocks)."""
+        return self.host.nbytes
 
     def onload(self) -> None:
         if self.onloaded:
             return
-        for tensor, host in self._tensors:
-            # Layerwise casting swaps `.data` per forward; the host copy holds the stored dtype.
-            tensor.data = host.to(self.device, non_blocking=True)
+        done = 0
+        try:
+            for tensor, host in self._tensors:
+                # Layerwise casting swaps `.data` per forward; the host copy holds the stored dtype.
+                tensor.data = host.to(self.device, non_blocking=True, copy=True)
+                done += 1
+        except BaseException:
+            for tensor, host in self._tensors[:done]:
+                tensor.data = host
+            raise
         self.onloaded = True
         self.visits += 1
 
@@ -96,6 +114,8 @@ class Placement:
         self.translator_device = torch.device(translator_device) if translator_device is not None else None
         self.swaps: dict[Group, HostSwap] = {}
         self.residency: dict[Group, Residency] = {}
+        #: The streamed transformer's host blocks (`stream` mode).
+        self.streamed_host: HostBlocks | None = None
 
     def translator_residency(self) -> Residency:
         """As the mode says when it shares the pipeline's device; resident on a device of its own."""
@@ -117,8 +137,11 @@ class Placement:
         self._place(Group.TEXT_ENCODERS, spec.text_encoders, [pipeline.text_encoder, pipeline.text_encoder_2])
         if spec.transformer is Residency.STREAMED:
             use_stream = self.device.type == "cuda"
-            # Group offloading starts from host memory (the GPU benches build on the device).
+            # Group offloading starts from host memory (the GPU benches build on the device). Its host
+            # copies are pinned here in a few blocks: group offloading would pin tensor by tensor
+            # (each rounded up to a power of two) but reuses tensors that are pinned already.
             transformer.to("cpu")
+            self.streamed_host = HostBlocks(module_tensors(transformer), pin=use_stream, adopt=True)
             transformer.enable_group_offload(
                 onload_device=self.device,
                 offload_device=torch.device("cpu"),
@@ -172,4 +195,12 @@ class Placement:
             "swapped_stages": {
                 group.value: [stage.value for stage in GROUP_STAGES[group]] for group in self.swaps
             },
+            "host_bytes": self.host_bytes(),
         }
+
+    def host_bytes(self) -> dict[str, int]:
+        """Host memory held per swapped or streamed group (pinned next to a GPU)."""
+        held = {group.value: swap.nbytes for group, swap in self.swaps.items()}
+        if self.streamed_host is not None:
+            held[Group.TRANSFORMER.value] = self.streamed_host.nbytes
+        return held
