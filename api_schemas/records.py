@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 
 from api_schemas.api import ErrorInfo, JobStatus, OutputFormat, Progress, WebhookDelivery
-from api_schemas.common import AdapterChoice, Task, WebhookEvent
-from api_schemas.jobs import JobMetadata, JobParameters
+from api_schemas.common import AdapterChoice, StepCache, Task, WebhookEvent
+from api_schemas.jobs import JobMetadata, ResolvedJob
 
 
 def _json(value: object) -> object:
@@ -49,16 +49,44 @@ class WebhookSpec(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """A checked job, every default filled in: what the gateway queued and the worker runs."""
+    """A checked job, every default filled in: what the gateway queued and the worker runs.
+
+    `job` is the request resolved once, at submission (`api_schemas.jobs.resolve_job`); the worker
+    hands it to the engine as it is.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    params: JobParameters  # resolved: task, steps, guidance and size filled in
-    task: Task
-    adapter: AdapterChoice  # the adapter rule's choice at submit (the engine applies the same rule)
-    image_count: int
+    job: ResolvedJob
     output_format: OutputFormat
     webhook: WebhookSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_earlier_layout(cls, value: object) -> object:
+        # Jobs queued before the resolved job was stored whole kept its parameters, task, adapter and
+        # image count side by side; they run unchanged after an upgrade.
+        if isinstance(value, dict) and "params" in value and "job" not in value:
+            value = dict(value)
+            params = dict(value.pop("params"))
+            params.update(
+                task=value.pop("task"), adapter=value.pop("adapter"), image_count=value.pop("image_count")
+            )
+            params.setdefault("step_cache", StepCache.NONE)
+            value["job"] = params
+        return value
+
+    @property
+    def task(self) -> Task:
+        return self.job.task
+
+    @property
+    def adapter(self) -> AdapterChoice:
+        return self.job.adapter
+
+    @property
+    def image_count(self) -> int:
+        return self.job.image_count
 
     def wants(self, event: WebhookEvent) -> bool:
         """Whether this job's webhook is sent for `event`."""

@@ -102,14 +102,7 @@ class JobService:
             webhook = self.check_webhook(owner, options)
         elif options.webhook_events:
             raise InvalidInput("webhook_events needs a webhook_url.", code=ErrorCode.INVALID_REQUEST)
-        return JobSpec(
-            params=job.parameters(),
-            task=job.task,
-            adapter=job.adapter,
-            image_count=job.image_count,
-            output_format=options.output_format,
-            webhook=webhook,
-        )
+        return JobSpec(job=job, output_format=options.output_format, webhook=webhook)
 
     def check_webhook(self, owner: str, options: JobOptions) -> WebhookSpec:
         if self.webhooks.secret_for(owner) is None:

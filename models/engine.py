@@ -20,10 +20,10 @@ from api_schemas.common import MAX_SEED, Task
 from api_schemas.errors import ErrorCode, InvalidInput, JobCanceled, ModelOutOfMemory
 from api_schemas.images import load_image, normalize_image
 from api_schemas.jobs import JobMetadata, JobParameters, ResolvedJob, resolve_job
-from api_schemas.records import JobSpec
 from models.adapters import AdapterSet
-from models.mixing import MixingConfig, generate_pair
-from models.modes import Group, Residency, is_cpu, same_device
+from models.failures import DeviceFailure, DeviceLost, classify, release_memory, summary
+from models.mixing import MixingConfig
+from models.modes import Group, Residency, Stage, is_cpu, same_device
 from models.pipeline import (
     DEFAULT_MAX_AREA,
     KONTEXT_BUCKETS,
@@ -38,10 +38,13 @@ from models.speed import (
     FusedAdapters,
     ProfileReport,
     apply_profile,
+    compile_preflight,
     install_counter,
+    require_supported,
     step_cache,
     step_cache_config,
 )
+from models.stages import stage
 from models.translator import InstructionTranslator
 
 if TYPE_CHECKING:
@@ -55,6 +58,10 @@ TINY_MAX_AREA = 64 * 64
 
 #: Called as ``on_progress(stage, step, total)``; stages: translate, encode, denoise, decode.
 ProgressCallback = Callable[[str, int, int], None]
+#: A pipeline's ``callback_on_step_end``.
+StepCallback = Callable[[DreamOmni2Pipeline, int, torch.Tensor, dict], dict]
+#: One prompt's (embeddings, pooled embeddings).
+Embeddings = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,23 @@ class JobOutput:
         return self.images[0]
 
 
+@dataclass
+class Sampling:
+    """What sets one kind of job apart (an ordinary edit or generation, a Feature Mixing pair): the
+    prompts to encode, how the transformer samples them, and the metadata only that kind reports.
+
+    ``sample(embeddings, generator, on_step_end)`` returns the images, the pipeline's stage timings
+    and the kind's own metadata fields.
+    """
+
+    prompts: list[str]
+    sample: Callable[
+        [list[Embeddings], torch.Generator, StepCallback],
+        tuple[list[PIL.Image.Image], dict[str, float], dict[str, object]],
+    ]
+    fields: dict[str, object]
+
+
 def resolve_layout(settings: EngineSettings) -> ModelLayout:
     """Local folders for the configured preset; builds the tiny set once, or fetches the release."""
     if settings.preset is Preset.TINY:
@@ -98,10 +122,18 @@ def resolve_layout(settings: EngineSettings) -> ModelLayout:
     )
 
 
+def freeze(*modules: torch.nn.Module | None) -> None:
+    """No parameter of `modules` takes part in autograd: inference never builds a graph through them."""
+    for module in modules:
+        if module is not None:
+            module.requires_grad_(False)
+
+
 class Engine:
     """Holds FLUX.1 Kontext, both DreamOmni2 LoRAs and the translator; runs one job at a time.
 
     Build it once per process (loading takes minutes with the real weights) and call `run` per job.
+    Every model is frozen and every job runs without autograd.
     """
 
     #: Feature Mixing pairs as one batch-2 transformer call per step instead of two exact batch-1
@@ -128,6 +160,8 @@ class Engine:
         self.placement = placement or Placement(
             settings.memory, pipeline.device, translator.device if translator else None
         )
+        # Whatever built the parts (a loader, a speed profile fusing q/k/v), nothing trains here.
+        freeze(*self.models().values())
         tiny = settings.preset is Preset.TINY
         scale = settings.bucket_scale or (TINY_BUCKET_SCALE if tiny else 1.0)
         self.buckets = KONTEXT_BUCKETS if scale == 1.0 else scale_buckets(KONTEXT_BUCKETS, scale)
@@ -141,13 +175,25 @@ class Engine:
         self.last_gpu_peak: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
+    def models(self) -> dict[str, torch.nn.Module | None]:
+        """Every network the engine holds, by name (None: not loaded)."""
+        pipeline = self.pipeline
+        return {
+            "transformer": pipeline.transformer,
+            "vae": pipeline.vae,
+            "clip_l": pipeline.text_encoder,
+            "t5_xxl": pipeline.text_encoder_2,
+            "translator": self.translator.model if self.translator is not None else None,
+        }
+
     @classmethod
     def from_settings(cls, settings: EngineSettings | None = None) -> Engine:
         """Load every part the settings name (minutes with the real weights), placed as they say.
 
         On a GPU, the memory planner's prediction for the configured mode and image limit is checked
-        against the free memory first (`DREAMOMNI2_MEMORY_CHECK`), so a worker that cannot fit refuses
-        in seconds, naming a mode that would, instead of failing its first jobs.
+        against the free GPU memory and the host memory available first (`DREAMOMNI2_MEMORY_CHECK`), so
+        a worker that cannot fit refuses in seconds, naming a mode that would, instead of failing its
+        first jobs.
         """
         settings = settings or EngineSettings()
         started = time.perf_counter()
@@ -163,6 +209,7 @@ class Engine:
 
         pipeline = DreamOmni2Pipeline.from_pretrained(layout.kontext, dtype=dtype)
         adapters = AdapterSet.load(pipeline, edit=layout.edit_lora, generation=layout.gen_lora)
+        freeze(pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2)
         placement = Placement(settings.memory, device, translator_device)
         translator = None
         if translator_device is not None:
@@ -173,6 +220,7 @@ class Engine:
                 dtype=resolve_dtype(settings.dtype, translator_device),
                 max_new_tokens=settings.translator_budget,
             )
+            freeze(translator.model)
         engine = cls.assemble(settings, pipeline, adapters, translator, placement)
         engine.memory_plan = memory_plan
         if not exact_mixing_fits:
@@ -207,16 +255,34 @@ class Engine:
     ) -> Engine:
         """An engine from loaded parts (LoRAs loaded, weights in host memory or already on their device),
         placed as `placement`'s memory mode says. The GPU benches build random full-size parts and come
-        in here, as `from_settings` does with the loaded ones."""
+        in here, as `from_settings` does with the loaded ones.
+
+        A compiled profile first checks that this machine can compile for its device (`compile_preflight`);
+        where it cannot (no C compiler for Triton, say), the worker serves with `reference` and says why
+        in its logs and readiness info instead of failing its warm-up on every start.
+        """
         pipeline.set_progress_bar_config(disable=True)
         placement.place_pipeline(pipeline)
         if translator is not None:
             placement.place_translator(translator)
+        report = ProfileReport(settings.speed)
         if settings.speed is not SpeedProfile.REFERENCE:
             # Compiled code and its autotuning results outlive the process here (the model volume).
             # Assigned, not defaulted: torch writes its /tmp default into the environment on first use.
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.torch_compile_dir)
-        adapters, report = apply_profile(settings.speed, pipeline, adapters, placement.device)
+            require_supported(settings.speed, placement.device)
+            problem = compile_preflight(placement.device)
+            if problem is None:
+                adapters, report = apply_profile(settings.speed, pipeline, adapters, placement.device)
+            else:
+                report.fall_back("reference", problem)
+                logger.error(
+                    "DREAMOMNI2_SPEED=%s cannot compile on this machine (%s); serving with the reference "
+                    "profile instead. Give the worker a C compiler and the Python headers (the worker "
+                    "image has them) or set DREAMOMNI2_SPEED=reference.",
+                    settings.speed.value,
+                    problem,
+                )
         engine = cls(settings, pipeline, adapters, translator, placement)
         engine.profile = report
         return engine
@@ -225,19 +291,35 @@ class Engine:
         """Compile (or load from the compile cache) what a compiled profile serves, before any job.
 
         A 1-image edit (plain Kontext) and a 2-image edit (a LoRA): with dynamic shapes these cover
-        every image count and bucket. Returns the seconds it took (0 for `reference`).
+        every image count and bucket. Returns the seconds it took (0 when nothing is compiled). A
+        warm-up that fails to compile is not fatal: the compiled blocks then run eagerly (same
+        weights, no compile), and the worker reports it; a sticky device error is (`DeviceLost`).
         """
-        if self.settings.speed is SpeedProfile.REFERENCE:
+        if not self.profile.compiled:
             return 0.0
         started = time.perf_counter()
+        try:
+            self._warm_up_jobs()
+        except DeviceLost:
+            raise
+        except Exception as exc:
+            problem = summary(exc)
+            logger.exception(
+                "warm-up of DREAMOMNI2_SPEED=%s failed; its blocks run eagerly", self.profile.profile
+            )
+            torch.compiler.set_stance("force_eager")
+            self.profile.fall_back("eager", problem)
+            self._warm_up_jobs()
+        self.warmup_s = time.perf_counter() - started
+        logger.info("speed profile %s warmed up in %.1fs", self.settings.speed.value, self.warmup_s)
+        return self.warmup_s
+
+    def _warm_up_jobs(self) -> None:
         side = round(self.max_area**0.5) // 16 * 16
         image = PIL.Image.new("RGB", (side, side), (127, 127, 127))
         params = JobParameters(instruction="warm-up", task=Task.EDIT, steps=2, seed=0, translate=False)
         for count in (1, 2):
             self.run([image] * count, params)
-        self.warmup_s = time.perf_counter() - started
-        logger.info("speed profile %s warmed up in %.1fs", self.settings.speed.value, self.warmup_s)
-        return self.warmup_s
 
     def describe(self) -> dict:
         """What a worker reports about its models: the memory mode, devices and the planned peak."""
@@ -249,6 +331,8 @@ class Engine:
             "fp8_linears": self.profile.fp8_linears,
             "warmup_s": round(self.warmup_s, 1),
         }
+        if self.profile.fallback is not None:
+            info["speed"].update(fallback=self.profile.fallback, error=self.profile.error)
         if self.translator is not None:
             # Qwen2VLImageProcessor (torchvision's resize, as the reference) or ...Pil (no torchvision).
             info["translator_image_processor"] = type(self.translator.processor.image_processor).__name__
@@ -256,6 +340,7 @@ class Engine:
         if self.memory_plan is not None:
             info["planned_peak_bytes"] = self.memory_plan.peak_bytes
             info["planned_images"] = self.memory_plan.images
+            info["planned_host_bytes"] = self.memory_plan.host_bytes
         return info
 
     def prepare_images(self, images: Sequence[PIL.Image.Image]) -> list[PIL.Image.Image]:
@@ -265,38 +350,35 @@ class Engine:
         return [resize_to_bucket(normalize_image(image), self.buckets) for image in images]
 
     def check(self, params: JobParameters, image_count: int) -> ResolvedJob:
-        """Validate a request against this engine's limits without running it."""
+        """Resolve a request against this engine's limits without running it."""
         return resolve_job(params, image_count, self.limits)
 
     def run(
         self,
         images: Sequence[PIL.Image.Image | bytes],
-        request: JobParameters | JobSpec,
+        job: ResolvedJob | JobParameters,
         *,
         on_progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
     ) -> JobOutput:
         """Run one job: translate the instruction, pick the adapter, sample, decode.
 
-        A `feature_mixing` job (no images) samples its source and target prompts as a pair instead
-        (`models.mixing`); its output holds both images, the source first.
+        ``job`` is a resolved job (`api_schemas.jobs.resolve_job`: what the gateway queued and the
+        worker hands over as it is) or a caller's parameters, resolved here once. A `feature_mixing`
+        job (no images) samples its source and target prompts as a pair instead (`models.mixing`);
+        its output holds both images, the source first. ``images`` are PIL images or encoded bytes
+        (checked and decoded here).
 
-        ``request`` is the caller's parameters, or a queued job's spec (as the worker runs it); either
-        way it is checked again here against this engine's limits. ``images`` are PIL images or
-        encoded bytes (checked and decoded here). Raises `InvalidInput` for a request the model
-        cannot run, `JobCanceled` when ``should_cancel()`` turns true (checked before sampling and
-        after every denoising step) and `ModelOutOfMemory` when the accelerator runs out of memory.
+        Raises `InvalidInput` for a job this engine cannot run (more images than its limit, or other
+        than the job was resolved for), `JobCanceled` when ``should_cancel()`` turns true (checked
+        before sampling and after every denoising step), `ModelOutOfMemory` when the accelerator runs
+        out of memory (in any of its spellings; the job's memory is given back first, so the next job
+        runs), and `DeviceLost` after a sticky device error (no later job can run in this process).
         """
-        params = request
-        if isinstance(request, JobSpec):
-            params = request.params
-            if request.image_count != len(images):
-                raise InvalidInput(
-                    f"The job was queued with {request.image_count} image(s) but {len(images)} are stored.",
-                    code=ErrorCode.INVALID_INPUT,
-                    details={"expected": request.image_count, "found": len(images)},
-                )
-        job = self.check(params, len(images))
+        if isinstance(job, JobParameters):
+            job = self.check(job, len(images))
+        else:
+            self._admit(job, len(images))
         pil_images = [
             load_image(image, limits=self.limits.image_limits(), label=f"image {n}")
             if isinstance(image, bytes | bytearray)
@@ -309,30 +391,52 @@ class Engine:
             gpus = self._gpus()
             for gpu in gpus:
                 torch.cuda.reset_peak_memory_stats(gpu)
+            failure = None
             try:
-                if job.task is Task.FEATURE_MIXING:
-                    return self._run_mixing(job, progress, cancel)
-                return self._run(job, pil_images, progress, cancel)
-            except torch.OutOfMemoryError as exc:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                what = (
-                    "a Feature Mixing pair (two branches)"
-                    if job.task is Task.FEATURE_MIXING
-                    else f"{len(images)} input image(s)"
-                )
-                advice = "" if job.task is Task.FEATURE_MIXING else "send fewer reference images, or "
-                raise ModelOutOfMemory(
-                    f"The GPU ran out of memory for {what} in memory mode "
-                    f"{self.settings.memory.value}; {advice}ask the operator for a "
-                    "lower memory mode (`python -m models plan` shows what each needs).",
-                    details={"images": len(images), "memory_mode": self.settings.memory.value},
-                ) from exc
+                return self._job(job, pil_images, progress, cancel)
+            except Exception as exc:
+                failure = classify(exc)
+                if failure is None:
+                    raise
+                problem = summary(exc)
+                logger.error("job failed on the device (%s): %s", failure.value, problem)
             finally:
                 self.last_gpu_peak = {}
                 for gpu in gpus:
                     self.last_gpu_peak[(gpu, "allocated")] = torch.cuda.max_memory_allocated(gpu)
                     self.last_gpu_peak[(gpu, "reserved")] = torch.cuda.max_memory_reserved(gpu)
+            # Out of the `except` block: the exception, its traceback and the job's tensors its frames
+            # held are gone, so the memory can really be given back.
+            if failure is DeviceFailure.STICKY:
+                raise DeviceLost(f"The GPU is in an unrecoverable state after: {problem}")
+            release_memory(gpus)
+            raise self._out_of_memory(job)
+
+    def _admit(self, job: ResolvedJob, image_count: int) -> None:
+        """A resolved job fits this engine: the images it was resolved for, within the image limit the
+        memory was planned for, and steps within this deployment's limits."""
+        if job.image_count != image_count:
+            raise InvalidInput(
+                f"The job was queued with {job.image_count} image(s) but {image_count} are stored.",
+                code=ErrorCode.INVALID_INPUT,
+                details={"expected": job.image_count, "found": image_count},
+            )
+        if (
+            image_count > self.limits.max_images
+            or not self.limits.min_steps <= job.steps <= self.limits.max_steps
+        ):
+            # Resolved under other limits (a gateway configured apart from this worker): check it again.
+            resolve_job(job.parameters(), image_count, self.limits)
+
+    def _out_of_memory(self, job: ResolvedJob) -> ModelOutOfMemory:
+        pair = job.task is Task.FEATURE_MIXING
+        what = "a Feature Mixing pair (two branches)" if pair else f"{job.image_count} input image(s)"
+        advice = "" if pair else "send fewer reference images, or "
+        return ModelOutOfMemory(
+            f"The GPU ran out of memory for {what} in memory mode {self.settings.memory.value}; {advice}"
+            "ask the operator for a lower memory mode (`python -m models plan` shows what each needs).",
+            details={"images": job.image_count, "memory_mode": self.settings.memory.value},
+        )
 
     def _gpus(self) -> list[str]:
         """The CUDA devices this engine computes on (the pipeline's, and the translator's if apart)."""
@@ -345,31 +449,22 @@ class Engine:
                 found.append(device)
         return found
 
-    def _run(
+    @torch.no_grad()
+    def _job(
         self,
         job: ResolvedJob,
         uploads: list[PIL.Image.Image],
         progress: ProgressCallback,
         cancel: Callable[[], bool],
     ) -> JobOutput:
+        """The one job body: prompts, seed, encoding, sampling, timings and metadata, for every kind."""
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        images = self.prepare_images(uploads)
-
-        progress("translate", 0, 1)
-        prompt, translated, raw, fallback_reason, tokens = job.instruction, False, None, None, None
-        if not job.translate:
-            fallback_reason = "disabled_by_request"
-        elif self.translator is None:
-            fallback_reason = "disabled_by_deployment"
+        if job.task is Task.FEATURE_MIXING:
+            sampling = self._pair(job)
         else:
-            with self.placement.running(Group.TRANSLATOR):
-                translation = self.translator.translate(images, job.instruction, job.task)
-            prompt, translated = translation.prompt, translation.translated
-            raw, fallback_reason = translation.raw, translation.fallback_reason
-            tokens = translation.generated_tokens
-        timings["translate"] = time.perf_counter() - started
-        progress("translate", 1, 1)
+            sampling = self._ordinary(job, self.prepare_images(uploads), progress)
+            timings["translate"] = time.perf_counter() - started
         if cancel():
             raise JobCanceled("The job was canceled before sampling started.")
 
@@ -377,25 +472,26 @@ class Engine:
         seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
         generator = torch.Generator("cpu").manual_seed(seed)
 
+        progress("encode", 0, 1)
+        encode_started = time.perf_counter()
+        # The prompts are encoded here rather than inside the pipeline call so that the text encoders
+        # can leave the GPU before the transformer needs it; the pipeline takes the embeddings as is.
+        device = self.pipeline.compute_device or self.pipeline.device
+        with stage(Stage.ENCODE_PROMPT), self.placement.running(Group.TEXT_ENCODERS):
+            embeddings = [
+                self.pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=device)[:2]
+                for prompt in sampling.prompts
+            ]
+        encode_prompt_s = time.perf_counter() - encode_started
+        if cancel():
+            raise JobCanceled("The job was canceled before sampling started.")
+
         def on_step_end(pipe: DreamOmni2Pipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
             progress("denoise", step + 1, job.steps)
             if cancel():
                 raise JobCanceled(f"The job was canceled after denoising step {step + 1} of {job.steps}.")
             return {}
 
-        progress("encode", 0, 1)
-        encode_started = time.perf_counter()
-        # The prompt is encoded here rather than inside the pipeline call so that the text encoders
-        # can leave the GPU before the transformer needs it; the pipeline takes the embeddings as is.
-        with self.placement.running(Group.TEXT_ENCODERS):
-            prompt_embeds, pooled_prompt_embeds, _ = self.pipeline.encode_prompt(
-                prompt=prompt, prompt_2=None, device=self.pipeline.compute_device or self.pipeline.device
-            )
-        encode_prompt_s = time.perf_counter() - encode_started
-        # The edit output takes image 1's bucketed size; a generation takes the requested one.
-        height, width = job.height, job.width
-        if job.task is Task.EDIT and images:
-            width, height = images[0].size
         cache = step_cache_config(
             job.step_cache,
             first_block_threshold=self.settings.first_block_threshold,
@@ -404,6 +500,59 @@ class Engine:
         )
         self.evaluations.count = 0
         with self.placement.running(Group.TRANSFORMER), step_cache(self.pipeline.transformer, cache):
+            images, stage_timings, fields = sampling.sample(embeddings, generator, on_step_end)
+        progress("decode", 1, 1)
+        timings.update(stage_timings)
+        timings["encode"] += encode_prompt_s
+        timings["total"] = time.perf_counter() - started
+        metadata = JobMetadata(
+            adapter=job.adapter,
+            task=job.task,
+            seed=seed,
+            steps=job.steps,
+            guidance=job.guidance,
+            width=images[0].width,
+            height=images[0].height,
+            image_count=job.image_count,
+            speed_profile=self.settings.speed.value,
+            step_cache=job.step_cache,
+            transformer_evaluations=self.evaluations.count,
+            timings=timings,
+            **sampling.fields,
+            **fields,
+        )
+        return JobOutput(images=images, metadata=metadata)
+
+    def _ordinary(
+        self, job: ResolvedJob, images: list[PIL.Image.Image], progress: ProgressCallback
+    ) -> Sampling:
+        """An edit or a generation: the instruction translated (or not), one prompt, one image."""
+        progress("translate", 0, 1)
+        prompt, fields = job.instruction, {"translated": False, "fallback_reason": None}
+        if not job.translate:
+            fields["fallback_reason"] = "disabled_by_request"
+        elif self.translator is None:
+            fields["fallback_reason"] = "disabled_by_deployment"
+        else:
+            with stage(Stage.TRANSLATE), self.placement.running(Group.TRANSLATOR):
+                translation = self.translator.translate(images, job.instruction, job.task)
+            prompt = translation.prompt
+            fields = {
+                "translated": translation.translated,
+                "translation_raw": translation.raw,
+                "fallback_reason": translation.fallback_reason,
+                "translation_tokens": translation.generated_tokens,
+            }
+        progress("translate", 1, 1)
+        # The edit output takes image 1's bucketed size; a generation takes the requested one.
+        height, width = job.height, job.width
+        if job.task is Task.EDIT and images:
+            width, height = images[0].size
+
+        def sample(
+            embeddings: list[Embeddings], generator: torch.Generator, on_step_end: StepCallback
+        ) -> tuple[list[PIL.Image.Image], dict[str, float], dict[str, object]]:
+            ((prompt_embeds, pooled_prompt_embeds),) = embeddings
             output = self.pipeline(
                 images=images,
                 prompt_embeds=prompt_embeds,
@@ -418,91 +567,22 @@ class Engine:
                 resolution_buckets=None,
                 callback_on_step_end=on_step_end,
             )
-        progress("decode", 1, 1)
-        timings.update(output.timings)
-        timings["encode"] += encode_prompt_s
-        timings["total"] = time.perf_counter() - started
-        images = [output.images[0]]
-        metadata = self._metadata(
-            job,
-            seed,
-            images,
-            timings,
-            prompt=prompt,
-            translated=translated,
-            translation_raw=raw,
-            translation_tokens=tokens,
-            fallback_reason=fallback_reason,
-        )
-        return JobOutput(images=images, metadata=metadata)
+            return [output.images[0]], output.timings, {}
 
-    def _metadata(
-        self,
-        job: ResolvedJob,
-        seed: int,
-        images: list[PIL.Image.Image],
-        timings: dict[str, float],
-        **fields: object,
-    ) -> JobMetadata:
-        """What every job reports, plus the task's own `fields`."""
-        return JobMetadata(
-            adapter=job.adapter,
-            task=job.task,
-            seed=seed,
-            steps=job.steps,
-            guidance=job.guidance,
-            width=images[0].width,
-            height=images[0].height,
-            image_count=job.image_count,
-            speed_profile=self.settings.speed.value,
-            step_cache=job.step_cache,
-            transformer_evaluations=self.evaluations.count,
-            timings=timings,
-            **fields,
-        )
+        return Sampling(prompts=[prompt], sample=sample, fields={"prompt": prompt, **fields})
 
-    def _run_mixing(
-        self, job: ResolvedJob, progress: ProgressCallback, cancel: Callable[[], bool]
-    ) -> JobOutput:
-        """A Feature Mixing pair: both prompts encoded, both branches sampled from one seed, both decoded.
-
-        Base Kontext samples it (the job's adapter; the rule gives `base`), with no step cache and no
-        translation: the prompts go to the text encoders as they are.
-        """
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        if cancel():
-            raise JobCanceled("The job was canceled before sampling started.")
-        progress("encode", 0, 1)
-        device = self.pipeline.compute_device or self.pipeline.device
-        with self.placement.running(Group.TEXT_ENCODERS):
-            source_embeds, source_pooled, _ = self.pipeline.encode_prompt(
-                prompt=job.source_prompt, prompt_2=None, device=device
-            )
-            target_embeds, target_pooled, _ = self.pipeline.encode_prompt(
-                prompt=job.target_prompt, prompt_2=None, device=device
-            )
-        encode_prompt_s = time.perf_counter() - started
-        if cancel():
-            raise JobCanceled("The job was canceled before sampling started.")
-
-        self.adapters.activate(job.adapter)
-        seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        generator = torch.Generator("cpu").manual_seed(seed)
+    def _pair(self, job: ResolvedJob) -> Sampling:
+        """A Feature Mixing pair: both prompts as they are (no translation), both branches sampled from
+        one seed with base Kontext (the job's adapter; the rule gives `base`), both decoded."""
         config = MixingConfig.from_job(job)
         if self.mixing_batched:
             config = dataclasses.replace(config, batched=True)
 
-        def on_step_end(pipe: DreamOmni2Pipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
-            progress("denoise", step + 1, job.steps)
-            if cancel():
-                raise JobCanceled(f"The job was canceled after denoising step {step + 1} of {job.steps}.")
-            return {}
-
-        self.evaluations.count = 0
-        with self.placement.running(Group.TRANSFORMER):
-            output = generate_pair(
-                self.pipeline,
+        def sample(
+            embeddings: list[Embeddings], generator: torch.Generator, on_step_end: StepCallback
+        ) -> tuple[list[PIL.Image.Image], dict[str, float], dict[str, object]]:
+            (source_embeds, source_pooled), (target_embeds, target_pooled) = embeddings
+            output = self.pipeline.generate_pair(
                 source_prompt_embeds=source_embeds,
                 source_pooled_prompt_embeds=source_pooled,
                 target_prompt_embeds=target_embeds,
@@ -516,45 +596,44 @@ class Engine:
                 max_area=self.max_area,
                 callback_on_step_end=on_step_end,
             )
-        progress("decode", 1, 1)
-        timings.update(output.timings)
-        timings["encode"] += encode_prompt_s
-        timings["total"] = time.perf_counter() - started
-        images = list(output.images)
-        metadata = self._metadata(
-            job,
-            seed,
-            images,
-            timings,
-            prompt=job.source_prompt,
-            translated=False,
-            fallback_reason=None,
-            source_prompt=job.source_prompt,
-            target_prompt=job.target_prompt,
-            attribute=job.attribute,
-            mixing=config.describe(output.mixed_steps, output.mixed_layers),
+            mixing = config.describe(output.mixed_steps, output.mixed_layers)
+            return list(output.images), output.timings, {"mixing": mixing}
+
+        return Sampling(
+            prompts=[job.source_prompt, job.target_prompt],
+            sample=sample,
+            fields={
+                "prompt": job.source_prompt,
+                "translated": False,
+                "fallback_reason": None,
+                "source_prompt": job.source_prompt,
+                "target_prompt": job.target_prompt,
+                "attribute": job.attribute,
+            },
         )
-        return JobOutput(images=images, metadata=metadata)
 
 
 def check_memory(
     settings: EngineSettings, layout: ModelLayout, device: str, translator_device: str | None
 ) -> tuple[MemoryPlan | None, bool]:
-    """The planner's prediction for this configuration, refused with `MemoryPlanError` if it cannot fit,
-    and whether a Feature Mixing pair in its exact (sequential) form fits as well.
+    """The planner's prediction for this configuration, refused with `MemoryPlanError` if it cannot fit
+    the free GPU memory or the host memory available, and whether a Feature Mixing pair in its exact
+    (sequential) form fits as well.
 
     Checked only where the pipeline runs on a CUDA GPU; returns (None, True) elsewhere. The free
     memory of every GPU the plan uses is read with the CUDA context already created.
     """
     if is_cpu(device) or not torch.cuda.is_available():
         return None, True
-    from models.memory import check_fit, fits, layout_sizes, plan_memory
+    from models.memory import available_host_bytes, check_fit, fits, layout_sizes, plan_memory
 
-    sizes = layout_sizes(layout.kontext, layout.edit_lora, layout.gen_lora, layout.vlm)
+    dtype = resolve_dtype(settings.dtype, device)
+    sizes = layout_sizes(layout.kontext, layout.edit_lora, layout.gen_lora, layout.vlm, dtype=dtype)
     free = {}
     for name in {device, translator_device} - {None}:
         if not is_cpu(name):
             free[str(name)] = torch.cuda.mem_get_info(torch.device(name))[0]
+    host_free = available_host_bytes()
     size = round((settings.max_area or DEFAULT_MAX_AREA) ** 0.5) // 16 * 16
     kwargs = dict(
         size=size,
@@ -563,5 +642,5 @@ def check_memory(
         new_tokens=settings.translator_budget,
         sizes=sizes,
     )
-    plan = check_fit(settings.memory, settings.limits.max_images, free, **kwargs)
+    plan = check_fit(settings.memory, settings.limits.max_images, free, host_free, **kwargs)
     return plan, fits(plan_memory(settings.memory, 0, feature_mixing=True, **kwargs), free)

@@ -8,6 +8,7 @@ ids stock Kontext gives its single conditioning image, so one image and no LoRA 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from api_schemas.images import normalize_image
+from models.modes import Stage
+from models.pairs import FeatureMixingPipelineMixin
+from models.stages import stage
 
 #: The 17 Kontext training resolutions, as (width, height), about 1 MP each.
 KONTEXT_BUCKETS: tuple[tuple[int, int], ...] = tuple(PREFERRED_KONTEXT_RESOLUTIONS)
@@ -104,14 +108,18 @@ class DreamOmni2PipelineOutput(FluxPipelineOutput):
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class DreamOmni2Pipeline(FluxKontextPipeline):
+class DreamOmni2Pipeline(FeatureMixingPipelineMixin, FluxKontextPipeline):
     r"""FLUX.1 Kontext with DreamOmni2's multi-image index + position-offset encoding.
 
     Loads like its parent (``DreamOmni2Pipeline.from_pretrained("black-forest-labs/FLUX.1-Kontext-dev")``
     or any folder in that layout) and takes LoRAs through ``load_lora_weights``. ``__call__`` takes
     ``images=[PIL.Image, ...]`` (zero or more, in the user's order) instead of the parent's single
     ``image``; everything else works as in ``FluxKontextPipeline``. IP-adapters are not supported.
+    ``generate_pair`` samples a Feature Mixing pair (`models.pairs`).
     """
+
+    #: Output area when a call names none: about 1 MP, as the method.
+    default_max_area: int = DEFAULT_MAX_AREA
 
     #: Where the pipeline computes, when the engine keeps some of its models in host memory between
     #: stages (diffusers would otherwise infer it from wherever the first model happens to be).
@@ -126,6 +134,13 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
+
+    def begin_call(self, guidance_scale: float, joint_attention_kwargs: dict[str, Any] | None) -> None:
+        """Reset the per-call state a sampling call and its callbacks read (guidance, interruption)."""
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = joint_attention_kwargs or {}
+        self._current_timestep = None
+        self._interrupt = False
 
     def preprocess_images(
         self, images: Sequence[PIL.Image.Image], buckets: Sequence[tuple[int, int]] | None
@@ -346,10 +361,7 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        self._guidance_scale = guidance_scale
-        self._joint_attention_kwargs = joint_attention_kwargs or {}
-        self._current_timestep = None
-        self._interrupt = False
+        self.begin_call(guidance_scale, joint_attention_kwargs)
 
         batch_size = (
             1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else len(prompt_embeds)
@@ -379,35 +391,40 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
                 lora_scale=lora_scale,
             )
 
-        prompt_embeds, pooled_prompt_embeds, text_ids = encode(
-            prompt, prompt_2, prompt_embeds, pooled_prompt_embeds
-        )
-        if do_true_cfg:
-            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = encode(
-                negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds
+        # Embeddings passed in were encoded by the caller, in its own encode_prompt stage.
+        with stage(Stage.ENCODE_PROMPT) if prompt_embeds is None else contextlib.nullcontext():
+            prompt_embeds, pooled_prompt_embeds, text_ids = encode(
+                prompt, prompt_2, prompt_embeds, pooled_prompt_embeds
             )
+            if do_true_cfg:
+                negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = encode(
+                    negative_prompt, negative_prompt_2, negative_prompt_embeds, negative_pooled_prompt_embeds
+                )
 
         # 3. Encode the input images (VAE mode, shift and scale, pack) and give them their ids.
         # Images are encoded before the noise is drawn, as in FluxKontextPipeline, so that one seed
         # gives the same noise in both pipelines.
         total = batch_size * num_images_per_prompt
         dtype = prompt_embeds.dtype
-        image_latents, image_ids = self.prepare_image_latents(image_tensors, total, dtype, device, generator)
-        latents, latent_ids = self.prepare_noise_latents(
-            total, height, width, dtype, device, generator, latents
-        )
-        if image_ids is not None:
-            latent_ids = torch.cat([latent_ids, image_ids], dim=0)
+        with stage(Stage.ENCODE_IMAGES):
+            image_latents, image_ids = self.prepare_image_latents(
+                image_tensors, total, dtype, device, generator
+            )
+            latents, latent_ids = self.prepare_noise_latents(
+                total, height, width, dtype, device, generator, latents
+            )
+            if image_ids is not None:
+                latent_ids = torch.cat([latent_ids, image_ids], dim=0)
 
-        # 4. Timesteps: the shift `mu` depends on the output's length only, not on the inputs.
-        timesteps, num_inference_steps = self.prepare_timesteps(
-            num_inference_steps, sigmas, latents.shape[1], device
-        )
-        self._num_timesteps = len(timesteps)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
-            guidance = guidance.expand(latents.shape[0])
+            # 4. Timesteps: the shift `mu` depends on the output's length only, not on the inputs.
+            timesteps, num_inference_steps = self.prepare_timesteps(
+                num_inference_steps, sigmas, latents.shape[1], device
+            )
+            self._num_timesteps = len(timesteps)
+            guidance = None
+            if self.transformer.config.guidance_embeds:
+                guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+                guidance = guidance.expand(latents.shape[0])
         timings["encode"] = (now := self._sync(device)) - started
 
         # 5. Denoise: noisy tokens first, then every input image's tokens; keep the noisy part.
@@ -435,7 +452,7 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
             )
 
         self.scheduler.set_begin_index(0)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        with stage(Stage.DENOISE), self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
@@ -470,7 +487,8 @@ class DreamOmni2Pipeline(FluxKontextPipeline):
         timings["denoise"] = (now2 := self._sync(device)) - now
 
         # 6. Decode.
-        image = self.decode_latents(latents, height, width, output_type)
+        with stage(Stage.DECODE):
+            image = self.decode_latents(latents, height, width, output_type)
         timings["decode"] = self._sync(device) - now2
 
         self.maybe_free_model_hooks()

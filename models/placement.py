@@ -141,7 +141,8 @@ class Placement:
             # copies are pinned here in a few blocks: group offloading would pin tensor by tensor
             # (each rounded up to a power of two) but reuses tensors that are pinned already.
             transformer.to("cpu")
-            self.streamed_host = HostBlocks(module_tensors(transformer), pin=use_stream, adopt=True)
+            if use_stream:  # on a CPU the streamed blocks compute in place: nothing to pin
+                self.streamed_host = HostBlocks(module_tensors(transformer), pin=True, adopt=True)
             transformer.enable_group_offload(
                 onload_device=self.device,
                 offload_device=torch.device("cpu"),

@@ -3,11 +3,15 @@
 Speed profiles, set per deployment:
 
 - `reference`: the eager path, as the reference runs it; every ratio is measured against it.
-- `compiled`: lossless. Both LoRAs are applied by rewriting the weights they adapt (`FusedAdapters`:
-  from a pristine copy on every switch, so switching never drifts), which lets the q/k/v projections
-  fuse (`fuse_qkv_projections`) with the LoRA intact and costs nothing per step; the repeated blocks
-  are compiled (`torch.compile`, dynamic sequence length, one graph per block kind, the cache hooks
-  outside the compiled code); attention runs on the fastest backend the machine has.
+- `compiled`: close to `reference`, not bit-identical. Both LoRAs are applied by rewriting the weights
+  they adapt (`FusedAdapters`: from a pristine copy on every switch, so switching never drifts),
+  which lets the q/k/v projections fuse (`fuse_qkv_projections`) with the LoRA intact and costs
+  nothing per step; the repeated blocks are compiled (`torch.compile`, dynamic sequence length, one
+  graph per block kind, the cache hooks outside the compiled code); attention runs on the fastest
+  backend the machine has. Numerically: the folded weights round `W0 + s B A` to bf16 once per
+  element, the fused q/k/v and the compiled kernels sum in other orders; as far from an fp64
+  reference as `reference` itself, but other numbers (`bench/precision_bench.py`,
+  `bench/speed_bench.py` measure how far).
 - `fp8`: `compiled`, plus torchao's dynamic fp8 quantization (rowwise) of the transformer's linears
   that no LoRA adapts (the MLPs: most of the FLOPs); on GPUs with fp8 (compute capability 8.9+) only.
 
@@ -39,6 +43,7 @@ import torch.fx.experimental._config
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, TaylorSeerCacheConfig
 
 from api_schemas.common import AdapterChoice, StepCache
+from models.pinned import HostBlocks
 from models.profiles import SpeedProfile
 
 if TYPE_CHECKING:
@@ -116,23 +121,62 @@ class SpeedProfileError(RuntimeError):
 #: The attention backends tried on a CUDA GPU, fastest first (diffusers' dispatcher names): FA3 where
 #: `flash_attn_interface` is installed, then cuDNN's SDPA, then PyTorch's flash and efficient SDPA.
 CUDA_ATTENTION_BACKENDS = ("_flash_3", "_native_cudnn", "_native_flash", "_native_efficient")
+#: Tokens of the backend probe's long call: a 2-image job at 1 MP (512 text + 3 x 4096 image tokens).
+PROBE_TOKENS = 512 + 3 * 4096
 
 
-def attention_backend(device: torch.device) -> str:
-    """The fastest attention backend `device` can run (diffusers' name), checked by a small call."""
+def attention_backend(
+    device: torch.device, heads: int = 24, head_dim: int = 128, tokens: int = PROBE_TOKENS
+) -> str:
+    """The fastest attention backend `device` runs correctly at the model's shapes (diffusers' name).
+
+    Each candidate must take the real head count and size at a long sequence (`tokens`) and give
+    finite output, and agree with PyTorch's math attention on a short one: a backend that rejects
+    the shape, or silently computes something else, is passed over.
+    """
     if device.type != "cuda":
         return "native"
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    q = torch.randn(1, 64, 2, 64, device=device, dtype=torch.bfloat16)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def qkv(length: int) -> torch.Tensor:
+        return torch.randn(
+            1, length, heads, head_dim, device=device, dtype=torch.bfloat16, generator=generator
+        )
+
+    short = qkv(256)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(short.transpose(1, 2).float(),) * 3
+    ).transpose(1, 2)
+    long = qkv(tokens)
     for name in CUDA_ATTENTION_BACKENDS:
         try:
-            dispatch_attention_fn(q, q, q, backend=name)
-        except Exception as exc:  # not installed, or not for this GPU
+            out = dispatch_attention_fn(long, long, long, backend=name)
+            finite = bool(torch.isfinite(out).all())
+            error = (dispatch_attention_fn(short, short, short, backend=name).float() - expected).abs().max()
+        except Exception as exc:  # not installed, or not for this GPU or these shapes
             logger.info("attention backend %s unavailable: %s", name, exc)
             continue
-        return name
+        if finite and float(error) < 0.05:
+            return name
+        logger.warning("attention backend %s gives wrong results here (max error %.3g); skipped", name, error)
     return "native"
+
+
+def compile_preflight(device: torch.device) -> str | None:
+    """Whether this machine can compile for `device`: None if a small `torch.compile` builds and runs,
+    else what failed (on a GPU: Triton needs a C compiler and the Python headers at run time; on a
+    CPU: Inductor needs a C++ compiler). Seconds on a warm cache."""
+    try:
+        compiled = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1, fullgraph=True)
+        x = torch.arange(64, dtype=torch.float32, device=device)
+        if not torch.allclose(compiled(x), torch.nn.functional.gelu(x) * 2 + 1):
+            return "a compiled test function gave wrong results"
+    except Exception as exc:  # the toolchain's error, reported as the reason
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0] if first else ''}"[:500]
+    return None
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -167,18 +211,35 @@ class FusedAdapters:
 
     A switch rewrites every adapted weight from its pristine copy: `W = W0 + scale * B @ A` (nothing for
     base), always from `W0`, so a hundred switches leave each adapter's weights bit-identical to its
-    first; values change in place, so compiled code is never invalidated. The pristine copies live in
-    host memory (pinned next to a GPU), so the GPU holds no more than before.
+    first; values change in place, so compiled code is never invalidated. The sum is rounded to the
+    weights' dtype once per element (in bf16 a share of each LoRA's smallest changes is rounded away:
+    `bench/precision_bench.py` measures it), so a fused adapter is close to peft's unfused side path,
+    not bit-identical to it. The pristine copies stay on the device where the caller's budget allows
+    (a switch is then a device-to-device copy), else in host memory (packed in pinned blocks next to
+    a GPU: `models.pinned`).
     """
 
     def __init__(self, targets: list[_Target]):
         self.targets = targets
         self.active: AdapterChoice | None = None
+        #: Where the pristine copies are: the weights' device, or "cpu" (host blocks).
+        self.pristine_device = str(targets[0].pristine.device) if targets else "cpu"
+        self.host: HostBlocks | None = None
         self.activate(AdapterChoice.BASE)
 
+    @property
+    def pristine_bytes(self) -> int:
+        return sum(t.pristine.numel() * t.pristine.element_size() for t in self.targets)
+
     @classmethod
-    def from_peft(cls, pipeline: DreamOmni2Pipeline, names: dict[AdapterChoice, str]) -> FusedAdapters:
-        """Take the LoRAs `pipeline` loaded (peft), remove peft, fuse q/k/v, and keep the updates."""
+    def from_peft(
+        cls, pipeline: DreamOmni2Pipeline, names: dict[AdapterChoice, str], device_budget_bytes: int = 0
+    ) -> FusedAdapters:
+        """Take the LoRAs `pipeline` loaded (peft), remove peft, fuse q/k/v, and keep the updates.
+
+        The pristine copies of the adapted weights stay on the weights' device if they fit in
+        `device_budget_bytes`, else go to host memory.
+        """
         from peft.tuners.lora.layer import LoraLayer
 
         transformer = pipeline.transformer
@@ -200,23 +261,34 @@ class FusedAdapters:
         transformer.fuse_qkv_projections()
         _drop_unfused_projections(transformer)
 
-        targets: dict[str, _Target] = {}
+        modules: dict[str, torch.nn.Linear] = {}
+        slots: dict[str, list[tuple[int | None, dict]]] = {}
         for name, updates in loras.items():
             parent, _, leaf = name.rpartition(".")
             fused_leaf, position = _FUSED_SLOTS.get(leaf, (leaf, None))
             target_name = f"{parent}.{fused_leaf}" if parent else fused_leaf
-            module = transformer.get_submodule(target_name)
-            target = targets.get(target_name)
-            if target is None:
-                pristine = module.weight.detach().to("cpu", copy=True)
-                if module.weight.device.type == "cuda":
-                    pristine = pristine.pin_memory()
-                target = targets[target_name] = _Target(module, pristine)
-            for choice, (a, b, scale) in updates.items():
-                rows = b.shape[0]
-                start = 0 if position is None else position * rows
-                target.updates.setdefault(choice, []).append((slice(start, start + rows), a, b, scale))
-        return cls(list(targets.values()))
+            modules.setdefault(target_name, transformer.get_submodule(target_name))
+            slots.setdefault(target_name, []).append((position, updates))
+        weights = [module.weight for module in modules.values()]
+        on_device = sum(w.numel() * w.element_size() for w in weights) <= device_budget_bytes
+        host = None
+        if on_device:
+            pristines = [w.detach().clone() for w in weights]
+        else:
+            host = HostBlocks([w.detach() for w in weights], pin=weights[0].device.type == "cuda")
+            pristines = host.views
+        targets = []
+        for (target_name, module), pristine in zip(modules.items(), pristines, strict=True):
+            target = _Target(module, pristine)
+            for position, updates in slots[target_name]:
+                for choice, (a, b, scale) in updates.items():
+                    rows = b.shape[0]
+                    start = 0 if position is None else position * rows
+                    target.updates.setdefault(choice, []).append((slice(start, start + rows), a, b, scale))
+            targets.append(target)
+        fused = cls(targets)
+        fused.host = host
+        return fused
 
     @torch.no_grad()
     def activate(self, choice: AdapterChoice) -> None:
@@ -281,10 +353,36 @@ class ProfileReport:
     fused_targets: int = 0
     fp8_linears: int = 0
     notes: list[str] = field(default_factory=list)
+    #: What the worker runs instead of the profile when it could not apply it (`reference`: nothing
+    #: was applied; `eager`: applied, but the blocks run uncompiled), and why.
+    fallback: str | None = None
+    error: str | None = None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether blocks were compiled (a warm-up then compiles them)."""
+        return self.profile is not SpeedProfile.REFERENCE and self.fallback != "reference"
+
+    def fall_back(self, to: str, error: str) -> None:
+        self.fallback, self.error = to, error
+
+
+def require_supported(profile: SpeedProfile, device: torch.device) -> None:
+    """Raise `SpeedProfileError` when `profile` asks for what `device` lacks (fp8 matrix units)."""
+    if profile is SpeedProfile.FP8 and not fp8_supported(device):
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+        raise SpeedProfileError(
+            f"DREAMOMNI2_SPEED=fp8 needs a GPU with fp8 matrix units (compute capability 8.9 or newer: "
+            f"L4, L40S, RTX 4090, H100, H200); this worker runs on {where}. Use DREAMOMNI2_SPEED=compiled."
+        )
 
 
 def apply_profile(
-    profile: SpeedProfile, pipeline: DreamOmni2Pipeline, adapters: AdapterSet, device: torch.device
+    profile: SpeedProfile,
+    pipeline: DreamOmni2Pipeline,
+    adapters: AdapterSet,
+    device: torch.device,
+    device_budget_bytes: int = 0,
 ) -> tuple[AdapterSet | FusedAdapters, ProfileReport]:
     """Make `pipeline` (placed, LoRAs loaded as `adapters`) run as `profile`; returns its adapters.
 
@@ -295,18 +393,16 @@ def apply_profile(
     report = ProfileReport(profile)
     if profile is SpeedProfile.REFERENCE:
         return adapters, report
-    if profile is SpeedProfile.FP8 and not fp8_supported(device):
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-        raise SpeedProfileError(
-            f"DREAMOMNI2_SPEED=fp8 needs a GPU with fp8 matrix units (compute capability 8.9 or newer: "
-            f"L4, L40S, RTX 4090, H100, H200); this worker runs on {where}. Use DREAMOMNI2_SPEED=compiled."
-        )
+    require_supported(profile, device)
     transformer = pipeline.transformer
-    fused = FusedAdapters.from_peft(pipeline, adapters.names)
+    fused = FusedAdapters.from_peft(pipeline, adapters.names, device_budget_bytes)
     report.fused_targets = len(fused.targets)
     if profile is SpeedProfile.FP8:
         report.fp8_linears = quantize_fp8(transformer, skip={t.module for t in fused.targets})
-    report.attention_backend = attention_backend(device)
+    config = transformer.config
+    report.attention_backend = attention_backend(
+        device, config.num_attention_heads, config.attention_head_dim
+    )
     transformer.set_attention_backend(report.attention_backend)
     compile_blocks(transformer)
     return fused, report

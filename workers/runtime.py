@@ -306,7 +306,7 @@ class WorkerRuntime:
                 logger.warning("job %s: progress not stored, Redis unreachable (%s)", job_id, exc)
 
         output = self.engine.run(
-            self.store.jobs.images(job_id), spec, on_progress=on_progress, should_cancel=should_cancel
+            self.store.jobs.images(job_id), spec.job, on_progress=on_progress, should_cancel=should_cancel
         )
         results = []
         for image in output.images:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from api_schemas.api import Job, JobLinks, JobStatus, ResultInfo, WebhookInfo
-from api_schemas.common import StepCache, Task
+from api_schemas.common import Task
 from api_schemas.records import JobRecord
 
 
@@ -15,7 +15,7 @@ def _time(value: float | None) -> datetime | None:
 
 def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
     spec, meta = record.spec, record.metadata
-    params = spec.params
+    params = spec.job
     base = f"/v1/jobs/{record.id}"
     results = None
     if record.status is JobStatus.SUCCEEDED and record.all_results:
@@ -25,7 +25,7 @@ def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
         ]
     mixing = None
     if spec.task is Task.FEATURE_MIXING:
-        # The spec's parameters are resolved: the mixing defaults are filled in at submission.
+        # The spec's job is resolved: the mixing defaults are filled in at submission.
         mixing = (meta and meta.mixing) or {
             "blocks": params.mix_blocks,
             "step_fraction": params.mix_steps,
@@ -52,7 +52,7 @@ def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
         steps=params.steps,
         guidance=params.guidance,
         output_format=spec.output_format,
-        step_cache=meta.step_cache if meta else (params.step_cache or StepCache.NONE),
+        step_cache=meta.step_cache if meta else params.step_cache,
         speed_profile=meta.speed_profile if meta else None,
         transformer_evaluations=meta.transformer_evaluations if meta else None,
         progress=record.progress,

@@ -247,7 +247,12 @@ def host_memory(
     host: dict[str, int] = {}
     for group in Group:
         members = [components[name] for name in GROUP_COMPONENTS[group] if name in components]
-        if members and Residency(members[0].residency) is not Residency.RESIDENT:
+        if not members or Residency(members[0].residency) is Residency.RESIDENT:
+            continue
+        if Residency(members[0].residency) is Residency.STREAMED and is_cpu(members[0].device):
+            # On a CPU the streamed blocks compute in place: nothing is packed or pinned.
+            host[group.value] = sum(comp.bytes for comp in members)
+        else:
             host[group.value] = pack_blocks(group_tensor_bytes(mode, sizes, group)).nbytes
     for name, comp in components.items():
         if is_cpu(comp.device) and Residency(comp.residency) is Residency.RESIDENT:

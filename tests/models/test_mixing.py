@@ -18,7 +18,7 @@ from api_schemas.errors import JobCanceled
 from api_schemas.jobs import JobParameters
 from models.engine import Engine
 from models.memory import GiB, kept_kv_bytes, layout_sizes, mixing_cost, plan_memory, transformer_flops
-from models.mixing import FeatureMixingAttnProcessor, MixingConfig, generate_pair
+from models.mixing import FeatureMixingAttnProcessor, MixingConfig
 from models.pipeline import DreamOmni2Pipeline
 from models.settings import EngineSettings
 from models.speed import compile_blocks
@@ -60,8 +60,8 @@ def ordinary(pipe: DreamOmni2Pipeline, prompt: str, steps: int = STEPS) -> np.nd
 
 
 def pair(pipe: DreamOmni2Pipeline, steps: int = STEPS, **config: object):
-    return generate_pair(
-        pipe, SOURCE, TARGET, config=MixingConfig(**config), generator=seeded(), num_inference_steps=steps,
+    return pipe.generate_pair(
+        SOURCE, TARGET, config=MixingConfig(**config), generator=seeded(), num_inference_steps=steps,
         output_type="np", **SIZE,
     )  # fmt: skip
 
@@ -211,8 +211,8 @@ def test_the_processors_come_back_after_a_pair_and_after_a_cancel(pipe, ordinari
         raise JobCanceled("canceled")
 
     with pytest.raises(JobCanceled):
-        generate_pair(pipe, SOURCE, TARGET, generator=seeded(), num_inference_steps=STEPS,
-                      callback_on_step_end=cancel, **SIZE)  # fmt: skip
+        pipe.generate_pair(SOURCE, TARGET, generator=seeded(), num_inference_steps=STEPS,
+                           callback_on_step_end=cancel, **SIZE)  # fmt: skip
     assert installed and all(installed)  # the mixing processors were in place when it was canceled
     assert all(after is before[name] for name, after in processors(pipe).items())
     assert np.array_equal(ordinary(pipe, TARGET), ordinaries[TARGET])  # the next job is unaffected
@@ -282,22 +282,24 @@ def test_compiled_blocks_run_a_pair_eagerly_and_keep_their_graphs(tiny_root, mon
     # The real `compile_blocks` with dynamo's eager backend: the guards and recompiles are dynamo's,
     # what inductor would generate does not matter here (and would take half a minute on a CPU).
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    duck = torch.fx.experimental._config
-    monkeypatch.setattr(duck, "use_duck_shape", duck.use_duck_shape)  # compile_blocks turns it off
     fresh = DreamOmni2Pipeline.from_pretrained(tiny_root / "kontext")
     fresh.set_progress_bar_config(disable=True)
     fresh.transformer.fuse_qkv_projections()  # as the compiled profiles run it
     eager = pair(fresh, steps=2).images
     assert np.array_equal(eager[0], ordinary(fresh, SOURCE, steps=2))  # fused q/k/v: exact too
-    compile_blocks(fresh.transformer)
-    try:
-        compiled = ordinary(fresh, SOURCE, steps=2)
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        assert np.array_equal(pair(fresh, steps=2).images, eager)
-        assert np.array_equal(ordinary(fresh, SOURCE, steps=2), compiled)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
-    finally:
-        torch._dynamo.reset()
+    # compile_blocks turns duck shaping off; torch's own config patch puts it back afterwards (a
+    # monkeypatch of a torch config entry leaves it deleted, and every later compile failing).
+    duck = torch.fx.experimental._config
+    with duck.patch(use_duck_shape=duck.use_duck_shape):
+        compile_blocks(fresh.transformer)
+        try:
+            compiled = ordinary(fresh, SOURCE, steps=2)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            assert np.array_equal(pair(fresh, steps=2).images, eager)
+            assert np.array_equal(ordinary(fresh, SOURCE, steps=2), compiled)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
+        finally:
+            torch._dynamo.reset()
 
 
 def test_the_planner_prices_a_pair(tiny_root):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -11,16 +12,17 @@ import pytest
 import redis
 
 from api_schemas.api import ErrorInfo, JobStatus, OutputFormat, Progress
-from api_schemas.common import AdapterChoice, Task
-from api_schemas.jobs import JobParameters
+from api_schemas.common import Task
+from api_schemas.jobs import JobLimits, JobParameters, resolve_job
 from api_schemas.records import JobRecord, JobSpec, StoredResult
 from workers.store import ClaimOutcome, JobStore, RequeueOutcome, Reservation, Store
 
 SPEC = JobSpec(
-    params=JobParameters(instruction="x", task=Task.GENERATE, steps=4, guidance=3.5, width=64, height=64),
-    task=Task.GENERATE,
-    adapter=AdapterChoice.BASE,
-    image_count=0,
+    job=resolve_job(
+        JobParameters(instruction="x", task=Task.GENERATE, steps=4, guidance=3.5, width=64, height=64),
+        0,
+        JobLimits(),
+    ),
     output_format=OutputFormat.PNG,
 )
 RESULT = StoredResult(width=64, height=64, content_type="image/png", bytes=3)
@@ -234,3 +236,16 @@ def test_a_key_still_being_created_is_in_progress(stores, monkeypatch):
     monkeypatch.setattr(idempotency, "WAIT_FOR_FIRST_S", 0.1)
     assert stores.idempotency.reserve("alice", "k2", "body", ttl_s=60).outcome is Reservation.NEW
     assert stores.idempotency.reserve("alice", "k2", "body", ttl_s=60).outcome is Reservation.IN_PROGRESS
+
+
+def test_a_job_queued_in_the_earlier_spec_layout_reads_as_the_same_resolved_job():
+    # Before the resolved job was stored whole, a spec kept its parameters, task, adapter and image
+    # count side by side; a job queued then still runs after an upgrade.
+    earlier = {
+        "params": SPEC.job.parameters().model_dump(mode="json"),
+        "task": "generate",
+        "adapter": "base",
+        "image_count": 0,
+        "output_format": "png",
+    }
+    assert JobSpec.model_validate_json(json.dumps(earlier)) == SPEC
