@@ -22,6 +22,7 @@ from api_schemas.images import load_image, normalize_image
 from api_schemas.jobs import JobMetadata, JobParameters, ResolvedJob, resolve_job
 from models.adapters import AdapterSet
 from models.failures import DeviceFailure, DeviceLost, classify, release_memory, summary
+from models.fp8 import compute_dtype_of
 from models.mixing import MixingConfig
 from models.modes import Group, Residency, Stage, is_cpu, same_device
 from models.pipeline import (
@@ -492,11 +493,13 @@ class Engine:
                 raise JobCanceled(f"The job was canceled after denoising step {step + 1} of {job.steps}.")
             return {}
 
+        transformer = self.pipeline.transformer
         cache = step_cache_config(
             job.step_cache,
             first_block_threshold=self.settings.first_block_threshold,
             taylorseer_interval=self.settings.taylorseer_interval,
-            dtype=self.pipeline.transformer.dtype,
+            # fp8 storage makes the transformer report its codes' dtype; the cache keeps compute numbers.
+            dtype=compute_dtype_of(transformer) or transformer.dtype,
         )
         self.evaluations.count = 0
         with self.placement.running(Group.TRANSFORMER), step_cache(self.pipeline.transformer, cache):

@@ -84,6 +84,18 @@ def pack_blocks(sizes: Sequence[int]) -> BlockLayout:
     return BlockLayout(tuple(blocks), tuple(places))
 
 
+def module_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers of `modules`, each once (tied or shared ones included once)."""
+    seen: set[int] = set()
+    found = []
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                found.append(tensor)
+    return found
+
+
 def tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 

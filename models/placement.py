@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.memory.sizes import fp8_storage, module_tensors
+from models.fp8 import store_in_fp8
 from models.modes import GROUP_STAGES, MODES, Group, MemoryMode, Residency, translator_residency
-from models.pinned import HostBlocks
+from models.pinned import HostBlocks, module_tensors
 
 if TYPE_CHECKING:
     from models.pipeline import DreamOmni2Pipeline
@@ -52,13 +52,7 @@ class HostSwap:
         self.onloaded = False
         #: Every stage this swap served, in order (for logs and tests).
         self.visits = 0
-        tensors: list[torch.Tensor] = []
-        seen: set[int] = set()
-        for module in modules:
-            for tensor in [*module.parameters(), *module.buffers()]:
-                if id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    tensors.append(tensor)
+        tensors = module_tensors(*modules)
         for tensor in tensors:
             if tensor.device.type != "cpu":
                 tensor.data = tensor.data.to("cpu")
@@ -126,13 +120,13 @@ class Placement:
     def place_pipeline(self, pipeline: DreamOmni2Pipeline) -> None:
         """Put the pipeline's models where the mode says; the LoRAs must be loaded already.
 
-        fp8 storage is applied after the LoRAs so that the adapters stay in bf16 (diffusers skips
-        PEFT layers) and the base weights they wrap are the ones stored in fp8.
+        fp8 storage (`models.fp8`, per-row scales) is applied after the LoRAs so that the adapters stay
+        in the compute dtype and the base weights they wrap are the ones stored in fp8.
         """
         spec = self.spec
         transformer = pipeline.transformer
         if spec.fp8_transformer:
-            fp8_storage(transformer, transformer.dtype)
+            store_in_fp8(transformer, transformer.dtype)
         pipeline.vae.to(self.device)
         self._place(Group.TEXT_ENCODERS, spec.text_encoders, [pipeline.text_encoder, pipeline.text_encoder_2])
         if spec.transformer is Residency.STREAMED:

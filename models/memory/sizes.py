@@ -1,9 +1,9 @@
 """Model sizes for the planner: the networks' configs, weight bytes and tensor sizes, read without weights.
 
 The full-size architectures are built on the meta device (sizes exact, nothing allocated); the fp8
-storage of the `low` mode is applied to the meta transformer with the worker's own code, so the bytes
-it keeps in bf16 are the ones the worker keeps. LoRA sizes come from the files' headers, or from an
-assumed rank where no file is local.
+storage of the `low` mode (`models.fp8`) is applied to the meta transformer with the worker's own
+code, so the bytes it keeps (fp8 codes, fp32 row scales, the rest in bf16) are the worker's. LoRA
+sizes come from the files' headers, or from an assumed rank where no file is local.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from models.pinned import module_tensors
+
 if TYPE_CHECKING:
     from models.architectures import FullSizeModels
 
@@ -32,17 +34,6 @@ TRANSLATOR_TEXT_TOKENS = 1024
 #: T5's prompt length in the reference (and the pipeline's max_sequence_length).
 T5_TOKENS = 512
 CLIP_TOKENS = 77
-
-
-def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """A module's parameters and buffers, each once (`parameters()` yields tied ones once)."""
-    seen: set[int] = set()
-    found = []
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            found.append(tensor)
-    return found
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -83,16 +74,6 @@ def lora_numel(transformer: torch.nn.Module, rank: int, targets: Iterable[str]) 
     return sum(lora_numels(transformer, rank, targets))
 
 
-def fp8_storage(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    """Store the transformer's weights in fp8 (e4m3) and compute in `compute_dtype`, layer by layer.
-
-    diffusers' layerwise casting with its defaults: norms, embeddings and the LoRA layers stay in the
-    compute dtype. Called on the worker's transformer after the LoRAs are loaded, and on the meta
-    transformer by the planner, so both count the same bytes.
-    """
-    transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-
-
 @dataclass(frozen=True)
 class ArchitectureSizes:
     """Everything the planner needs to know about the models, read off configs (no weights).
@@ -114,7 +95,7 @@ class ArchitectureSizes:
     tensor_bytes: dict[str, tuple[int, ...]]
     transformer_fp8_bytes: int
     transformer_fp8_tensor_bytes: tuple[int, ...]
-    largest_cast_layer_bytes: int  # the biggest layer fp8 storage upcasts at once (in `dtype`)
+    largest_cast_layer_bytes: int  # the largest weight an fp8 layer dequantizes at once (in `dtype`)
     stream_window_bytes: int  # two neighbouring blocks plus the non-block layers
     lora_numel: dict[str, int]
     lora_tensor_numels: dict[str, tuple[int, ...]]
@@ -141,6 +122,7 @@ class ArchitectureSizes:
     ) -> ArchitectureSizes:
         """Size `models` (a `FullSizeModels` on the meta device, in the dtype to plan for)."""
         from models.architectures import LORA_TARGET_MODULES
+        from models.fp8 import largest_dequantized_bytes, store_in_fp8
 
         transformer = models.transformer
         dtype = transformer.dtype
@@ -175,14 +157,10 @@ class ArchitectureSizes:
                 lora[name] = tuple(lora_numels(transformer, lora_rank, LORA_TARGET_MODULES))
                 assumed = lora_rank
 
-        fp8_storage(transformer, dtype)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        # The largest layer fp8 storage upcasts for its forward (those kept in `dtype` never are).
-        largest_cast = max(
-            m.weight.numel() * itemsize
-            for m in transformer.modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float8_e4m3fn
-        )
+        # The worker's own fp8 storage, on the meta transformer: the bytes it keeps are the worker's.
+        store_in_fp8(transformer, dtype)
+        # The largest weight a stored layer dequantizes for its forward, a transient of its own.
+        largest_cast = largest_dequantized_bytes(transformer)
         fp8_tensors = tensor_sizes(transformer)
         vlm = models.vlm
         text = vlm.config.text_config if vlm is not None else None

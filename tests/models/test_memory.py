@@ -49,8 +49,8 @@ def test_weights_agree_with_the_public_figures(sizes):
 def test_fp8_storage_keeps_norms_and_modulation_in_bf16(sizes):
     plan = plan_memory(MemoryMode.LOW, 0, sizes=sizes)
     fp8 = plan.components["transformer"].bytes / GB
-    # Half of 23.8 GB if every weight were fp8; diffusers keeps the norm layers (the AdaLN
-    # modulation linears among them) in bf16.
+    # Half of 23.8 GB if every weight were fp8; the norm layers (the AdaLN modulation linears among
+    # them) stay in bf16, and every stored row has an fp32 scale.
     assert 11.9 < fp8 < 16
 
 
