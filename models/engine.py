@@ -478,7 +478,7 @@ class Engine:
         # The prompts are encoded here rather than inside the pipeline call so that the text encoders
         # can leave the GPU before the transformer needs it; the pipeline takes the embeddings as is.
         device = self.pipeline.compute_device or self.pipeline.device
-        with stage(Stage.ENCODE_PROMPT), self.placement.running(Group.TEXT_ENCODERS):
+        with self.placement.running(Group.TEXT_ENCODERS), stage(Stage.ENCODE_PROMPT):
             embeddings = [
                 self.pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=device)[:2]
                 for prompt in sampling.prompts
@@ -537,7 +537,7 @@ class Engine:
         elif self.translator is None:
             fields["fallback_reason"] = "disabled_by_deployment"
         else:
-            with stage(Stage.TRANSLATE), self.placement.running(Group.TRANSLATOR):
+            with self.placement.running(Group.TRANSLATOR), stage(Stage.TRANSLATE):
                 translation = self.translator.translate(images, job.instruction, job.task)
             prompt = translation.prompt
             fields = {

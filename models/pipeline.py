@@ -410,6 +410,7 @@ class DreamOmni2Pipeline(FeatureMixingPipelineMixin, FluxKontextPipeline):
             image_latents, image_ids = self.prepare_image_latents(
                 image_tensors, total, dtype, device, generator
             )
+            del image_tensors  # encoded: the pixels need not live through denoising
             latents, latent_ids = self.prepare_noise_latents(
                 total, height, width, dtype, device, generator, latents
             )

@@ -335,39 +335,51 @@ def _json(config: dict[str, Any]) -> str:
     )
 
 
+def prompt_bytes(sizes: ArchitectureSizes) -> int:
+    """Bytes of one prompt's embeddings (T5's sequence and CLIP's pooled vector): they stay alive from
+    the encoding through the decode."""
+    config = sizes.transformer_config
+    return sizes.itemsize * (T5_TOKENS * config["joint_attention_dim"] + config["pooled_projection_dim"])
+
+
 def activations(sizes: ArchitectureSizes, shape: JobShape, new_tokens: int, lora: bool) -> dict[str, int]:
-    """Peak activation bytes of each stage of one job of `shape`."""
+    """Peak activation bytes of each stage of one job of `shape` (the prompt's embeddings, made in
+    encode_prompt, counted in the stages after it: denoising's trace takes them as its input)."""
     width, height = shape.input_wh
     out_w, out_h = shape.output_wh
     vae, dtype = _json(sizes.vae_config), sizes.dtype
     lora_rank = sizes.lora_rank if lora else 0
+    prompt = prompt_bytes(sizes)
     return {
         Stage.TRANSLATE.value: translator_bytes(sizes, shape, new_tokens),
         Stage.ENCODE_PROMPT.value: _text_encoder_bytes(
             _json(sizes.t5_config), _json(sizes.clip_config), dtype
         ),
-        Stage.ENCODE_IMAGES.value: _vae_bytes(vae, width, height, False, dtype) if shape.images else 0,
+        Stage.ENCODE_IMAGES.value: prompt
+        + (_vae_bytes(vae, width, height, False, dtype) if shape.images else 0),
         Stage.DENOISE.value: _denoise_bytes(
             _json(sizes.transformer_config), lora_rank, sizes.lora_targets, shape.image_tokens, dtype
         ),
-        Stage.DECODE.value: _vae_bytes(vae, out_w, out_h, True, dtype),
+        Stage.DECODE.value: prompt + _vae_bytes(vae, out_w, out_h, True, dtype),
     }
 
 
 def mixing_activations(sizes: ArchitectureSizes, shape: JobShape, batched: bool) -> dict[str, int]:
     """The stages of a Feature Mixing job that differ from a generation of `shape` (0 input images).
 
-    No translation; the first prompt's embeddings wait while the second is encoded; the denoise
-    step of both branches (`_mixing_denoise_bytes`). Each image is decoded on its own: as one.
+    No translation; the first prompt's embeddings wait while the second is encoded, and both live on
+    to the decode; the denoise step of both branches (`_mixing_denoise_bytes`, whose trace takes one
+    prompt per branch). Each image is decoded on its own: as one.
     """
-    t5_width = sizes.transformer_config["joint_attention_dim"]
-    pooled = sizes.transformer_config["pooled_projection_dim"]
-    first_prompt = sizes.itemsize * (T5_TOKENS * t5_width + pooled)
+    prompt = prompt_bytes(sizes)
     text = _text_encoder_bytes(_json(sizes.t5_config), _json(sizes.clip_config), sizes.dtype)
+    vae, (out_w, out_h) = _json(sizes.vae_config), shape.output_wh
     return {
         Stage.TRANSLATE.value: 0,
-        Stage.ENCODE_PROMPT.value: text + first_prompt,
+        Stage.ENCODE_PROMPT.value: text + prompt,
+        Stage.ENCODE_IMAGES.value: 2 * prompt,
         Stage.DENOISE.value: _mixing_denoise_bytes(
             _json(sizes.transformer_config), shape.output_tokens, batched, sizes.dtype
         ),
+        Stage.DECODE.value: 2 * prompt + _vae_bytes(vae, out_w, out_h, True, sizes.dtype),
     }
