@@ -241,6 +241,14 @@ class WorkerCounts(BaseModel):
         default_factory=dict,
         description="Ready workers per memory mode (`DREAMOMNI2_MEMORY`: resident, balanced, low, stream).",
     )
+    speed_fallbacks: dict[str, int] = Field(
+        default_factory=dict,
+        description="Ready workers that could not apply their speed profile (`DREAMOMNI2_SPEED`) on their "
+        "machine, per what they serve instead: `reference` (it could not compile there, e.g. no C compiler "
+        "or Python headers: nothing of the profile applied) or `eager` (applied, but its warm-up compile "
+        "failed: the blocks run uncompiled). They serve jobs, slower than planned; each worker's log and "
+        "readiness info (`memory.speed.error`) say why. Empty when every ready worker serves its profile.",
+    )
 
 
 class Readiness(BaseModel):

@@ -416,7 +416,11 @@ class JobMetadata(BaseModel):
     width: int
     height: int
     image_count: int
-    speed_profile: str = Field(default="reference", description="The deployment's speed profile.")
+    speed_profile: str = Field(
+        default="reference",
+        description="The speed profile the job ran with: the deployment's, `reference` where the worker "
+        "could not compile, `<profile>-eager` where its compiled blocks run uncompiled.",
+    )
     step_cache: StepCache = Field(default=StepCache.NONE, description="The step cache the job ran with.")
     transformer_evaluations: int | None = Field(
         default=None, description="Full transformer passes that ran (steps minus those a step cache skipped)."

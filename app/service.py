@@ -369,17 +369,26 @@ class JobService:
         )
 
     def readiness(self) -> tuple[Readiness, bool]:
-        """Whether this gateway can take jobs (Redis answers), with worker counts by memory mode."""
+        """Whether this gateway can take jobs (Redis answers), with the ready workers counted by memory
+        mode and by speed-profile fallback."""
         try:
             self.store.redis.ping()
             workers = list(self.store.workers.workers())
             modes: dict[str, int] = {}
+            fallbacks: dict[str, int] = {}
             for worker in workers:
-                mode = (worker.get("memory") or {}).get("mode") if worker.get("ready") else None
-                if mode:
+                if not worker.get("ready"):
+                    continue
+                models = worker.get("memory") or {}
+                if mode := models.get("mode"):
                     modes[mode] = modes.get(mode, 0) + 1
+                if fallback := (models.get("speed") or {}).get("fallback"):
+                    fallbacks[fallback] = fallbacks.get(fallback, 0) + 1
             counts = WorkerCounts(
-                up=len(workers), ready=sum(1 for w in workers if w.get("ready")), memory_modes=modes
+                up=len(workers),
+                ready=sum(1 for w in workers if w.get("ready")),
+                memory_modes=modes,
+                speed_fallbacks=fallbacks,
             )
             return Readiness(
                 status="ready", redis="ok", workers=counts, queue_depth=self.store.jobs.queue_depth()

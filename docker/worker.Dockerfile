@@ -6,11 +6,14 @@ FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Ubuntu 24.04's Python 3.12; the venv keeps pip away from the system packages (PEP 668).
+# Ubuntu 24.04's Python 3.12; the venv keeps pip away from the system packages (PEP 668). gcc, the libc
+# headers and the Python headers are for the compiled speed profiles: Triton (Inductor's GPU kernels) builds
+# a small launcher with the host C compiler at run time, which a CUDA runtime base image does not have.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
+    && /opt/venv/bin/python -c "import os, shutil, sysconfig; assert shutil.which('gcc') and os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h')), 'no C compiler or Python headers for Triton'" \
     && groupadd --system --gid 10001 dreamomni2 \
     && useradd --system --uid 10001 --gid dreamomni2 --create-home --home-dir /home/dreamomni2 dreamomni2 \
     && mkdir -p /models \

@@ -517,7 +517,7 @@ class Engine:
             width=images[0].width,
             height=images[0].height,
             image_count=job.image_count,
-            speed_profile=self.settings.speed.value,
+            speed_profile=self.profile.serving,
             step_cache=job.step_cache,
             transformer_evaluations=self.evaluations.count,
             timings=timings,

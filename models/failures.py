@@ -65,9 +65,23 @@ def classify(exc: BaseException) -> DeviceFailure | None:
 
 
 def summary(exc: BaseException) -> str:
-    """The first line of an error, with its type, for logs and job errors (no traceback kept)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}"[:500]
+    """An error in one line, for logs, readiness info and job errors (no traceback kept): its type and
+    first line, and those of its root cause where it wraps one (a compiler's error inside torch's)."""
+
+    def line(error: BaseException) -> str:
+        text = str(error).strip()
+        return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".strip()
+
+    root, seen = exc, {id(exc)}
+    while True:
+        # torch's compile errors keep what failed as `inner_exception`, or raise from it.
+        inner = getattr(root, "inner_exception", None) or root.__cause__ or root.__context__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        root = inner
+    said = line(exc) if root is exc else f"{line(exc)} (caused by {line(root)})"
+    return said[:500]
 
 
 def release_memory(devices: list[str]) -> None:

@@ -43,6 +43,7 @@ import torch.fx.experimental._config
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, TaylorSeerCacheConfig
 
 from api_schemas.common import AdapterChoice, StepCache
+from models.failures import summary
 from models.pinned import HostBlocks
 from models.profiles import SpeedProfile
 
@@ -174,8 +175,7 @@ def compile_preflight(device: torch.device) -> str | None:
         if not torch.allclose(compiled(x), torch.nn.functional.gelu(x) * 2 + 1):
             return "a compiled test function gave wrong results"
     except Exception as exc:  # the toolchain's error, reported as the reason
-        first = str(exc).strip().splitlines()
-        return f"{type(exc).__name__}: {first[0] if first else ''}"[:500]
+        return summary(exc)
     return None
 
 
@@ -365,6 +365,16 @@ class ProfileReport:
 
     def fall_back(self, to: str, error: str) -> None:
         self.fallback, self.error = to, error
+
+    @property
+    def serving(self) -> str:
+        """What jobs run with: the profile, `reference` when it could not be applied at all, or
+        `<profile>-eager` when its blocks run uncompiled."""
+        if self.fallback == "reference":
+            return SpeedProfile.REFERENCE.value
+        if self.fallback == "eager":
+            return f"{self.profile.value}-eager"
+        return self.profile.value
 
 
 def require_supported(profile: SpeedProfile, device: torch.device) -> None:

@@ -11,13 +11,14 @@ import logging
 import sys
 
 from workers.config import WorkerSettings
-from workers.runtime import WorkerRuntime
+from workers.runtime import EXIT_DEVICE_LOST, WorkerRuntime
 
 logger = logging.getLogger("workers")
 
 
 #: Exit status of a worker refused by its configuration (sysexits' EX_CONFIG): restarting won't help.
 EXIT_CONFIG = 78
+# The other non-zero status, EXIT_DEVICE_LOST (75), is the runtime's: the GPU failed for good.
 
 
 def parse_args(argv: list[str]) -> list[str]:
@@ -26,7 +27,9 @@ def parse_args(argv: list[str]) -> list[str]:
         prog="python -m workers",
         description=__doc__.split("\n\n")[0] + " Configured by DREAMOMNI2_* settings (README, Settings).",
         epilog="Any other option is passed to `celery worker` (e.g. --loglevel=DEBUG). "
-        f"Exit status {EXIT_CONFIG}: a setting was refused (restarting will not help).",
+        f"Exit status {EXIT_CONFIG}: a setting was refused (restarting will not help). "
+        f"Exit status {EXIT_DEVICE_LOST}: the GPU failed for good (a sticky CUDA error such as an illegal "
+        "memory access); its running job, if any, was given back to the queue; a restarted worker recovers.",
     )
     _, celery_args = parser.parse_known_args(argv)
     return celery_args
@@ -37,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pydantic import ValidationError
 
+    from models.failures import DeviceLost
     from models.memory import MemoryPlanError
     from models.settings import EngineSettings
     from models.speed import SpeedProfileError
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("refusing to start: %s", exc)
         runtime.stop()
         return EXIT_CONFIG
+    except DeviceLost as exc:  # in the compiled profiles' warm-up
+        runtime.exit_device_lost(exc)
     # Only now, with the models loaded, does this process take messages.
     JobTask.runtime = runtime
     try:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import redis
 
@@ -33,6 +35,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
+
+#: Exit status of a worker whose GPU failed for good (sysexits' EX_TEMPFAIL): a sticky CUDA error poisoned
+#: this process's CUDA context; a new process (the restarted container) recovers.
+EXIT_DEVICE_LOST = 75
+#: Longest wait, on the way out after such a failure, for the heartbeat to stop and Redis to answer.
+EXIT_GRACE_S = 10.0
 
 
 def encode_image(image: PIL.Image.Image, output_format: OutputFormat) -> bytes:
@@ -96,6 +104,15 @@ class WorkerRuntime:
                 metrics.GPU_PEAK_BYTES.labels(device, "planned").set(planned)
         metrics.WORKER_READY.set(1)
         models = self.engine.describe()
+        speed = models["speed"]
+        if speed.get("fallback"):
+            logger.warning(
+                "speed profile %s not applied: this worker serves with %s instead (%s); /readyz counts it "
+                "under workers.speed_fallbacks",
+                speed["profile"],
+                speed["fallback"],
+                speed.get("error"),
+            )
         self._info.update(
             ready=True,
             preset=self.engine_settings.preset.value,
@@ -119,6 +136,60 @@ class WorkerRuntime:
             self.store.workers.retire(self.settings.worker_name)
         except Exception:
             logger.warning("could not retire worker %s from Redis", self.settings.worker_name)
+
+    def exit_device_lost(self, exc: BaseException, job: tuple[str, str] | None = None) -> NoReturn:
+        """Leave this process after a sticky device error (`models.failures.DeviceLost`): its CUDA context
+        is poisoned, every later job would fail, and only a new process recovers.
+
+        `job` (id, run token) is the job that was running: it is given back at once (its lease dropped,
+        no outcome written: the job did nothing wrong), so the reapers requeue it at their next pass,
+        its attempt counted. The heartbeat stops first, as it would renew the lease or take it back. The
+        worker leaves the registry, the logs are flushed, and the process ends with `EXIT_DEVICE_LOST`
+        through `os._exit`: atexit handlers, finalizers and CUDA destructors can hang or crash on a
+        poisoned context, so none of them run.
+        """
+        where = f"running job {job[0]}" if job else "while starting"
+        logger.critical(
+            "the GPU failed for good %s (%s); worker %s takes no more jobs and exits with status %d to be "
+            "replaced",
+            where,
+            exc,
+            self.settings.worker_name,
+            EXIT_DEVICE_LOST,
+        )
+        deadline = time.monotonic() + EXIT_GRACE_S
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        # Redis calls have no timeout of their own: a Redis that does not answer must not keep this
+        # process alive. Whatever is not done in time, the lease's and the registry's expiry do.
+        goodbye = threading.Thread(target=self._give_back, args=(job,), name="give-back", daemon=True)
+        goodbye.start()
+        goodbye.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.settings.liveness_file.unlink(missing_ok=True)
+        logging.shutdown()  # flushes every handler: os._exit skips the interpreter's own flush
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed or replaced stream: nothing left to save
+                pass
+        os._exit(EXIT_DEVICE_LOST)
+
+    def _give_back(self, job: tuple[str, str] | None) -> None:
+        """Release `job`'s lease and retire the worker from the registry (on the way out)."""
+        if job is not None:
+            job_id, token = job
+            try:
+                if self.store.jobs.release(job_id, token):
+                    logger.warning("job %s given back: the next reaper pass requeues it", job_id)
+                else:
+                    logger.warning("job %s was no longer this run's; nothing given back", job_id)
+            except redis.RedisError as exc:
+                logger.error("could not give job %s back (%s); requeued once its lease lapses", job_id, exc)
+        try:
+            self.store.workers.retire(self.settings.worker_name)
+        except redis.RedisError as exc:
+            logger.error("could not retire worker %s (%s); its entry expires", self.settings.worker_name, exc)
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -223,6 +294,8 @@ class WorkerRuntime:
             self._announce()
 
     def _execute(self, job_id: str, token: str) -> str:
+        from models.failures import DeviceLost  # here, not at the top: `--help` must not load torch
+
         assert self.engine is not None, "start() loads the engine before jobs are taken"
         record = self.store.jobs.get(job_id)
         if record is None:  # expired between the claim and now: nothing left to run or report
@@ -235,6 +308,8 @@ class WorkerRuntime:
         except LeaseLost:
             logger.warning("job %s: run abandoned after losing its lease", job_id)
             return "abandoned"
+        except DeviceLost as exc:  # not the job's fault: it runs again elsewhere; this process cannot
+            self.exit_device_lost(exc, job=(job_id, token))
         except Exception as exc:  # MemoryError included: the table says what each one means
             if not isinstance(exc, ServiceError | MemoryError):
                 logger.exception("job %s failed", job_id)

@@ -36,7 +36,8 @@ def readyz(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
 ) -> Response:
     """200 when this gateway can take jobs (Redis reachable). Workers may scale to zero, so they do not
-    count; the body says how many are up, how many have their models loaded, and their memory modes.
+    count; the body says how many are up, how many have their models loaded, their memory modes, and
+    how many serve a fallback because their speed profile could not be applied (`speed_fallbacks`).
 
     With API keys on, those details (and Redis's error) are for callers with a key; a probe without
     one gets the status alone."""

@@ -138,9 +138,46 @@ async def test_readiness(gateway: Gateway):
     assert ready.json() == {
         "status": "ready",
         "redis": "ok",
-        "workers": {"up": 0, "ready": 0, "memory_modes": {}},
+        "workers": {"up": 0, "ready": 0, "memory_modes": {}, "speed_fallbacks": {}},
         "queue_depth": 0,
     }
+
+
+async def test_readiness_counts_workers_serving_a_speed_fallback(gateway: Gateway):
+    # The readiness info workers announce (`Engine.describe()` under `memory`), as the registry holds it.
+    registry = gateway.service.store.workers
+    compiled = {"profile": "compiled", "attention_backend": "sdpa"}
+    announced = {
+        "serving": {"ready": True, "memory": {"mode": "resident", "speed": compiled}},
+        "no-compiler": {
+            "ready": True,
+            "memory": {
+                "mode": "resident",
+                "speed": {**compiled, "fallback": "reference", "error": "InvalidCxxCompiler: ..."},
+            },
+        },
+        "failed-warm-up": {
+            "ready": True,
+            "memory": {"mode": "balanced", "speed": {**compiled, "fallback": "eager", "error": "..."}},
+        },
+        "loading": {"ready": False},
+    }
+    for name, info in announced.items():
+        registry.announce(name, {"name": name, **info}, ttl_s=30)
+    try:
+        ready = (await gateway.client("alice").get("/readyz")).json()
+        anonymous = (await gateway.client(None).get("/readyz")).json()
+    finally:
+        for name in announced:
+            registry.retire(name)
+
+    assert ready["workers"] == {
+        "up": 4,
+        "ready": 3,
+        "memory_modes": {"resident": 2, "balanced": 1},
+        "speed_fallbacks": {"reference": 1, "eager": 1},
+    }
+    assert anonymous == {"status": "ready", "redis": "ok"}  # worker details are for callers with a key
 
 
 def test_a_notification_that_cannot_reach_redis_is_logged(caplog: pytest.LogCaptureFixture):

@@ -1046,6 +1046,34 @@ def test_dockerfiles_pin_bases_and_install_the_tested_dependency_sets():
     assert 'CMD ["python", "-m", "workers.health"]' in worker
 
 
+def apt_installs(dockerfile: str) -> dict[str, list[str]]:
+    """Each `apt-get install` of a Dockerfile's RUN instructions: its packages and its options."""
+    lines = [line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")]
+    installs: dict[str, list[str]] = {}
+    for line in "\n".join(lines).replace("\\\n", " ").splitlines():  # one line per instruction
+        if not line.startswith("RUN "):
+            continue
+        for command in re.split(r"&&|;", line.removeprefix("RUN ")):
+            words = command.split()
+            if words[:2] == ["apt-get", "install"]:
+                for word in words[2:]:
+                    installs.setdefault("options" if word.startswith("-") else "packages", []).append(word)
+    return installs
+
+
+def test_the_worker_image_can_compile_where_it_runs():
+    # The compiled speed profiles compile on the worker: Triton (behind Inductor's GPU kernels) builds a
+    # small launcher with the host C compiler against the Python headers, which a CUDA runtime base lacks.
+    worker = DOCKERFILES[1].read_text()
+    installs = apt_installs(worker)
+    packages = set(installs["packages"])
+    assert {"gcc", "libc6-dev"} <= packages or "build-essential" in packages, packages
+    assert "python3-dev" in packages and "python3" in packages, packages  # the headers of the venv's Python
+    assert "--no-install-recommends" in installs.get("options", [])
+    # And the build checks it found both (a renamed package would otherwise pass unnoticed until run time).
+    assert "shutil.which('gcc')" in worker and "Python.h" in worker
+
+
 def test_the_worker_image_gets_the_torchvision_of_its_torch():
     # torchvision 0.N+15 is the build for torch 2.N; the CPU/dev sets (`worker`, `dev`) never pull it.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -41,6 +41,12 @@ LONG_STEPS = 2000
 MAX_STEPS = 5000
 #: First webhook retry delay on the main stack (it doubles): three attempts take about a second.
 WEBHOOK_BACKOFF_S = 0.3
+#: Short leases, so a dead worker's job is noticed in seconds: a lapsed 3 s lease, found within 1 s.
+FAST_LEASES = {
+    "DREAMOMNI2_LEASE_TTL_S": "3",
+    "DREAMOMNI2_HEARTBEAT_S": "1",
+    "DREAMOMNI2_REAPER_INTERVAL_S": "1",
+}
 
 
 def stack_env(cache: Path, **overrides: str) -> dict[str, str]:

@@ -31,7 +31,7 @@ def test_healthz_readyz_and_metrics(service: Service, alice: httpx.Client) -> No
     assert ready.json() == {
         "status": "ready",
         "redis": "ok",
-        "workers": {"up": 1, "ready": 1, "memory_modes": {"resident": 1}},
+        "workers": {"up": 1, "ready": 1, "memory_modes": {"resident": 1}, "speed_fallbacks": {}},
         "queue_depth": 0,
     }
 
@@ -140,12 +140,16 @@ def readiness(client: httpx.Client) -> dict[str, Any]:
     return response.json()
 
 
+#: What `/readyz` says of the workers when none is up.
+NO_WORKERS = {"up": 0, "ready": 0, "memory_modes": {}, "speed_fallbacks": {}}
+
+
 def test_readiness_follows_workers_and_jobs_wait_for_one(tiny_cache: Path, tmp_path: Path) -> None:
     with (
         LocalStack(tmp_path, workers=0, env=stack_env(tiny_cache)) as stack,
         httpx.Client(base_url=stack.url, timeout=30) as client,
     ):
-        assert readiness(client)["workers"] == {"up": 0, "ready": 0, "memory_modes": {}}
+        assert readiness(client)["workers"] == NO_WORKERS
         queued = submit_json(client, [], {"instruction": "A cat", "steps": 2})
         assert queued.status_code == 202, queued.text
         job = queued.json()
@@ -160,13 +164,13 @@ def test_readiness_follows_workers_and_jobs_wait_for_one(tiny_cache: Path, tmp_p
         worker = stack.start_worker(env={"DREAMOMNI2_MEMORY": "low"})
         seen = wait_until(worker_ready, timeout=120, what="the worker to report ready", watch=stack.processes)
 
-        assert seen["workers"] == {"up": 1, "ready": 1, "memory_modes": {"low": 1}}
+        assert seen["workers"] == {"up": 1, "ready": 1, "memory_modes": {"low": 1}, "speed_fallbacks": {}}
         done = wait_for_status(client, job["id"], watch=stack.processes)
         assert done["status"] == "succeeded"
         assert readiness(client)["queue_depth"] == 0
 
         worker.stop()
-        assert readiness(client)["workers"] == {"up": 0, "ready": 0, "memory_modes": {}}
+        assert readiness(client)["workers"] == NO_WORKERS
 
 
 def test_readyz_is_503_while_redis_is_down(tiny_cache: Path, tmp_path: Path) -> None:

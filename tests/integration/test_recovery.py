@@ -19,6 +19,7 @@ from app.stack import LocalStack, ManagedProcess
 from workers.store import JobStore, Store
 
 from .support import (
+    FAST_LEASES,
     LONG_STEPS,
     MAX_STEPS,
     TERMINAL,
@@ -33,12 +34,6 @@ from .support import (
     wait_until,
 )
 
-# Short leases, so a dead worker's job is noticed in seconds: a lapsed 3 s lease, found within 1 s.
-FAST_LEASES = {
-    "DREAMOMNI2_LEASE_TTL_S": "3",
-    "DREAMOMNI2_HEARTBEAT_S": "1",
-    "DREAMOMNI2_REAPER_INTERVAL_S": "1",
-}
 #: The promised bound from a worker's death to its job starting again (or failing) elsewhere.
 RECOVERY_BOUND_S = 60
 #: Steps of the job to kill: seconds to run, and few enough that both runs' progress events fit in
@@ -207,6 +202,7 @@ def test_failed_job_leaves_the_worker_serving(tiny_cache: Path, tmp_path: Path) 
             "up": 1,
             "ready": 1,
             "memory_modes": {"resident": 1},
+            "speed_fallbacks": {},
         }
 
 

@@ -177,3 +177,48 @@ def test_the_worker_reports_its_profile(compiled):
     speed = compiled.describe()["speed"]
     assert speed["profile"] == "compiled" and speed["attention_backend"] == "native"
     assert speed["fused_adapter_weights"] == 5 and speed["warmup_s"] > 0
+
+
+def test_a_machine_that_cannot_compile_serves_with_reference(tiny_cache, tmp_path, caplog):
+    # As a GPU image without a C compiler (Triton builds a launcher with one): the profile is not
+    # applied, the worker serves the reference path and says why, instead of crash-looping.
+    import torch._inductor.config as inductor
+
+    with inductor.patch({"cpp.cxx": (None, "/nonexistent/c++")}):
+        engine = Engine.from_settings(settings(tiny_cache, speed="compiled", compile_cache_dir=tmp_path))
+    speed = engine.describe()["speed"]
+    assert speed["fallback"] == "reference" and "No working C++ compiler" in speed["error"]
+    assert isinstance(engine.adapters, AdapterSet) and speed["fused_adapter_weights"] == 0
+    assert "cannot compile on this machine" in caplog.text
+    got, meta = run(engine, 2, Task.EDIT)
+    assert meta.speed_profile == "reference" and meta.adapter is AdapterChoice.EDIT  # what ran
+
+
+def test_a_warm_up_that_fails_to_compile_runs_the_blocks_eagerly(
+    tiny_cache, tmp_path, reference, monkeypatch
+):
+    from torch._inductor import compile_fx
+
+    real, calls = compile_fx.compile_fx, []
+
+    def broken(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:  # the start-up check's small function compiles; the blocks do not
+            return real(*args, **kwargs)
+        raise RuntimeError("injected: Inductor could not compile this graph")
+
+    engine_settings = settings(tiny_cache, speed="compiled", compile_cache_dir=tmp_path)
+    monkeypatch.setattr(compile_fx, "compile_fx", broken)
+    torch._dynamo.reset()
+    try:
+        engine = Engine.from_settings(engine_settings)
+        speed = engine.describe()["speed"]
+        assert speed["fallback"] == "eager" and "injected" in speed["error"]
+        for (count, task), adapter in JOBS.items():
+            got, meta = run(engine, count, task)
+            expected, _ = run(reference, count, task)
+            assert meta.adapter is adapter and meta.speed_profile == "compiled-eager"
+            assert np.abs(got - expected).max() <= MAX_LEVELS  # fused weights, run eagerly
+    finally:
+        torch.compiler.set_stance("default")
+        torch._dynamo.reset()

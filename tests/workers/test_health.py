@@ -83,3 +83,6 @@ def test_worker_help_answers_before_loading_or_connecting(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m workers") and "celery worker" in result.stdout
     assert not (tmp_path / "nothing-here").exists() and "engine" not in result.stderr
+    statuses = " ".join(result.stdout.split())  # argparse wraps the epilog
+    assert "Exit status 78: a setting was refused" in statuses
+    assert "Exit status 75: the GPU failed for good" in statuses

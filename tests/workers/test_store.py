@@ -44,7 +44,8 @@ def new_job(store: JobStore, images: list[bytes] | None = None, owner: str = "al
 
 def test_the_scripts_ship_as_package_resources():
     names = {p.name for p in resources.files("workers.store").joinpath("lua").iterdir()}
-    assert {"claim.lua", "finish.lua", "requeue_lost.lua", "cancel.lua", "progress.lua", "renew.lua"} <= names
+    scripts = ("claim", "finish", "requeue_lost", "cancel", "progress", "renew", "release")
+    assert {f"{name}.lua" for name in scripts} <= names
 
 
 def test_the_record_round_trips_typed(store):
@@ -178,6 +179,27 @@ def test_renewing_keeps_the_lease(store):
         assert store.renew_lease(job.id, claim.token, 0.3)
     assert store.requeue_lost(max_attempts=3) == []
     assert not store.renew_lease(job.id, "other", 0.3)
+
+
+def test_a_released_job_is_requeued_at_the_next_pass_with_its_attempt_counted(store):
+    # What a worker whose GPU failed for good does with its job: no outcome, the lease dropped at once.
+    job = new_job(store)
+    run = store.claim(job.id, worker="w1", lease_ttl_s=60)
+    assert not store.release(job.id, "another run")
+    assert store.requeue_lost(max_attempts=3) == []  # the lease still holds
+    assert store.release(job.id, run.token)
+    assert not store.release(job.id, run.token)
+    record = store.get(job.id)
+    assert record.status is JobStatus.RUNNING and record.error is None and record.attempts == 1
+    assert store.requeue_lost(max_attempts=3) == [(job.id, RequeueOutcome.REQUEUED)]
+    again = store.claim(job.id, worker="w2", lease_ttl_s=60)
+    assert again.claimed and again.attempt == 2
+    # The released run cannot touch the run that replaced it.
+    assert not store.release(job.id, run.token) and store.redis.exists(store.keys.lease(job.id))
+    # Out of attempts, a released job fails `worker_lost`, as a dead worker's does.
+    assert store.release(job.id, again.token)
+    assert store.requeue_lost(max_attempts=2) == [(job.id, RequeueOutcome.FAILED)]
+    assert store.get(job.id).error.code == "worker_lost"
 
 
 def test_out_of_attempts_fails_with_worker_lost(store):

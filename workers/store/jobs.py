@@ -1,6 +1,6 @@
 """Jobs: their records, inputs, results, leases and events, and every state change of a job.
 
-State changes that must not race (claim, progress, finish, requeue, cancel) are Lua scripts
+State changes that must not race (claim, progress, finish, release, requeue, cancel) are Lua scripts
 (`lua/`): each checks the run token, so a run that lost its lease can never overwrite the run that
 replaced it.
 """
@@ -73,6 +73,7 @@ class JobStore:
         self._progress = script(client, "progress")
         self._finish = script(client, "finish")
         self._requeue = script(client, "requeue_lost")
+        self._release = script(client, "release")
         self._cancel = script(client, "cancel")
 
     # Gateway side ---------------------------------------------------------------------------------
@@ -210,6 +211,16 @@ class JobStore:
     def renew_lease(self, job_id: str, token: str, lease_ttl_s: float) -> bool:
         keys = [self.keys.lease(job_id), self.keys.job(job_id)]
         return bool(self._renew(keys=keys, args=[token, lease_ttl_s]))
+
+    def release(self, job_id: str, token: str) -> bool:
+        """Give this run's job back now, unfinished: its worker cannot run it (a GPU that failed for good).
+
+        Drops the run's lease and writes no outcome, so the job is left as a dead worker's: the reapers'
+        next pass (`requeue_lost`) requeues it, its attempt counted, or fails it `worker_lost` once out
+        of attempts. The caller must have stopped renewing the lease first: a renewal would take it
+        back. False when the lease is gone already or another run's (nothing changed)."""
+        keys = [self.keys.lease(job_id), self.keys.job(job_id)]
+        return bool(self._release(keys=keys, args=[token]))
 
     def images(self, job_id: str) -> list[bytes]:
         raw = self.redis.hgetall(self.keys.images(job_id))
