@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import secrets
@@ -10,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import PIL.Image
@@ -23,8 +21,8 @@ from api_schemas.jobs import JobMetadata, JobParameters, ResolvedJob, resolve_jo
 from models.adapters import AdapterSet
 from models.failures import DeviceFailure, DeviceLost, classify, release_memory, summary
 from models.fp8 import compute_dtype_of
-from models.mixing import MixingConfig
-from models.modes import Group, Residency, Stage, is_cpu, same_device
+from models.layout import MemoryCheck, check_memory, resolve_layout
+from models.modes import Group, Residency, Stage, same_device
 from models.pipeline import (
     DEFAULT_MAX_AREA,
     KONTEXT_BUCKETS,
@@ -34,6 +32,7 @@ from models.pipeline import (
 )
 from models.placement import Placement
 from models.profiles import SpeedProfile
+from models.sampling import ProgressCallback, ordinary, pair
 from models.settings import EngineSettings, Preset, resolve_device, resolve_dtype
 from models.speed import (
     FusedAdapters,
@@ -57,23 +56,6 @@ logger = logging.getLogger(__name__)
 TINY_BUCKET_SCALE = 1 / 16
 TINY_MAX_AREA = 64 * 64
 
-#: Called as ``on_progress(stage, step, total)``; stages: translate, encode, denoise, decode.
-ProgressCallback = Callable[[str, int, int], None]
-#: A pipeline's ``callback_on_step_end``.
-StepCallback = Callable[[DreamOmni2Pipeline, int, torch.Tensor, dict], dict]
-#: One prompt's (embeddings, pooled embeddings).
-Embeddings = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """Where each part's weights are: the published layout, from the Hub or local folders."""
-
-    kontext: str
-    edit_lora: Path
-    gen_lora: Path
-    vlm: Path
-
 
 @dataclass
 class JobOutput:
@@ -86,41 +68,6 @@ class JobOutput:
     def image(self) -> PIL.Image.Image:
         """The first image: the job's result, or the source of a Feature Mixing pair."""
         return self.images[0]
-
-
-@dataclass
-class Sampling:
-    """What sets one kind of job apart (an ordinary edit or generation, a Feature Mixing pair): the
-    prompts to encode, how the transformer samples them, and the metadata only that kind reports.
-
-    ``sample(embeddings, generator, on_step_end)`` returns the images, the pipeline's stage timings
-    and the kind's own metadata fields.
-    """
-
-    prompts: list[str]
-    sample: Callable[
-        [list[Embeddings], torch.Generator, StepCallback],
-        tuple[list[PIL.Image.Image], dict[str, float], dict[str, object]],
-    ]
-    fields: dict[str, object]
-
-
-def resolve_layout(settings: EngineSettings) -> ModelLayout:
-    """Local folders for the configured preset; builds the tiny set once, or fetches the release."""
-    if settings.preset is Preset.TINY:
-        from models.tiny import ensure_tiny
-
-        root = ensure_tiny(settings.cache_dir)
-        return ModelLayout(str(root / "kontext"), root / "edit_lora", root / "gen_lora", root / "vlm-model")
-    adapters = Path(settings.adapters)
-    if not adapters.is_dir():
-        from huggingface_hub import snapshot_download
-
-        patterns = ["edit_lora/*", "gen_lora/*"] + (["vlm-model/*"] if settings.translator else [])
-        adapters = Path(snapshot_download(settings.adapters, allow_patterns=patterns))
-    return ModelLayout(
-        settings.base_model, adapters / "edit_lora", adapters / "gen_lora", adapters / "vlm-model"
-    )
 
 
 def freeze(*modules: torch.nn.Module | None) -> None:
@@ -204,9 +151,8 @@ class Engine:
         if settings.translator:
             translator_device = device if settings.translator_device == "auto" else settings.translator_device
         layout = resolve_layout(settings)
-        memory_plan, exact_mixing_fits = None, True
-        if settings.memory_check:
-            memory_plan, exact_mixing_fits = check_memory(settings, layout, device, translator_device)
+        memory = check_memory(settings, layout, device, translator_device) if settings.memory_check else None
+        memory = memory or MemoryCheck()
 
         pipeline = DreamOmni2Pipeline.from_pretrained(layout.kontext, dtype=dtype)
         adapters = AdapterSet.load(pipeline, edit=layout.edit_lora, generation=layout.gen_lora)
@@ -222,9 +168,11 @@ class Engine:
                 max_new_tokens=settings.translator_budget,
             )
             freeze(translator.model)
-        engine = cls.assemble(settings, pipeline, adapters, translator, placement)
-        engine.memory_plan = memory_plan
-        if not exact_mixing_fits:
+        engine = cls.assemble(
+            settings, pipeline, adapters, translator, placement, device_spare_bytes=memory.spare_bytes
+        )
+        engine.memory_plan = memory.plan
+        if not memory.exact_mixing_fits:
             # The batch-2 form peaks no higher than an ordinary job; the exact form keeps the source's
             # keys and values of every layer (about 2.7 GiB at 1 MP), which this card has no room for.
             engine.mixing_batched = True
@@ -253,10 +201,13 @@ class Engine:
         adapters: AdapterSet | FusedAdapters,
         translator: InstructionTranslator | None,
         placement: Placement,
+        device_spare_bytes: int = 0,
     ) -> Engine:
         """An engine from loaded parts (LoRAs loaded, weights in host memory or already on their device),
         placed as `placement`'s memory mode says. The GPU benches build random full-size parts and come
-        in here, as `from_settings` does with the loaded ones.
+        in here, as `from_settings` does with the loaded ones. `device_spare_bytes`: memory the
+        pipeline's GPU has beyond the planned peak, where a compiled profile keeps the pristine copies
+        of the weights its adapters rewrite (if they fit; an adapter switch is then a copy on the GPU).
 
         A compiled profile first checks that this machine can compile for its device (`compile_preflight`);
         where it cannot (no C compiler for Triton, say), the worker serves with `reference` and says why
@@ -274,7 +225,9 @@ class Engine:
             require_supported(settings.speed, placement.device)
             problem = compile_preflight(placement.device)
             if problem is None:
-                adapters, report = apply_profile(settings.speed, pipeline, adapters, placement.device)
+                adapters, report = apply_profile(
+                    settings.speed, pipeline, adapters, placement.device, device_spare_bytes
+                )
             else:
                 report.fall_back("reference", problem)
                 logger.error(
@@ -332,6 +285,9 @@ class Engine:
             "fp8_linears": self.profile.fp8_linears,
             "warmup_s": round(self.warmup_s, 1),
         }
+        if isinstance(self.adapters, FusedAdapters):
+            # Where adapter switches copy the pristine weights from: the GPU itself, or host blocks.
+            info["speed"]["pristine_weights"] = self.adapters.pristine_device
         if self.profile.fallback is not None:
             info["speed"].update(fallback=self.profile.fallback, error=self.profile.error)
         if self.translator is not None:
@@ -462,9 +418,9 @@ class Engine:
         timings: dict[str, float] = {}
         started = time.perf_counter()
         if job.task is Task.FEATURE_MIXING:
-            sampling = self._pair(job)
+            sampling = pair(self, job)
         else:
-            sampling = self._ordinary(job, self.prepare_images(uploads), progress)
+            sampling = ordinary(self, job, self.prepare_images(uploads), progress)
             timings["translate"] = time.perf_counter() - started
         if cancel():
             raise JobCanceled("The job was canceled before sampling started.")
@@ -525,125 +481,3 @@ class Engine:
             **fields,
         )
         return JobOutput(images=images, metadata=metadata)
-
-    def _ordinary(
-        self, job: ResolvedJob, images: list[PIL.Image.Image], progress: ProgressCallback
-    ) -> Sampling:
-        """An edit or a generation: the instruction translated (or not), one prompt, one image."""
-        progress("translate", 0, 1)
-        prompt, fields = job.instruction, {"translated": False, "fallback_reason": None}
-        if not job.translate:
-            fields["fallback_reason"] = "disabled_by_request"
-        elif self.translator is None:
-            fields["fallback_reason"] = "disabled_by_deployment"
-        else:
-            with self.placement.running(Group.TRANSLATOR), stage(Stage.TRANSLATE):
-                translation = self.translator.translate(images, job.instruction, job.task)
-            prompt = translation.prompt
-            fields = {
-                "translated": translation.translated,
-                "translation_raw": translation.raw,
-                "fallback_reason": translation.fallback_reason,
-                "translation_tokens": translation.generated_tokens,
-            }
-        progress("translate", 1, 1)
-        # The edit output takes image 1's bucketed size; a generation takes the requested one.
-        height, width = job.height, job.width
-        if job.task is Task.EDIT and images:
-            width, height = images[0].size
-
-        def sample(
-            embeddings: list[Embeddings], generator: torch.Generator, on_step_end: StepCallback
-        ) -> tuple[list[PIL.Image.Image], dict[str, float], dict[str, object]]:
-            ((prompt_embeds, pooled_prompt_embeds),) = embeddings
-            output = self.pipeline(
-                images=images,
-                prompt_embeds=prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds,
-                height=height,
-                width=width,
-                num_inference_steps=job.steps,
-                guidance_scale=job.guidance,
-                generator=generator,
-                max_area=self.max_area,
-                # The images are on their buckets already; the pipeline keeps their size.
-                resolution_buckets=None,
-                callback_on_step_end=on_step_end,
-            )
-            return [output.images[0]], output.timings, {}
-
-        return Sampling(prompts=[prompt], sample=sample, fields={"prompt": prompt, **fields})
-
-    def _pair(self, job: ResolvedJob) -> Sampling:
-        """A Feature Mixing pair: both prompts as they are (no translation), both branches sampled from
-        one seed with base Kontext (the job's adapter; the rule gives `base`), both decoded."""
-        config = MixingConfig.from_job(job)
-        if self.mixing_batched:
-            config = dataclasses.replace(config, batched=True)
-
-        def sample(
-            embeddings: list[Embeddings], generator: torch.Generator, on_step_end: StepCallback
-        ) -> tuple[list[PIL.Image.Image], dict[str, float], dict[str, object]]:
-            (source_embeds, source_pooled), (target_embeds, target_pooled) = embeddings
-            output = self.pipeline.generate_pair(
-                source_prompt_embeds=source_embeds,
-                source_pooled_prompt_embeds=source_pooled,
-                target_prompt_embeds=target_embeds,
-                target_pooled_prompt_embeds=target_pooled,
-                config=config,
-                height=job.height,
-                width=job.width,
-                num_inference_steps=job.steps,
-                guidance_scale=job.guidance,
-                generator=generator,
-                max_area=self.max_area,
-                callback_on_step_end=on_step_end,
-            )
-            mixing = config.describe(output.mixed_steps, output.mixed_layers)
-            return list(output.images), output.timings, {"mixing": mixing}
-
-        return Sampling(
-            prompts=[job.source_prompt, job.target_prompt],
-            sample=sample,
-            fields={
-                "prompt": job.source_prompt,
-                "translated": False,
-                "fallback_reason": None,
-                "source_prompt": job.source_prompt,
-                "target_prompt": job.target_prompt,
-                "attribute": job.attribute,
-            },
-        )
-
-
-def check_memory(
-    settings: EngineSettings, layout: ModelLayout, device: str, translator_device: str | None
-) -> tuple[MemoryPlan | None, bool]:
-    """The planner's prediction for this configuration, refused with `MemoryPlanError` if it cannot fit
-    the free GPU memory or the host memory available, and whether a Feature Mixing pair in its exact
-    (sequential) form fits as well.
-
-    Checked only where the pipeline runs on a CUDA GPU; returns (None, True) elsewhere. The free
-    memory of every GPU the plan uses is read with the CUDA context already created.
-    """
-    if is_cpu(device) or not torch.cuda.is_available():
-        return None, True
-    from models.memory import available_host_bytes, check_fit, fits, layout_sizes, plan_memory
-
-    dtype = resolve_dtype(settings.dtype, device)
-    sizes = layout_sizes(layout.kontext, layout.edit_lora, layout.gen_lora, layout.vlm, dtype=dtype)
-    free = {}
-    for name in {device, translator_device} - {None}:
-        if not is_cpu(name):
-            free[str(name)] = torch.cuda.mem_get_info(torch.device(name))[0]
-    host_free = available_host_bytes()
-    size = round((settings.max_area or DEFAULT_MAX_AREA) ** 0.5) // 16 * 16
-    kwargs = dict(
-        size=size,
-        device=device,
-        translator_device=translator_device,
-        new_tokens=settings.translator_budget,
-        sizes=sizes,
-    )
-    plan = check_fit(settings.memory, settings.limits.max_images, free, host_free, **kwargs)
-    return plan, fits(plan_memory(settings.memory, 0, feature_mixing=True, **kwargs), free)

@@ -33,12 +33,15 @@ Both need every transformer call inside `transformer.cache_context(...)`, which 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch._inductor.config
 import torch.fx.experimental._config
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, TaylorSeerCacheConfig
 
@@ -168,15 +171,28 @@ def attention_backend(
 def compile_preflight(device: torch.device) -> str | None:
     """Whether this machine can compile for `device`: None if a small `torch.compile` builds and runs,
     else what failed (on a GPU: Triton needs a C compiler and the Python headers at run time; on a
-    CPU: Inductor needs a C++ compiler). Seconds on a warm cache."""
+    CPU: Inductor needs a C++ compiler). It compiles for real every time: a fresh function (Dynamo
+    caches compiled frames by code object) with Inductor's caches off, so neither an earlier compile in
+    this process nor a persistent cache from another machine can stand in for the toolchain."""
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x) * 2 + 1
+
+    fresh = types.FunctionType(
+        probe.__code__.replace(co_name=f"compile_preflight_{next(_preflights)}"), probe.__globals__
+    )
     try:
-        compiled = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1, fullgraph=True)
-        x = torch.arange(64, dtype=torch.float32, device=device)
-        if not torch.allclose(compiled(x), torch.nn.functional.gelu(x) * 2 + 1):
-            return "a compiled test function gave wrong results"
+        with torch._inductor.config.patch(force_disable_caches=True):
+            compiled = torch.compile(fresh, fullgraph=True)
+            x = torch.arange(64, dtype=torch.float32, device=device)
+            if not torch.allclose(compiled(x), probe(x)):
+                return "a compiled test function gave wrong results"
     except Exception as exc:  # the toolchain's error, reported as the reason
         return summary(exc)
     return None
+
+
+_preflights = itertools.count(1)
 
 
 def fp8_supported(device: torch.device) -> bool:

@@ -124,6 +124,7 @@ def plan_memory(
     feature_mixing: bool = False,
     mixing_batched: bool = False,
     include_cpu: bool = False,
+    speed: str = "reference",
 ) -> MemoryPlan:
     """Predict the GPU peak of a job of `images` inputs at `size` in `mode`, without loading weights.
 
@@ -132,15 +133,12 @@ def plan_memory(
     to the published release's architectures. `feature_mixing`: a Feature Mixing pair instead (no
     input image, no translation; `mixing_batched`: its batch-2 form). `include_cpu`: plan a CPU
     device's stages too, as if it were an accelerator (the tests' live-memory ledger compares with it).
+    `speed`: the speed profile; a compiled one keeps pristine copies of the adapted weights, counted
+    in host memory (a worker with room to spare on the GPU keeps them there instead).
     """
     from models.translator import DEFAULT_MAX_NEW_TOKENS
 
-    if images < 0:
-        raise ValueError(f"images must be 0 or more, got {images}")
-    if feature_mixing and images:
-        raise ValueError(f"a Feature Mixing job takes no input image, got images={images}")
-    if size < 64 or size % 16:
-        raise ValueError(f"size must be a multiple of 16 of at least 64, got {size}")
+    _check_job(images, size, feature_mixing)
     mode = MemoryMode(mode)
     sizes = sizes or published_sizes()
     new_tokens = DEFAULT_MAX_NEW_TOKENS if new_tokens is None else new_tokens
@@ -164,6 +162,8 @@ def plan_memory(
         default=(0, str(device), Stage.DENOISE.value),
     )
     host = host_memory(mode, sizes, components)
+    if speed != "reference":
+        host["pristine_adapted_weights"] = pack_blocks(sizes.adapted_weight_bytes).nbytes
     notes = []
     if sizes.lora_rank_assumed:
         notes.append(
@@ -193,6 +193,15 @@ def plan_memory(
         lora_rank_assumed=sizes.lora_rank_assumed,
         notes=notes,
     )
+
+
+def _check_job(images: int, size: int, feature_mixing: bool) -> None:
+    if images < 0:
+        raise ValueError(f"images must be 0 or more, got {images}")
+    if feature_mixing and images:
+        raise ValueError(f"a Feature Mixing job takes no input image, got images={images}")
+    if size < 64 or size % 16:
+        raise ValueError(f"size must be a multiple of 16 of at least 64, got {size}")
 
 
 def plan_components(

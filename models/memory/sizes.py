@@ -99,6 +99,9 @@ class ArchitectureSizes:
     stream_window_bytes: int  # two neighbouring blocks plus the non-block layers
     lora_numel: dict[str, int]
     lora_tensor_numels: dict[str, tuple[int, ...]]
+    #: The weights the LoRAs adapt, as a compiled profile fuses them (q/k/v as one): the pristine
+    #: copies it keeps to rewrite them from on every adapter switch.
+    adapted_weight_bytes: tuple[int, ...]
     lora_rank_assumed: int | None
     lora_targets: tuple[str, ...]
     lora_rank: int
@@ -157,6 +160,7 @@ class ArchitectureSizes:
                 lora[name] = tuple(lora_numels(transformer, lora_rank, LORA_TARGET_MODULES))
                 assumed = lora_rank
 
+        adapted = adapted_weights(transformer, LORA_TARGET_MODULES)
         # The worker's own fp8 storage, on the meta transformer: the bytes it keeps are the worker's.
         store_in_fp8(transformer, dtype)
         # The largest weight a stored layer dequantizes for its forward, a transient of its own.
@@ -200,10 +204,30 @@ class ArchitectureSizes:
             stream_window_bytes=window + (sizes["transformer"] - in_blocks),
             lora_numel={name: sum(numels) for name, numels in lora.items()},
             lora_tensor_numels=lora,
+            adapted_weight_bytes=adapted,
             lora_rank_assumed=assumed,
             lora_targets=tuple(LORA_TARGET_MODULES),
             lora_rank=lora_rank,
         )
+
+
+#: The projections a compiled profile fuses into one weight (`fuse_qkv_projections`).
+FUSED_GROUPS = (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
+
+
+def adapted_weights(transformer: torch.nn.Module, targets: Iterable[str]) -> tuple[int, ...]:
+    """Bytes of each weight the LoRAs on `targets` adapt, q/k/v (and the added ones) fused into one."""
+    targets = tuple(targets)
+    found: dict[str, int] = {}
+    for name, module in transformer.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        fused = next((f"{parent}.{group[0]}" for group in FUSED_GROUPS if leaf in group), name)
+        found[fused] = found.get(fused, 0) + module.weight.numel() * module.weight.element_size()
+    return tuple(found.values())
 
 
 def _pick(config: object | None, *names: str) -> dict[str, int]:

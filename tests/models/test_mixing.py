@@ -337,7 +337,7 @@ def test_the_planner_prices_a_pair(tiny_root):
 
 def test_a_worker_without_room_for_the_exact_form_runs_pairs_batched(tiny_cache, monkeypatch):
     # The start-up check on a stand-in GPU whose free memory fits ordinary jobs but not the kept keys.
-    from models.engine import check_memory, resolve_layout
+    from models.layout import check_memory, resolve_layout
     from models.memory import FIT_HEADROOM
 
     monkeypatch.setenv("DREAMOMNI2_MAX_IMAGES", "0")
@@ -357,5 +357,5 @@ def test_a_worker_without_room_for_the_exact_form_runs_pairs_batched(tiny_cache,
         (int(one * (1 + FIT_HEADROOM)) + 1, False),
     ):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 2 * free))
-        plan, fits_exact = check_memory(settings, layout, "cuda", None)
-        assert plan.peak_bytes == one and fits_exact is exact
+        check = check_memory(settings, layout, "cuda", None)
+        assert check.plan.peak_bytes == one and check.exact_mixing_fits is exact
