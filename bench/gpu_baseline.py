@@ -1,7 +1,8 @@
 """Full-size DreamOmni2 speed and memory with random weights, in one memory mode.
 
     python bench/gpu_baseline.py                              # full-size shapes, bf16, resident, on CUDA
-    python bench/gpu_baseline.py --memory low --card-gib 24   # capped at a 24 GiB card's memory
+    python bench/gpu_baseline.py --memory low --card-gb 24    # capped at the smallest 24 GB card (L4)
+    python bench/gpu_baseline.py --memory low --card A10      # capped at a named card (models/cards.py)
     python bench/gpu_baseline.py --shapes tiny                # the same code on the tiny shapes, CPU
 
 Builds the architectures of the `dreamomni2` preset from their configs (`models.architectures`) with
@@ -10,15 +11,21 @@ Qwen2.5-VL-7B, two LoRAs), nothing downloaded, places them as the memory mode sa
 (`Engine.assemble`, the worker's own path) and runs whole jobs through `Engine.run` for 0 to 3 input
 images: per-step time, whole-job time (translator included), peak memory (PyTorch's allocated and
 reserved, and the device's used memory sampled as NVML sees it) beside the planner's prediction.
-With `--card-gib`, `torch.cuda.set_per_process_memory_fraction` caps the process at that card size
-once the models are placed. Random weights measure time and memory honestly and say nothing about
-quality; a random VLM rarely stops early, so the translator runs to its budget (its worst case).
-Run one mode per process (`bench/gpu_suite.py` does): peaks are per process. Writes JSON with --out.
+With `--card-gb` (a size class: its smallest card, `models.cards.card_class`) or `--card` (a name in
+`models.cards.CARDS`), the process is capped at that card's total memory once the warm-up job has run:
+`torch.cuda.set_per_process_memory_fraction` caps only PyTorch's own allocations, so the cap is the
+card's total less the CUDA context already in use (the device's used memory that PyTorch did not
+reserve, cuBLAS and cuDNN loaded by then), over the device's total. Random weights measure time and
+memory honestly and say nothing about quality; a random VLM rarely stops early, so the translator
+runs to its budget (its worst case). Run one mode per process (`bench/gpu_suite.py` does): peaks
+are per process. Writes JSON with --out; with --suite-out, appends each row to the GPU suite's
+results file as soon as it is measured (`bench/suite_rows.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -32,13 +39,15 @@ import PIL.Image
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig
+from suite_rows import RowLog  # bench/, beside this script
 
 from api_schemas.common import Task
 from api_schemas.jobs import JobParameters
 from models.adapters import AdapterSet
 from models.architectures import LORA_TARGET_MODULES, QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, build_full_size
+from models.cards import CARDS, Card, GiB, card_class
 from models.engine import Engine
-from models.memory import ASSUMED_LORA_RANK, GiB, plan_memory, published_sizes
+from models.memory import ASSUMED_LORA_RANK, plan_memory, published_sizes
 from models.modes import MemoryMode
 from models.pipeline import DreamOmni2Pipeline
 from models.placement import Placement
@@ -48,9 +57,10 @@ from models.translator import InstructionTranslator, Qwen2_5_VLImageTextProcesso
 
 
 def build_full(
-    device: str, dtype: torch.dtype, tiny_root: Path
-) -> tuple[DreamOmni2Pipeline, InstructionTranslator]:
-    """The full-size architectures with random weights; tokenizers come from the tiny set (ids fit)."""
+    device: str, dtype: torch.dtype, tiny_root: Path, translator: bool = True
+) -> tuple[DreamOmni2Pipeline, InstructionTranslator | None]:
+    """The full-size architectures with random weights; tokenizers come from the tiny set (ids fit).
+    Without `translator`, no VLM is built (None in its place)."""
     tiny = DreamOmni2Pipeline.from_pretrained(tiny_root / "kontext")
     clip_tok, t5_tok = tiny.tokenizer, tiny.tokenizer_2
     processor = Qwen2_5_VLImageTextProcessor.from_pretrained(
@@ -68,6 +78,7 @@ def build_full(
         clip_ids={"eos_token_id": clip_tok.eos_token_id, "pad_token_id": clip_tok.pad_token_id},
         t5_ids={"eos_token_id": t5_tok.eos_token_id, "pad_token_id": t5_tok.pad_token_id},
         qwen_ids=qwen_ids,
+        translator=translator,
     )
     pipeline = DreamOmni2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**KONTEXT_SCHEDULER_CONFIG),
@@ -80,7 +91,7 @@ def build_full(
     )
     # The real processor's bounds (Qwen2.5-VL's preprocessor_config.json), not the tiny preset's.
     processor.image_processor.size = {"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS}
-    return pipeline, InstructionTranslator(models.vlm, processor)
+    return pipeline, InstructionTranslator(models.vlm, processor) if translator else None
 
 
 def build_tiny_shapes(tiny_root: Path) -> tuple[DreamOmni2Pipeline, InstructionTranslator]:
@@ -136,12 +147,44 @@ class DeviceUsedSampler:
         self._thread.join()
 
 
-def main() -> int:
+def chosen_card(args: argparse.Namespace) -> Card | None:
+    if args.card_gb is not None:
+        return card_class(args.card_gb)
+    if args.card is not None:
+        if args.card not in CARDS:
+            raise SystemExit(f"--card: unknown card {args.card!r}; known: {', '.join(CARDS)}")
+        return CARDS[args.card]
+    return None
+
+
+def cap_at_card(card: Card, device: str) -> dict:
+    """Cap this process at `card`'s total memory, the CUDA context already in use counted."""
+    torch.cuda.synchronize(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    context = (total - free) - torch.cuda.memory_reserved(device)
+    fraction = min(1.0, max(0.0, (card.total_bytes - context) / total))
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    print(
+        f"capped at {card.label()}: the CUDA context holds {context / GiB:.2f} GiB, so PyTorch may use "
+        f"{fraction * total / GiB:.2f} GiB ({fraction:.3f} of the device's {total / GiB:.1f} GiB)"
+    )
+    return {"name": card.name, "sold_gb": card.sold_gb, "total_gib": round(card.total_gib, 2),
+            "total_bytes": card.total_bytes, "device_total_bytes": total, "context_bytes": context,
+            "fraction": fraction, "pytorch_cap_bytes": int(fraction * total)}  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=["full", "tiny"], default="full")
     parser.add_argument("--device", default=None, help="default: cuda for full shapes, cpu for tiny")
     parser.add_argument("--memory", choices=[m.value for m in MemoryMode], default=MemoryMode.RESIDENT.value)
-    parser.add_argument("--card-gib", type=float, help="cap the process at this much GPU memory (GiB)")
+    card = parser.add_mutually_exclusive_group()
+    card.add_argument(
+        "--card-gb", type=int, help="cap at the smallest card sold as this many GB (24, 48, 80)"
+    )
+    card.add_argument("--card", help=f"cap at this card: {', '.join(CARDS)}")
     parser.add_argument("--images", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--size", type=int, default=1024, help="side of the square inputs and output")
     parser.add_argument("--steps", type=int, default=30)
@@ -149,7 +192,13 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="translator token budget")
     parser.add_argument("--no-translator", action="store_true")
     parser.add_argument("--out", type=Path, help="write the report as JSON here")
-    args = parser.parse_args()
+    parser.add_argument("--suite-out", type=Path, help="append each row to this GPU suite results file")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    card = chosen_card(args)
 
     full = args.shapes == "full"
     device = args.device or ("cuda" if full else "cpu")
@@ -160,10 +209,12 @@ def main() -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     tiny_root = ensure_tiny(Path(tempfile.mkdtemp(prefix="dreamomni2-gpu-bench-")))
     mode = MemoryMode(args.memory)
+    section = f"memory {mode.value}"
+    suite = RowLog(args.suite_out) if args.suite_out else None
 
     started = time.perf_counter()
     # Built on the device (fast random init); the placement then moves what the mode keeps in host
-    # memory there, and only then is the process capped at the card size.
+    # memory there, and the process is capped at the card size once the warm-up job has run.
     pipeline, translator = build_full(device, dtype, tiny_root) if full else build_tiny_shapes(tiny_root)
     adapters = add_random_loras(pipeline, ASSUMED_LORA_RANK if full else 4)
     translator.max_new_tokens = args.max_new_tokens
@@ -180,18 +231,18 @@ def main() -> int:
     engine = Engine.assemble(
         settings, pipeline, adapters, None if args.no_translator else translator, placement
     )
-    build_s = time.perf_counter() - started
     if cuda:
         torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        if args.card_gib:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.card_gib * GiB / total), device)
+    build_s = time.perf_counter() - started
     params_b = sum(p.numel() for p in pipeline.transformer.parameters()) / 1e9
     print(
         f"{args.shapes} shapes on {device} ({dtype}), memory {mode.value}; "
         f"transformer {params_b:.2f}B params; built and placed in {build_s:.1f}s"
     )
+    if suite:
+        suite.append(
+            section, "build", {"build_s": build_s, "transformer_params_b": params_b, "device": device}
+        )
 
     def job(count: int) -> dict:
         images = [noise_image(args.size, args.size, n) for n in range(count)]
@@ -216,7 +267,10 @@ def main() -> int:
                 "device_used": used, "adapter": meta.adapter.value}  # fmt: skip
 
     sizes = published_sizes(ASSUMED_LORA_RANK) if full else None
-    job(args.images[0])  # warm-up: kernels, allocator
+    job(args.images[0])  # warm-up: kernels, allocator, cuBLAS and cuDNN loaded (the context grows)
+    capped = cap_at_card(card, device) if cuda and card else None
+    if capped and suite:
+        suite.append(section, "card", capped)
     rows = []
     header = (
         f"{'images':>6} {'tokens':>7} {'step s':>8} {'job s':>8} {'translate s':>11} "
@@ -235,20 +289,25 @@ def main() -> int:
             if full else 0
         )  # fmt: skip
         tokens = (args.size // 16) ** 2 * (count + 1) + 512
-        rows.append(
-            {"images": count, "tokens": tokens, "step_s": step_s, "job_s": job_s, "translate_s": translate_s,
-             "planned_bytes": planned, **{f"peak_{k}_bytes": v for k, v in peak.items()},
-             "adapter": runs[0]["adapter"], "timings": runs[0]["timings"]}
-        )  # fmt: skip
+        row = {"images": count, "tokens": tokens, "step_s": step_s, "job_s": job_s,
+               "translate_s": translate_s, "planned_bytes": planned,
+               **{f"peak_{k}_bytes": v for k, v in peak.items()}, "adapter": runs[0]["adapter"],
+               "timings": runs[0]["timings"]}  # fmt: skip
+        if capped:
+            row["fits_card"] = peak["device_used"] <= card.total_bytes
+        rows.append(row)
+        if suite:
+            suite.append(section, f"{count} image(s)", row)
         measured = f"{peak['allocated'] / GiB:>9.2f} {peak['reserved'] / GiB:>12.2f} "
         measured += f"{peak['device_used'] / GiB:>8.2f}"
         print(
             f"{count:>6} {tokens:>7} {step_s:>8.3f} {job_s:>8.2f} {translate_s:>11.2f} "
-            f"{planned / GiB:>11.2f} {measured}  " + runs[0]["adapter"]
+            f"{planned / GiB:>11.2f} {measured}  " + runs[0]["adapter"],
+            flush=True,
         )
     if args.out:
         report = {"shapes": args.shapes, "device": device, "dtype": str(dtype), "memory": mode.value,
-                  "card_gib": args.card_gib, "steps": args.steps, "size": args.size, "build_s": build_s,
+                  "card": capped, "steps": args.steps, "size": args.size, "build_s": build_s,
                   "gpu": torch.cuda.get_device_name() if cuda else None, "rows": rows}  # fmt: skip
         args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch._inductor.config
+import torch._inductor.utils
 import torch.fx.experimental._config
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, TaylorSeerCacheConfig
 
@@ -172,8 +172,8 @@ def compile_preflight(device: torch.device) -> str | None:
     """Whether this machine can compile for `device`: None if a small `torch.compile` builds and runs,
     else what failed (on a GPU: Triton needs a C compiler and the Python headers at run time; on a
     CPU: Inductor needs a C++ compiler). It compiles for real every time: a fresh function (Dynamo
-    caches compiled frames by code object) with Inductor's caches off, so neither an earlier compile in
-    this process nor a persistent cache from another machine can stand in for the toolchain."""
+    caches compiled frames by code object) in fresh temporary Inductor and Triton caches, so neither an
+    earlier compile in this process nor a persistent cache can stand in for the toolchain."""
 
     def probe(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.gelu(x) * 2 + 1
@@ -182,7 +182,7 @@ def compile_preflight(device: torch.device) -> str | None:
         probe.__code__.replace(co_name=f"compile_preflight_{next(_preflights)}"), probe.__globals__
     )
     try:
-        with torch._inductor.config.patch(force_disable_caches=True):
+        with torch._inductor.utils.fresh_cache():
             compiled = torch.compile(fresh, fullgraph=True)
             x = torch.arange(64, dtype=torch.float32, device=device)
             if not torch.allclose(compiled(x), probe(x)):

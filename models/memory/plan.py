@@ -106,8 +106,8 @@ class MemoryPlan:
             f"job peak: {gib(self.peak_bytes)} on {self.peak_device} during {self.peak_stage} "
             "(PyTorch allocations; the CUDA context comes on top)"
         )
-        held = ", ".join(f"{name} {n / GiB:.2f}" for name, n in self.host.items()) or "nothing"
-        lines.append(f"host memory: {gib(self.host_bytes)} ({held} GiB)")
+        held = ", ".join(f"{name} {n / GiB:.2f}" for name, n in self.host.items())
+        lines.append(f"host memory: {gib(self.host_bytes)} ({held} GiB)" if held else "host memory: none")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
