@@ -86,7 +86,7 @@ def check_fit(
             options.append(f"{mode.value} fits with DREAMOMNI2_MAX_IMAGES={fewer}")
     if not options:
         options.append(
-            "no mode fits this machine at this image limit; put the translator on another device "
+            "No mode fits this machine at this image limit; put the translator on another device "
             "(DREAMOMNI2_TRANSLATOR_DEVICE=cuda:1 or cpu), lower DREAMOMNI2_MAX_IMAGES, or give the "
             "worker more host memory"
         )

@@ -146,6 +146,18 @@ def test_check_fit_names_what_would_fit(sizes):
         check_fit(MemoryMode.STREAM, 5, {"cuda": 4 * GiB}, sizes=sizes)
     assert "DREAMOMNI2_TRANSLATOR_DEVICE" in str(info.value)
 
+    # Host memory: `low` on a 24 GB card of a 32 GiB host does not fit (39 GiB pinned); on a 48 GB
+    # card `balanced` pins less and fits.
+    with pytest.raises(MemoryPlanError) as info:
+        check_fit(MemoryMode.LOW, 5, {"cuda": 22 * GiB}, host_free=32 * GiB, sizes=sizes)
+    message = str(info.value)
+    assert "the host needs 39.1 GiB" in message and "32.0 GiB available" in message
+    assert "No mode fits this machine" in message and "give the worker more host memory" in message
+    with pytest.raises(MemoryPlanError) as info:
+        check_fit(MemoryMode.LOW, 5, {"cuda": 44 * GiB}, host_free=32 * GiB, sizes=sizes)
+    assert "DREAMOMNI2_MEMORY=balanced fits" in str(info.value)
+    assert check_fit(MemoryMode.LOW, 5, {"cuda": 22 * GiB}, host_free=48 * GiB, sizes=sizes).mode == "low"
+
     low_2 = plan_memory(MemoryMode.LOW, 2, sizes=sizes).peak_bytes
     with pytest.raises(MemoryPlanError, match="low fits with DREAMOMNI2_MAX_IMAGES=2"):
         check_fit(MemoryMode.LOW, 5, {"cuda": int(low_2 * (1 + FIT_HEADROOM)) + 1}, sizes=sizes)
@@ -189,6 +201,10 @@ def test_the_plan_command_prints_one_json_object():
     assert set(plan["activations"]) == {"translate", "encode_prompt", "encode_images", "denoise", "decode"}
     assert all(isinstance(n, int) for n in plan["activations"].values())
     assert isinstance(plan["peak_bytes"], int) and plan["peak_bytes"] < 24 * GiB
+    # The pinned host memory `low` needs: three groups packed in blocks, close to their weights.
+    assert set(plan["host"]) == {"translator", "text_encoders", "transformer"}
+    assert plan["host_bytes"] == sum(plan["host"].values())
+    assert 38 * GiB < plan["host_bytes"] < 40 * GiB
 
 
 def test_the_plan_command_checks_a_card(sizes, capsys):
