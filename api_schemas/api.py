@@ -39,10 +39,20 @@ class ErrorInfo(BaseModel):
     details: dict[str, Any] | None = Field(default=None, description="Numbers and names behind the message.")
 
 
+class HttpErrorInfo(ErrorInfo):
+    """The error of an error answer: a job's `error` fields, and the request's id."""
+
+    request_id: str | None = Field(
+        default=None,
+        description="The request's id, as in the `X-Request-ID` answer header: quote it when reporting a "
+        "problem (the service's logs carry it).",
+    )
+
+
 class ErrorEnvelope(BaseModel):
     """Every error the service returns has this shape."""
 
-    error: ErrorInfo
+    error: HttpErrorInfo
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -51,6 +61,7 @@ class ErrorEnvelope(BaseModel):
                     "code": "too_many_images",
                     "message": "6 images were sent; at most 5 are allowed (image 1 plus references).",
                     "details": {"images": 6, "max": 5},
+                    "request_id": "5f0c3b6e2d8a4f7c9e1b0a2d4c6e8f10",
                 }
             }
         }
@@ -63,16 +74,38 @@ class Progress(BaseModel):
     total: int = Field(default=0, description="Steps in the current stage.")
 
 
+class ProgressEvent(Progress):
+    """The data of a `progress` event on a job's event stream: the progress, and on some denoising
+    steps a preview. The job object's `progress` is the latest of these without its preview."""
+
+    preview: str | None = Field(
+        default=None,
+        description="Every DREAMOMNI2_PREVIEW_EVERY-th denoising step: the image as it forms (the current "
+        "estimate of the result; a Feature Mixing pair: source and target side by side), a small "
+        "`data:image/jpeg;base64,...` URI of a few KB (a pixel per 8x8 of the output, at most 256 a side).",
+    )
+
+
 #: The most result images a job has: a Feature Mixing pair (source, target); every other job, one.
 MAX_RESULTS = 2
 
 
 class ResultInfo(BaseModel):
-    url: str
+    url: str = Field(description="The image, for a caller with the job's API key (relative).")
     width: int
     height: int
     content_type: str
     bytes: int
+    signed_url: str | None = Field(
+        default=None,
+        description="The image at an absolute, expiring link that needs no API key (an `<img>` tag, a "
+        "webhook receiver, another service can fetch it): `GET /v1/results/{job_id}?index=&expires=&"
+        "signature=`. Anyone holding it can download the image until `signed_url_expires_at`; ask for the "
+        "job again for a fresh one. Left out of webhooks when the deployment has no DREAMOMNI2_PUBLIC_URL.",
+    )
+    signed_url_expires_at: datetime | None = Field(
+        default=None, description="When `signed_url` stops working (410 `link_expired` from then on)."
+    )
 
 
 class WebhookDelivery(BaseModel):
@@ -181,6 +214,9 @@ class Job(BaseModel):
                     "height": 1024,
                     "content_type": "image/png",
                     "bytes": 1532211,
+                    "signed_url": "https://dreamomni2.example.com/v1/results/j_5f2c8a0e6b7d4c1e9a3b2f10"
+                    "?index=0&expires=1795777200&signature=8PI2swCPv-yHL5VBdZ6OjD_r0y-YGjKikTlEAuPL86E",
+                    "signed_url_expires_at": "2026-11-27T11:00:00Z",
                 },
                 "links": {
                     "self": "/v1/jobs/j_5f2c8a0e6b7d4c1e9a3b2f10",
@@ -236,7 +272,10 @@ class JobRequestJSON(JobOptions):
 
 class WorkerCounts(BaseModel):
     up: int = Field(description="Worker processes that sent a heartbeat recently.")
-    ready: int = Field(description="Of those, how many have their models loaded and take jobs.")
+    ready: int = Field(
+        description="Of those, how many have their models loaded and their consumer connected (they take "
+        "jobs)."
+    )
     memory_modes: dict[str, int] = Field(
         default_factory=dict,
         description="Ready workers per memory mode (`DREAMOMNI2_MEMORY`: resident, balanced, low, stream).",

@@ -62,6 +62,8 @@ class ErrorCode(StrEnum):
     MISSING_API_KEY = "missing_api_key"
     INVALID_API_KEY = "invalid_api_key"
     FORBIDDEN = "forbidden"
+    LINK_INVALID = "link_invalid"
+    LINK_EXPIRED = "link_expired"
     TOO_MANY_REQUESTS = "too_many_requests"
     RATE_LIMITED = "rate_limited"
     ACTIVE_JOBS_LIMIT = "active_jobs_limit"
@@ -149,6 +151,8 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.MISSING_API_KEY: CodeInfo(401, _H, "no `Authorization: Bearer <key>` header"),
     ErrorCode.INVALID_API_KEY: CodeInfo(401, _H, "the API key is not known"),
     ErrorCode.FORBIDDEN: CodeInfo(403, _H, "not allowed"),
+    ErrorCode.LINK_INVALID: CodeInfo(403, _H, "a signed result link not issued by this service, or altered"),
+    ErrorCode.LINK_EXPIRED: CodeInfo(410, _H, "a signed result link past its expiry: get a fresh one"),
     ErrorCode.TOO_MANY_REQUESTS: CodeInfo(429, _H, "slow down"),
     ErrorCode.RATE_LIMITED: CodeInfo(429, _H, "this API key submitted faster than its rate limit allows"),
     ErrorCode.ACTIVE_JOBS_LIMIT: CodeInfo(429, _H, "this API key has its maximum of jobs queued or running"),
@@ -167,7 +171,9 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.OUT_OF_MEMORY: CodeInfo(507, _J, "the GPU or the host ran out of memory for it"),
     ErrorCode.WORKER_LOST: CodeInfo(500, _J, "its worker died DREAMOMNI2_MAX_ATTEMPTS times"),
     ErrorCode.LEASE_LOST: CodeInfo(500, _J, "internal: a run lost its lease to another run (never stored)"),
-    ErrorCode.UNAVAILABLE: CodeInfo(503, _H, "the job store (Redis) is unreachable; retry shortly"),
+    ErrorCode.UNAVAILABLE: CodeInfo(
+        503, _H, "the job store (Redis) is unreachable, or a new job could not reach its replicas; retry"
+    ),
     ErrorCode.INTERNAL: CodeInfo(500, _B, "an unexpected error; it is in the logs"),
 }  # fmt: skip
 
@@ -239,6 +245,20 @@ class PayloadTooLarge(InvalidInput):
 class Unauthorized(ServiceError):
     code = ErrorCode.UNAUTHORIZED
     http_status = 401
+
+
+class LinkInvalid(ServiceError):
+    """A signed result link whose signature does not match: forged, or a part of it changed."""
+
+    code = ErrorCode.LINK_INVALID
+    http_status = 403
+
+
+class LinkExpired(ServiceError):
+    """A signed result link this service issued, past its expiry."""
+
+    code = ErrorCode.LINK_EXPIRED
+    http_status = 410
 
 
 class NotFound(ServiceError):

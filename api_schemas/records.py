@@ -127,6 +127,10 @@ class JobRecord(BaseModel):
     cancel_requested: Annotated[bool, BeforeValidator(_flag)] = False
     cancel_reason: Annotated[str | None, EmptyIsNone] = None
     webhook: Annotated[WebhookDelivery | None, StoredJson] = None
+    #: The submit request's `X-Request-ID` and the W3C `traceparent` of its span (tracing on), for the
+    #: worker's log lines and spans; absent from jobs stored before they were kept.
+    request_id: Annotated[str | None, EmptyIsNone] = None
+    traceparent: Annotated[str | None, EmptyIsNone] = None
 
     @property
     def all_results(self) -> list[StoredResult]:
@@ -148,6 +152,11 @@ class DeliveryRecord(BaseModel):
     event: WebhookEvent
     body: str
     attempts: int = 0
+    #: Delivered, or out of attempts: nothing more is sent.
+    done: bool = False
+    #: The job's (`JobRecord`): each attempt's log lines and span belong to the job's request and trace.
+    request_id: str | None = None
+    traceparent: str | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> DeliveryRecord:

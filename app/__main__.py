@@ -32,10 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from app.settings import GatewaySettings
+    from workers.logs import configure_logging
 
     settings = GatewaySettings()
+    # Our format from the first line on, uvicorn's included: uvicorn leaves logging alone (no
+    # `log_config`), and each of its worker processes sets it up again in `create_app`.
+    configure_logging(settings.log_format)
     uvicorn.run(
-        "app.main:create_app", factory=True, host=settings.host, port=settings.port, workers=args.workers
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=args.workers,
+        log_config=None,
     )
     return 0
 

@@ -10,7 +10,7 @@ import secrets
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api_schemas.errors import ErrorCode, Unauthorized
-from app.settings import AuthMode, GatewaySettings
+from app.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class KeyRing:
 
     def __init__(self, settings: GatewaySettings):
         self.keys = settings.api_keys
-        self.enabled = settings.auth is AuthMode.ON or (settings.auth is AuthMode.AUTO and bool(self.keys))
+        self.enabled = settings.auth_enabled
         if not self.enabled:
             banner = "!" * 78
             logger.warning(

@@ -23,8 +23,16 @@ def get_owner(
     return request.app.state.keys.owner(credentials)
 
 
+def get_base_url(request: Request) -> str:
+    """The base URL the request came to, for the absolute links of its answer. Its scheme follows
+    `X-Forwarded-Proto` only from the proxies uvicorn trusts (`FORWARDED_ALLOW_IPS`, loopback by
+    default); DREAMOMNI2_PUBLIC_URL, where set, replaces it (`JobService.links_at`)."""
+    return str(request.base_url)
+
+
 Service = Annotated[JobService, Depends(get_service)]
 Owner = Annotated[str, Depends(get_owner)]
+BaseUrl = Annotated[str, Depends(get_base_url)]
 
 
 async def get_submission(request: Request, service: Service, cancel_after: CancelAfter) -> Submission:

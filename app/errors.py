@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api_schemas.api import ErrorEnvelope
 from api_schemas.errors import STATUS_CODES, ErrorCode, ServiceError
+from app.request_id import current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +47,20 @@ def _json_safe(value: object) -> object:
     return value
 
 
-def error_response(
-    status: int, code: ErrorCode, message: str, details: object = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
+def error_body(code: ErrorCode, message: str, details: object = None) -> dict[str, Any]:
+    """The envelope, with the id of the request being answered (`X-Request-ID`)."""
     body: dict[str, Any] = {"code": code.value, "message": message}
     if details:
         body["details"] = _json_safe(details)
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    if request_id := current_request_id():
+        body["request_id"] = request_id
+    return {"error": body}
+
+
+def error_response(
+    status: int, code: ErrorCode, message: str, details: object = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

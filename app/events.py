@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -38,7 +39,8 @@ async def job_events(
     the final event, so every stream ends with one.
     """
     store = service.store.jobs
-    render = service.render_id
+    # The final event's job object: its signed links at the base this stream was asked at.
+    render = functools.partial(service.render_id, base_url=str(request.base_url))
     key = store.keys.events(job_id)
     after = last_event_id or "0-0"
     # A job that has already ended has all its events in the stream: read them without blocking, so a

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-import redis.asyncio
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -22,6 +22,7 @@ from app.errors import install_error_handlers
 from app.metrics import GatewayMetrics
 from app.middleware import CORS_HEADERS, EXPOSED_HEADERS, BodySizeLimit, Cors, HeadAsGet, RequestMetrics
 from app.openapi import DESCRIPTION, openapi_document
+from app.request_id import RequestId
 from app.routes import (
     ASSETS_PATH,
     STATIC_DIR,
@@ -30,21 +31,25 @@ from app.routes import (
     health_router,
     jobs_router,
     page_router,
+    results_router,
     service_router,
 )
 from app.service import JobService
 from app.settings import GatewaySettings
 from workers.celery_app import create_celery
+from workers.logs import configure_logging
 from workers.store import Store
+from workers.tracing import configure_tracing
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
+    configure_logging(settings.log_format)
     # A connection for every thread that may block on Redis (and a few for the event loop's own
     # calls): a burst of held requests must wait for a thread, never fail for want of a connection.
-    store = Store.from_url(settings.redis_url, settings.redis_prefix, max_connections=settings.threads + 16)
+    store = Store.from_settings(settings, max_connections=settings.threads + 16)
     metrics = GatewayMetrics(store)
 
     jobs = JobService(settings, store, create_celery(settings), metrics)
@@ -63,7 +68,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Blocking Redis calls (including `Prefer: wait`) run in threads: allow enough of them.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
-        jobs.aredis = redis.asyncio.Redis.from_url(settings.redis_url, health_check_interval=30)
+        jobs.aredis = settings.redis_target.async_client()
         sweeper = asyncio.create_task(expire_deadlines())
         yield
         sweeper.cancel()
@@ -86,6 +91,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.jobs = jobs
     install_error_handlers(app)
     app.include_router(jobs_router)
+    app.include_router(results_router)
     app.include_router(service_router)
     app.include_router(health_router)
     app.include_router(page_router)
@@ -105,4 +111,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestId)  # outermost: every answer has the header, a refused preflight too
+    if configure_tracing("dreamomni2-gateway"):
+        instrument(app)
     return app
+
+
+def instrument(app: FastAPI) -> None:
+    """A server span for every request (its `traceparent` header continued), around everything else;
+    the probes and the metrics scrape are left out unless OTEL_PYTHON_FASTAPI_EXCLUDED_URLS says
+    otherwise."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    excluded = None if os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS") else "healthz,readyz,metrics"
+    FastAPIInstrumentor.instrument_app(app, excluded_urls=excluded, exclude_spans=["receive", "send"])

@@ -11,7 +11,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_schemas.errors import ErrorCode
+from app.errors import error_body
 from app.metrics import GatewayMetrics
+from app.request_id import REQUEST_ID_HEADER
 
 
 class _TooLarge(Exception):
@@ -62,14 +64,12 @@ class BodySizeLimit:
 
     async def _reject(self, send: Send, size: int) -> None:
         body = json.dumps(
-            {
-                "error": {
-                    "code": ErrorCode.PAYLOAD_TOO_LARGE.value,
-                    "message": f"The request body is over the limit of {self.max_bytes} bytes "
-                    f"({self.max_bytes // (1024 * 1024)} MiB); send fewer or smaller images.",
-                    "details": {"max_bytes": self.max_bytes, "bytes_seen": size},
-                }
-            }
+            error_body(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"The request body is over the limit of {self.max_bytes} bytes "
+                f"({self.max_bytes // (1024 * 1024)} MiB); send fewer or smaller images.",
+                {"max_bytes": self.max_bytes, "bytes_seen": size},
+            )
         ).encode()
         await send(
             {
@@ -82,8 +82,17 @@ class BodySizeLimit:
 
 
 #: Request headers a cross-origin page may send (CORS), and response headers it may read.
-CORS_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Cancel-After", "Last-Event-ID"]
+CORS_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Idempotency-Key",
+    "Prefer",
+    "Cancel-After",
+    "Last-Event-ID",
+    REQUEST_ID_HEADER,
+]
 EXPOSED_HEADERS = [
+    REQUEST_ID_HEADER,
     "Location",
     "Idempotent-Replayed",
     "Preference-Applied",
@@ -169,14 +178,12 @@ class Cors(CORSMiddleware):
             "private-network": "private network access",
         }
         refused = ", ".join(asked.get(failure, failure) for failure in failures)
-        body = {
-            "error": {
-                "code": ErrorCode.CORS_REFUSED.value,
-                "message": f"Cross-origin requests are not allowed here for {refused}; the allowed origins "
-                "are set by the operator (DREAMOMNI2_CORS_ORIGINS).",
-                "details": {"refused": failures},
-            }
-        }
+        body = error_body(
+            ErrorCode.CORS_REFUSED,
+            f"Cross-origin requests are not allowed here for {refused}; the allowed origins are set by the "
+            "operator (DREAMOMNI2_CORS_ORIGINS).",
+            {"refused": failures},
+        )
         headers = {
             k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")
         }

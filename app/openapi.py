@@ -16,8 +16,12 @@ DreamOmni2 LoRAs + a Qwen2.5-VL instruction translator).
 
 Submit images and a plain-words instruction (`POST /v1/jobs`), then poll the job
 (`GET /v1/jobs/{id}`) or hold the request with `Prefer: wait=N`, and download the image
-(`GET /v1/jobs/{id}/result`). Every error has the shape `{"error": {"code", "message", "details"}}`.
-Authenticate with `Authorization: Bearer <key>` when the deployment has API keys.
+(`GET /v1/jobs/{id}/result`), or hand out its signed link (`result.signed_url`, `GET /v1/results/{id}`),
+which downloads without a key until it expires. Every error has the shape
+`{"error": {"code", "message", "details", "request_id"}}`. Every answer has an `X-Request-ID` header:
+the caller's own (up to 128 letters, digits and `._:/+=@-`) or a new one.
+Authenticate with `Authorization: Bearer <key>` when the deployment has API keys (every `/v1` call but a
+signed link).
 """
 
 _MULTIPART_SCHEMA: dict[str, Any] = {

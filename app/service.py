@@ -21,22 +21,37 @@ from starlette.requests import Request
 
 from api_schemas.api import Job, JobOptions, JobStatus, OutputFormat, Readiness, ServiceInfo, WorkerCounts
 from api_schemas.common import StepCache, WebhookEvent
-from api_schemas.errors import Conflict, ErrorCode, InvalidInput, NotFound, TooManyRequests
+from api_schemas.errors import (
+    Conflict,
+    ErrorCode,
+    InvalidInput,
+    NotFound,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from api_schemas.images import check_byte_size, load_image
 from api_schemas.jobs import JobParameters, resolve_job
 from api_schemas.records import JobRecord, JobSpec, WebhookSpec
 from app.events import job_events, stream_ended
 from app.metrics import GatewayMetrics
+from app.request_id import current_request_id
 from app.settings import GatewaySettings
+from workers import tracing
 from workers.celery_app import enqueue
 from workers.destinations import check_destination
-from workers.store import CancelOutcome, Reservation, Store
+from workers.logs import log_context
+from workers.result_links import ResultLinks, ResultLinkSigner
+from workers.store import CancelOutcome, DiscardOutcome, Reservation, Store
 from workers.store.jobs import new_job_id
 from workers.store.quotas import Limits, Refusal
 from workers.views import job_view
 from workers.webhooks import Notifier, WebhookDeliverer
 
 logger = logging.getLogger(__name__)
+
+#: Longest a submission waits for its job's write to reach DREAMOMNI2_REDIS_MIN_REPLICAS replicas: a
+#: replica that is connected acknowledges within milliseconds.
+REPLICA_WAIT_MS = 1000
 
 
 @dataclass
@@ -71,6 +86,12 @@ class JobService:
         self.metrics = metrics
         self.notifier = Notifier(store, celery, settings)
         self.webhooks = WebhookDeliverer(store, settings)
+        self.result_links = ResultLinkSigner.from_settings(settings)
+        if not self.result_links.keyed:
+            logger.warning(
+                "DREAMOMNI2_RESULT_URL_SECRET is not set: result links are signed with a key anyone can "
+                "derive, which is only fine while API keys are off (every result is public then)."
+            )
         #: The async Redis client of the event streams, opened by the app's lifespan.
         self.aredis: redis.asyncio.Redis | None = None
 
@@ -150,21 +171,69 @@ class JobService:
                 deadline_s=deadline_s,
                 job_id=job_id,
                 also=record_key,
+                request_id=current_request_id(),
+                traceparent=tracing.current_traceparent(),
             )
         except Exception:
             if idempotency_key is not None:
                 self.store.idempotency.release(owner, idempotency_key)
             self.store.quotas.release(owner, job_id)
             raise
+        if self.settings.redis_min_replicas:
+            self._replicate(owner, job_id, idempotency_key)
         # From here on the job exists: whatever fails now, the answer is the job, never a 5xx that a
         # client would retry into a duplicate. The stored job is the truth: a worker's reaper sends a
         # new message for a queued job that has none.
         self.metrics.jobs_submitted.labels(spec.task.value, spec.adapter.value).inc()
-        try:
-            enqueue(self.celery, self.settings, record.id)
-        except Exception as exc:
-            logger.warning("job %s stored, its message not sent (a worker will send it): %s", record.id, exc)
+        tracing.annotate(tracing.job_attributes(record))
+        with log_context(job_id=record.id):
+            logger.info(
+                "job %s queued: %s, adapter %s, %d image(s)",
+                record.id,
+                spec.task.value,
+                spec.adapter.value,
+                spec.image_count,
+            )
+            try:
+                enqueue(self.celery, self.settings, record.id)
+            except Exception as exc:
+                logger.warning(
+                    "job %s stored, its message not sent (a worker will send it): %s", record.id, exc
+                )
         return record, False
+
+    def _replicate(self, owner: str, job_id: str, idempotency_key: str | None) -> None:
+        """Hold the answer until the new job has reached DREAMOMNI2_REDIS_MIN_REPLICAS replicas (so a
+        failover cannot lose a job answered 202); if it cannot, delete it before any worker may take it
+        and answer 503: nothing stored, so the client's retry makes no duplicate."""
+        wanted = self.settings.redis_min_replicas
+        try:
+            reached = self.store.jobs.replicate(job_id, self.settings.job_ttl_s, wanted, REPLICA_WAIT_MS)
+        except redis.RedisError as exc:
+            logger.warning("job %s: waiting for its replicas failed: %s", job_id, exc)
+            reached = 0
+        if reached >= wanted:
+            return
+        key = [self.store.keys.idempotency(owner, idempotency_key)] if idempotency_key is not None else []
+        try:
+            outcome = self.store.jobs.discard(job_id, owner, also_delete=key)
+        except redis.RedisError as exc:
+            # The primary went away with the job: the job survives the failover only if it reached the
+            # new primary, and then so did its Idempotency-Key's record, which a retry with the key
+            # replays. Either way the answer is 503.
+            logger.warning(
+                "job %s reached %d of %d replicas and could not be deleted: %s", job_id, reached, wanted, exc
+            )
+            outcome = None
+        if outcome is DiscardOutcome.TAKEN:  # a worker took it already: it exists, so it is the answer
+            logger.warning("job %s reached %d of %d replicas, but a worker took it", job_id, reached, wanted)
+            return
+        self.metrics.jobs_rejected.labels(ErrorCode.UNAVAILABLE.value).inc()
+        raise ServiceUnavailable(
+            f"The job store could not copy the job to {wanted} replica(s) in time; nothing was stored. "
+            "Try again shortly.",
+            details={"replicas": reached, "min_replicas": wanted},
+        )
 
     def quota(self, owner: str) -> Limits:
         """`owner`'s quotas: its own (`DREAMOMNI2_KEY_LIMITS`) where set, else the deployment's."""
@@ -280,7 +349,7 @@ class JobService:
             raise _not_found(record.id)
         return waited
 
-    def result(self, owner: str, job_id: str, index: int = 0) -> tuple[bytes, str]:
+    def result(self, owner: str | None, job_id: str, index: int = 0) -> tuple[bytes, str]:
         """Result image `index` (0: the only one; a Feature Mixing pair: 0 the source, 1 the target)."""
         record = self.get(owner, job_id)
         if record.status is JobStatus.SUCCEEDED:
@@ -314,8 +383,18 @@ class JobService:
             details={"status": record.status.value},
         )
 
-    def render(self, record: JobRecord) -> Job:
-        """The job object as the API shows it."""
+    def signed_result(self, job_id: str, index: int, expires: int, signature: str) -> tuple[bytes, str]:
+        """Result image `index` through a signed link: the signature is checked before the job is read
+        (403 whether or not the job exists), then the expiry (410), then the job as for its owner."""
+        self.result_links.check(job_id, index, expires, signature)
+        return self.result(None, job_id, index)
+
+    def links_at(self, request_base_url: str) -> ResultLinks:
+        """Signed links at DREAMOMNI2_PUBLIC_URL, else at the base URL the request came to."""
+        return self.result_links.at(self.settings.public_url or request_base_url)
+
+    def render(self, record: JobRecord, base_url: str) -> Job:
+        """The job object as the API shows it; its signed links at `links_at(base_url)`."""
         position = None
         if record.status is JobStatus.QUEUED:
             try:
@@ -325,11 +404,11 @@ class JobService:
                     record = self.store.jobs.get(record.id) or record
             except redis.RedisError as exc:  # the job is known; only its place in line is not
                 logger.warning("queue position of %s unavailable: %s", record.id, exc)
-        return job_view(record, position)
+        return job_view(record, position, self.links_at(base_url))
 
-    def render_id(self, job_id: str) -> dict:
+    def render_id(self, job_id: str, base_url: str) -> dict:
         """The job object of `job_id` as JSON data (the final event of a stream carries it)."""
-        return self.render(self.get(None, job_id)).model_dump(mode="json", by_alias=True)
+        return self.render(self.get(None, job_id), base_url).model_dump(mode="json", by_alias=True)
 
     async def events(
         self, request: Request, owner: str, job_id: str, last_event_id: str | None
@@ -369,16 +448,17 @@ class JobService:
         )
 
     def readiness(self) -> tuple[Readiness, bool]:
-        """Whether this gateway can take jobs (Redis answers), with the ready workers counted by memory
-        mode and by speed-profile fallback."""
+        """Whether this gateway can take jobs (Redis answers), with the ready workers (models loaded,
+        consumer consuming) counted by memory mode and by speed-profile fallback."""
         try:
             self.store.redis.ping()
             workers = list(self.store.workers.workers())
             modes: dict[str, int] = {}
             fallbacks: dict[str, int] = {}
-            for worker in workers:
-                if not worker.get("ready"):
-                    continue
+            # Ready: models loaded and the consumer taking messages (a worker announced before
+            # `consuming` existed counts as consuming).
+            ready = [w for w in workers if w.get("ready") and w.get("consuming", True)]
+            for worker in ready:
                 models = worker.get("memory") or {}
                 if mode := models.get("mode"):
                     modes[mode] = modes.get(mode, 0) + 1
@@ -386,7 +466,7 @@ class JobService:
                     fallbacks[fallback] = fallbacks.get(fallback, 0) + 1
             counts = WorkerCounts(
                 up=len(workers),
-                ready=sum(1 for w in workers if w.get("ready")),
+                ready=len(ready),
                 memory_modes=modes,
                 speed_fallbacks=fallbacks,
             )

@@ -75,6 +75,12 @@ class GatewaySettings(ServiceSettings):
         default=1.0, gt=0, description="How often queued jobs' deadlines are checked."
     )
     threads: int = Field(default=128, ge=8, description="Threads for blocking Redis and image work.")
+    redis_min_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Replicas a new job's write must reach (Redis WAIT) before it is answered 202; "
+        "if it cannot, nothing is stored and the answer is 503.",
+    )
     rate_limit_per_s: float = Field(
         default=10.0, gt=0, description="Submissions per second per API key, on average (token bucket)."
     )
@@ -91,10 +97,23 @@ class GatewaySettings(ServiceSettings):
         "the API; empty (the default) turns CORS off.",
     )
 
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether `/v1` calls need a key: `on`, or `auto` with keys configured."""
+        return self.auth is AuthMode.ON or (self.auth is AuthMode.AUTO and bool(self.api_keys))
+
     @model_validator(mode="after")
     def _keys_when_auth_is_on(self) -> GatewaySettings:
         if self.auth is AuthMode.ON and not self.api_keys:
             raise ValueError(
                 "DREAMOMNI2_AUTH=on but DREAMOMNI2_API_KEYS is empty: no one could call the API."
+            )
+        if self.auth_enabled and not self.result_url_secret.get_secret_value():
+            # Without a key of its own every link would be forgeable; a random one per process would
+            # break links across replicas and in webhooks.
+            raise ValueError(
+                "API keys are on but DREAMOMNI2_RESULT_URL_SECRET is empty: result links, which download "
+                "without a key, need a secret key shared by every gateway replica and worker. Make one "
+                "with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
         return self

@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import redis
 
-from workers.store import Store
+from workers.store import RedisTarget, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,8 +179,12 @@ class LocalStack:
 
     def start_webhook_worker(self, env: dict[str, str] | None = None) -> ManagedProcess:
         """The webhook delivery worker (no models; consumes the webhook queue)."""
+        own = {"DREAMOMNI2_LIVENESS_FILE": str(self.workdir / "webhooks.alive")}
         process = spawn(
-            "webhooks", [sys.executable, "-m", "workers.webhooks"], self.workdir, self.process_env(env)
+            "webhooks",
+            [sys.executable, "-m", "workers.webhooks"],
+            self.workdir,
+            self.process_env({**own, **(env or {})}),
         )
         self.processes.append(process)
         return process
@@ -201,7 +206,8 @@ class LocalStack:
         return process
 
     def wait_workers_ready(self, count: int | None = None, timeout: float = 180) -> None:
-        """Block until `count` workers report their models loaded (default: all started)."""
+        """Block until `count` workers report their models loaded and their consumer consuming (default:
+        all started)."""
         count = count if count is not None else self.workers
         workers = [p for p in self.processes if p.name.startswith("worker")]
 
@@ -210,7 +216,7 @@ class LocalStack:
         registry = Store.from_url(self.redis_url, prefix).workers
 
         def ready() -> None:
-            up = sum(1 for worker in registry.workers() if worker.get("ready"))
+            up = sum(1 for worker in registry.workers() if worker.get("ready") and worker.get("consuming"))
             if up < count:
                 raise RuntimeError(f"{up} of {count} workers ready")
 
@@ -258,6 +264,166 @@ class LocalStack:
                 time.sleep(0.1)
         tail = process.log_tail() if process else ""
         raise TimeoutError(f"{what} not ready after {timeout:.0f}s ({last_error}); last log lines:\n{tail}")
+
+
+#: The data nodes and the sentinels of a `SentinelRedis`.
+SENTINEL_NODES = ("redis-a", "redis-b")
+SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+
+
+@dataclass
+class SentinelRedis:
+    """A Sentinel-managed Redis on loopback ports, each a real process: a primary, one replica and
+    three sentinels (quorum 2) that fail over to the replica `down_after_ms` after the primary stops
+    answering (a sentinel pings once a second: much less fails over a primary that is only slow).
+    `settings` point the service's processes at it (`DREAMOMNI2_REDIS_SENTINELS`, ...). With
+    `password` the data nodes ask for it, with `sentinel_password` the sentinels ask for theirs."""
+
+    workdir: Path
+    master: str = "do2"
+    down_after_ms: int = 2000
+    password: str = ""
+    sentinel_password: str = ""
+    processes: dict[str, ManagedProcess] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for name in (*SENTINEL_NODES, *SENTINELS):
+            self.ports.setdefault(name, free_port())
+
+    @property
+    def sentinels(self) -> tuple[tuple[str, int], ...]:
+        return tuple(("127.0.0.1", self.ports[name]) for name in SENTINELS)
+
+    @property
+    def url(self) -> str:
+        """The database and the password only: the sentinels name the host."""
+        return f"redis://:{quote(self.password, safe='')}@/0" if self.password else "redis:///0"
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return {
+            "DREAMOMNI2_REDIS_SENTINELS": ",".join(f"{host}:{port}" for host, port in self.sentinels),
+            "DREAMOMNI2_REDIS_SENTINEL_MASTER": self.master,
+            "DREAMOMNI2_REDIS_SENTINEL_PASSWORD": self.sentinel_password,
+            "DREAMOMNI2_REDIS_URL": self.url,
+        }
+
+    @property
+    def target(self) -> RedisTarget:
+        return RedisTarget(self.url, self.sentinels, self.master, self.sentinel_password)
+
+    def client(self, name: str) -> redis.Redis:
+        """A client of process `name` itself (a data node or a sentinel)."""
+        password = self.sentinel_password if name in SENTINELS else self.password
+        return redis.Redis(port=self.ports[name], password=password or None, socket_timeout=2)
+
+    def start(self) -> SentinelRedis:
+        try:
+            self.start_node("redis-a")
+            self.start_node("redis-b", replica_of="redis-a")
+            for name in SENTINELS:
+                self.start_sentinel(name, monitor="redis-a")
+            self.wait_settled("redis-a")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_node(self, name: str, replica_of: str | None = None) -> ManagedProcess:
+        """Start (or restart, empty) data node `name`, as a replica of `replica_of` if given."""
+        data = self.workdir / name
+        data.mkdir(exist_ok=True)
+        args = [
+            redis_server_binary(), "--port", str(self.ports[name]), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(data), "--maxmemory-policy", "noeviction",
+            "--repl-diskless-sync-delay", "0",  # a new replica gets its copy at once, not 5 s later
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        if replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.ports[replica_of])]
+        process = spawn(name, args, self.workdir, dict(os.environ))
+        self.processes[name] = process
+        client = self.client(name)
+        _wait_for(lambda: client.ping(), process, name, 20)
+        return process
+
+    def start_sentinel(self, name: str, monitor: str) -> ManagedProcess:
+        lines = [
+            f"port {self.ports[name]}", "bind 127.0.0.1", f"dir {self.workdir}",
+            f"sentinel monitor {self.master} 127.0.0.1 {self.ports[monitor]} 2",
+            f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}",
+            f"sentinel failover-timeout {self.master} 10000",
+        ]  # fmt: skip
+        if self.password:
+            lines.append(f"sentinel auth-pass {self.master} {self.password}")
+        if self.sentinel_password:  # asked of clients, and given to the other sentinels
+            lines += [
+                f"requirepass {self.sentinel_password}",
+                f"sentinel sentinel-pass {self.sentinel_password}",
+            ]
+        config = self.workdir / f"{name}.conf"  # a file of its own: a sentinel rewrites it as it learns
+        config.write_text("\n".join(lines) + "\n")
+        args = [redis_server_binary(), str(config), "--sentinel"]
+        process = spawn(name, args, self.workdir, dict(os.environ))
+        self.processes[name] = process
+        client = self.client(name)
+        _wait_for(lambda: client.ping(), process, name, 20)
+        return process
+
+    def primary(self) -> str | None:
+        """The data node the sentinels name as primary now (the first that answers), if any."""
+        for name in SENTINELS:
+            try:
+                _, port = self.client(name).sentinel_get_master_addr_by_name(self.master)
+            except redis.RedisError:
+                continue
+            return next(node for node in SENTINEL_NODES if self.ports[node] == int(port))
+        return None
+
+    def wait_settled(self, primary: str, timeout: float = 60) -> None:
+        """Until every sentinel names `primary`, with a replica online and the two other sentinels known:
+        what a failover needs."""
+
+        def settled() -> None:
+            for name in SENTINELS:
+                state = self.client(name).sentinel_master(self.master)
+                if state["port"] != self.ports[primary] or not state["is_master"] or state["is_sdown"]:
+                    raise RuntimeError(f"{name} names port {state['port']} as primary")
+                if state["num-slaves"] < 1 or state["num-other-sentinels"] < len(SENTINELS) - 1:
+                    raise RuntimeError(f"{name} knows {state['num-slaves']} replica(s), not yet settled")
+            info = self.client(primary).info("replication")
+            if info.get("slave0", {}).get("state") != "online":
+                raise RuntimeError(f"{primary} has no replica online")
+
+        _wait_for(settled, self.processes[primary], "the sentinels", timeout)
+
+    def stop(self) -> None:
+        for name in (*SENTINELS, *SENTINEL_NODES):
+            if name in self.processes:
+                self.processes[name].stop()
+
+    def __enter__(self) -> SentinelRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _wait_for(check: Callable[[], object], process: ManagedProcess, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not process.alive():
+            raise RuntimeError(f"{what} exited while starting; last log lines:\n{process.log_tail()}")
+        try:
+            check()
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not ready after {timeout:.0f}s ({exc})") from None
+            time.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,10 @@ COPY workers/ workers/
 COPY dreamomni2/ dreamomni2/
 RUN pip install --no-cache-dir --no-deps .
 
+# Logs as one JSON object per line (job_id, request_id, trace_id where known), for a log pipeline.
 ENV DREAMOMNI2_HOST=0.0.0.0 \
-    DREAMOMNI2_PORT=8000
+    DREAMOMNI2_PORT=8000 \
+    DREAMOMNI2_LOG_FORMAT=json
 USER 10001:10001
 EXPOSE 8000
 

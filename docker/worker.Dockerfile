@@ -48,10 +48,12 @@ RUN pip install --no-cache-dir --no-deps .
 
 # Model caches on a volume: the Hugging Face cache (real weights) and the tiny preset. Expandable
 # segments keep the allocator from fragmenting when the memory modes move models on and off the GPU.
+# Logs as one JSON object per line (job_id, request_id, trace_id, worker where known).
 ENV HF_HOME=/models/huggingface \
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     DREAMOMNI2_CACHE_DIR=/models/dreamomni2 \
-    DREAMOMNI2_LIVENESS_FILE=/tmp/dreamomni2-worker-alive
+    DREAMOMNI2_LIVENESS_FILE=/tmp/dreamomni2-worker-alive \
+    DREAMOMNI2_LOG_FORMAT=json
 VOLUME ["/models"]
 USER 10001:10001
 # Prometheus metrics (DREAMOMNI2_METRICS_PORT).

@@ -22,7 +22,10 @@ from api_schemas.api import MAX_RESULTS, Job, JobOptions, OutputFormat
 from api_schemas.common import MixBlocks, StepCache, Task, WebhookEvent
 from dreamomni2.errors import (
     CONNECTION_LOST,
+    NO_SIGNED_URL,
+    ConflictError,
     DreamOmni2Error,
+    NotFoundError,
     RateLimitError,
     ServerError,
     ServiceUnavailableError,
@@ -81,6 +84,44 @@ def result_path(job: JobRef, index: int = 0) -> str:
             f"index must be 0 (the image, or a pair's source) or 1 (a pair's target); got {index!r}."
         )
     return job_path(job, f"/result?index={index}" if index else "/result")
+
+
+def signed_result_url(job: Job, index: int, min_valid_s: float) -> str | None:
+    """The job object's signed link to image `index` (`result.signed_url`), if it has one that works
+    for at least `min_valid_s` more seconds."""
+    results = job.results or ([job.result] if job.result is not None else [])
+    if not 0 <= index < len(results):
+        return None
+    result = results[index]
+    expires_at = result.signed_url_expires_at
+    if result.signed_url is None or expires_at is None or expires_at.timestamp() - time.time() < min_valid_s:
+        return None
+    return result.signed_url
+
+
+def no_signed_url(job: Job, index: int) -> DreamOmni2Error:
+    """Why a job object read just now has no signed link to image `index`."""
+    error = job_error(job)
+    if error is not None:
+        return error
+    if not job.status.is_terminal():
+        return ConflictError(
+            f"Job {job.id} is {job.status.value}; its result has a link once its status is succeeded.",
+            code="job_not_finished",
+            details={"status": job.status.value},
+        )
+    count = len(job.results or ([job.result] if job.result is not None else []))
+    if index >= count:
+        return NotFoundError(
+            f"Job {job.id} has {count} result image(s); index {index} does not exist.",
+            code="result_index",
+            details={"index": index, "results": count},
+        )
+    return ServerError(
+        f"The service sent job {job.id} without a signed link to image {index}: it predates result links; "
+        "download the image with the API key instead (`result_bytes`).",
+        code=NO_SIGNED_URL,
+    )
 
 
 def succeeded(job: Job) -> Job:

@@ -25,12 +25,14 @@ from dreamomni2._core import (
     ended,
     job_id_of,
     job_path,
+    no_signed_url,
     prepare_submission,
     reached_server,
     resolve_api_key,
     resolve_server,
     result_path,
     retryable,
+    signed_result_url,
     succeeded,
 )
 from dreamomni2.errors import (
@@ -306,6 +308,17 @@ class AsyncClient:
                 raise
             error: JobError | None = job_error(await self.get(job), status=exc.status)
             raise (error if error is not None else exc) from None
+
+    async def result_url(self, job: JobRef, index: int = 0, *, min_valid_s: float = 60.0) -> str:
+        """An absolute link to result image `index` that needs no API key (see `Client.result_url`)."""
+        result_path(job, index)  # the index's own check
+        if isinstance(job, Job) and (url := signed_result_url(job, index, min_valid_s)):
+            return url
+        fresh = await self.get(job)
+        url = signed_result_url(fresh, index, 0.0)
+        if url is None:
+            raise no_signed_url(fresh, index)
+        return url
 
     async def result_image(self, job: JobRef, index: int = 0) -> Image.Image:
         """Result image `index` as a PIL image (decoded in full)."""

@@ -24,12 +24,14 @@ from dreamomni2._core import (
     ended,
     job_id_of,
     job_path,
+    no_signed_url,
     prepare_submission,
     reached_server,
     resolve_api_key,
     resolve_server,
     result_path,
     retryable,
+    signed_result_url,
     succeeded,
 )
 from dreamomni2.errors import (
@@ -391,6 +393,26 @@ class Client:
             return conflict
         error: JobError | None = job_error(self.get(job), status=conflict.status)
         return error if error is not None else conflict
+
+    def result_url(self, job: JobRef, index: int = 0, *, min_valid_s: float = 60.0) -> str:
+        """An absolute link to result image `index` that downloads without an API key: for an `<img>`
+        tag, a browser, or another service that must not hold the key. It is the job object's
+        `result.signed_url` (`results[index].signed_url`), working for at least `min_valid_s` more
+        seconds (or as long as the deployment's links last, if shorter): the job is read again when the
+        object given has no such link. Whoever holds the link can download the image until it expires.
+
+        Raises ConflictError (`job_not_finished`) while the job is queued or running, JobFailedError /
+        JobCanceledError for a job that ended without a result, NotFoundError for an unknown job or an
+        index it has no image for; ValueError for an index no job has.
+        """
+        result_path(job, index)  # the index's own check
+        if isinstance(job, Job) and (url := signed_result_url(job, index, min_valid_s)):
+            return url
+        fresh = self.get(job)
+        url = signed_result_url(fresh, index, 0.0)  # a fresh link lasts as long as the deployment gives
+        if url is None:
+            raise no_signed_url(fresh, index)
+        return url
 
     def result_image(self, job: JobRef, index: int = 0) -> Image.Image:
         """Result image `index` as a PIL image (decoded in full); `index` and errors as `result_bytes`."""

@@ -3,8 +3,8 @@ code, its message and the HTTP status it came with.
 
     DreamOmni2Error
     ├── InvalidInputError          4xx refusals of the request (400, 413, 415, 422, ...), local checks
-    ├── AuthenticationError        401, 403: missing or unknown API key
-    ├── NotFoundError              404: unknown or expired job (or another key's)
+    ├── AuthenticationError        401, 403: missing or unknown API key, a forged result link
+    ├── NotFoundError              404: unknown or expired job (or another key's); 410: an expired link
     ├── ConflictError              409: the job is not in a state that allows this
     ├── RateLimitError             429
     ├── ServerError                5xx
@@ -18,7 +18,8 @@ code, its message and the HTTP status it came with.
 `code` is the service's code (`api_schemas.errors.ErrorCode`, the README's error table) whenever the
 service answered; errors raised without an answer use codes of their own: `unreachable` (no
 connection), `connection_lost` (the connection broke mid-request), `wait_timeout`,
-`invalid_signature`, `invalid_event` (an event stream that breaks the API's contract), and
+`invalid_signature`, `invalid_event` (an event stream that breaks the API's contract),
+`no_signed_url` (a succeeded job object without a signed result link: a service from before them), and
 `invalid_request` for options refused before sending.
 """
 
@@ -40,6 +41,7 @@ UNREACHABLE = "unreachable"
 CONNECTION_LOST = "connection_lost"
 WAIT_TIMEOUT = "wait_timeout"
 INVALID_SIGNATURE = "invalid_signature"
+NO_SIGNED_URL = "no_signed_url"
 
 
 class DreamOmni2Error(Exception):
@@ -51,6 +53,7 @@ class DreamOmni2Error(Exception):
         status: the HTTP status of the answer; None when there was no answer.
         details: the numbers and names behind the message (the envelope's `details`), or {}.
         retry_after: the seconds the service asked to wait before trying again (`Retry-After`), if any.
+        request_id: the id the service gave the request (`X-Request-ID`), to quote when reporting it.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class DreamOmni2Error(Exception):
         status: int | None = None,
         details: dict[str, Any] | None = None,
         retry_after: float | None = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -68,6 +72,7 @@ class DreamOmni2Error(Exception):
         self.status = status
         self.details = details or {}
         self.retry_after = retry_after
+        self.request_id = request_id
 
     def __str__(self) -> str:
         where = f" (HTTP {self.status})" if self.status is not None else ""
@@ -86,7 +91,8 @@ class AuthenticationError(DreamOmni2Error):
 
 
 class NotFoundError(DreamOmni2Error):
-    """No such job for this API key, or it (or its result) expired (404)."""
+    """No such job for this API key, or it (or its result) expired (404); a signed result link past its
+    expiry (410, `link_expired`)."""
 
 
 class ConflictError(DreamOmni2Error):
@@ -161,7 +167,7 @@ def job_error(job: Job, *, status: int | None = None) -> JobError | None:
 def _class_for(status: int) -> type[DreamOmni2Error]:
     if status in (401, 403):
         return AuthenticationError
-    if status == 404:
+    if status in (404, 410):
         return NotFoundError
     if status == 409:
         return ConflictError
@@ -185,6 +191,7 @@ def error_from_response(response: httpx.Response) -> DreamOmni2Error:
     status = response.status_code
     cls = _class_for(status)
     retry_after = _retry_after(response)
+    request_id = response.headers.get("x-request-id")
     try:
         info = ErrorEnvelope.model_validate_json(response.content).error
     except ValidationError:
@@ -192,8 +199,15 @@ def error_from_response(response: httpx.Response) -> DreamOmni2Error:
         code = STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
         text = response.text.strip()[:200] or response.reason_phrase
         message = f"HTTP {status} from {response.request.url}: {text}"
-        return cls(message, code=code.value, status=status, retry_after=retry_after)
-    return cls(info.message, code=info.code, status=status, details=info.details, retry_after=retry_after)
+        return cls(message, code=code.value, status=status, retry_after=retry_after, request_id=request_id)
+    return cls(
+        info.message,
+        code=info.code,
+        status=status,
+        details=info.details,
+        retry_after=retry_after,
+        request_id=info.request_id or request_id,
+    )
 
 
 def error_from_transport(error: httpx.TransportError, server: str) -> ServiceUnavailableError:

@@ -31,6 +31,7 @@ from models.pipeline import (
     scale_buckets,
 )
 from models.placement import Placement
+from models.preview import preview_due, render_preview
 from models.profiles import SpeedProfile
 from models.sampling import ProgressCallback, ordinary, pair
 from models.settings import EngineSettings, Preset, resolve_device, resolve_dtype
@@ -317,6 +318,7 @@ class Engine:
         *,
         on_progress: ProgressCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        preview_every: int = 0,
     ) -> JobOutput:
         """Run one job: translate the instruction, pick the adapter, sample, decode.
 
@@ -325,6 +327,10 @@ class Engine:
         job (no images) samples its source and target prompts as a pair instead (`models.mixing`);
         its output holds both images, the source first. ``images`` are PIL images or encoded bytes
         (checked and decoded here).
+
+        With ``preview_every`` (N > 0), every Nth denoising step's progress carries ``preview=``: the
+        current estimate of the image (a Feature Mixing pair: both, side by side) as a small JPEG data
+        URI (`models.preview`), from the latents without the VAE; the sampled images stay the same.
 
         Raises `InvalidInput` for a job this engine cannot run (more images than its limit, or other
         than the job was resolved for), `JobCanceled` when ``should_cancel()`` turns true (checked
@@ -342,7 +348,7 @@ class Engine:
             else image
             for n, image in enumerate(images, start=1)
         ]
-        progress = on_progress or (lambda stage, step, total: None)
+        progress = on_progress or (lambda stage, step, total, **preview: None)
         cancel = should_cancel or (lambda: False)
         with self._lock:
             gpus = self._gpus()
@@ -350,7 +356,7 @@ class Engine:
                 torch.cuda.reset_peak_memory_stats(gpu)
             failure = None
             try:
-                return self._job(job, pil_images, progress, cancel)
+                return self._job(job, pil_images, progress, cancel, preview_every)
             except Exception as exc:
                 failure = classify(exc)
                 if failure is None:
@@ -413,6 +419,7 @@ class Engine:
         uploads: list[PIL.Image.Image],
         progress: ProgressCallback,
         cancel: Callable[[], bool],
+        preview_every: int,
     ) -> JobOutput:
         """The one job body: prompts, seed, encoding, sampling, timings and metadata, for every kind."""
         timings: dict[str, float] = {}
@@ -444,7 +451,11 @@ class Engine:
             raise JobCanceled("The job was canceled before sampling started.")
 
         def on_step_end(pipe: DreamOmni2Pipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
-            progress("denoise", step + 1, job.steps)
+            if preview_due(step + 1, preview_every):
+                estimate = pipe.denoised_latents(tensors["latents"], tensors["noise_pred"])
+                progress("denoise", step + 1, job.steps, preview=render_preview(estimate))
+            else:
+                progress("denoise", step + 1, job.steps)
             if cancel():
                 raise JobCanceled(f"The job was canceled after denoising step {step + 1} of {job.steps}.")
             return {}

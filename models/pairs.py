@@ -78,10 +78,10 @@ class FeatureMixingPipelineMixin:
             config: blocks, step fraction, strength, batching (`MixingConfig`; default the plain method).
             height, width, max_area: the output size, as in `DreamOmni2Pipeline.__call__` without images
                 (``max_area`` left out: about 1 MP, the method's).
-            callback_on_step_end: called as ``fn(pipe, step, timestep, {"latents": latents})`` after
-                every denoising step (``latents``: both branches, source first); it may return
-                replacement ``latents``; setting ``pipe._interrupt`` stops the loop; an exception it
-                raises leaves the transformer's processors restored.
+            callback_on_step_end: called as ``fn(pipe, step, timestep, {"latents": latents,
+                "noise_pred": velocity})`` after every denoising step (both branches, source first);
+                it may return replacement ``latents``; setting ``pipe._interrupt`` stops the loop; an
+                exception it raises leaves the transformer's processors restored.
 
         Returns:
             `FeatureMixingOutput` with the two images, source first, and per-stage timings.
@@ -93,7 +93,7 @@ class FeatureMixingPipelineMixin:
 
         # 1. The output size, the prompts, the shared noise.
         height, width = self.settle_output_size([], height, width, max_area or self.default_max_area)
-        self.begin_call(guidance_scale, None)
+        self.begin_call(guidance_scale, None, (height, width))
         size = (height, width, max_sequence_length)
         source_embeds, source_pooled, text_ids = self._pair_prompt(
             source_prompt, source_prompt_embeds, source_pooled_prompt_embeds, *size
@@ -182,7 +182,8 @@ class FeatureMixingPipelineMixin:
                     latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
                     if callback_on_step_end is not None:
-                        outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                        tensors = {"latents": latents, "noise_pred": velocity}
+                        outputs = callback_on_step_end(self, i, t, tensors) or {}
                         latents = outputs.pop("latents", latents)
                     progress_bar.update()
             layers = state.layers if mixed_steps else 0

@@ -125,6 +125,9 @@ class DreamOmni2Pipeline(FeatureMixingPipelineMixin, FluxKontextPipeline):
     #: stages (diffusers would otherwise infer it from wherever the first model happens to be).
     compute_device: torch.device | None = None
 
+    #: What ``callback_on_step_end`` may ask for: the parent's, and the step's velocity.
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "noise_pred"]
+
     @property
     def _execution_device(self) -> torch.device:
         return self.compute_device or super()._execution_device
@@ -135,8 +138,12 @@ class DreamOmni2Pipeline(FeatureMixingPipelineMixin, FluxKontextPipeline):
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def begin_call(self, guidance_scale: float, joint_attention_kwargs: dict[str, Any] | None) -> None:
-        """Reset the per-call state a sampling call and its callbacks read (guidance, interruption)."""
+    def begin_call(
+        self, guidance_scale: float, joint_attention_kwargs: dict[str, Any] | None, size: tuple[int, int]
+    ) -> None:
+        """Reset the per-call state a sampling call and its callbacks read (guidance, interruption, the
+        output's ``(height, width)``)."""
+        self._output_size = size
         self._guidance_scale = guidance_scale
         self._joint_attention_kwargs = joint_attention_kwargs or {}
         self._current_timestep = None
@@ -250,6 +257,15 @@ class DreamOmni2Pipeline(FeatureMixingPipelineMixin, FluxKontextPipeline):
         image = self.vae.decode(latents, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type)
 
+    def denoised_latents(self, latents: torch.Tensor, noise_pred: torch.Tensor) -> torch.Tensor:
+        """In ``callback_on_step_end``, from the step's result and velocity: the current estimate of the
+        final latents, unpacked to ``(batch, 16, H/8, W/8)`` (a new tensor). Flow matching's
+        ``x_t - sigma_t * v`` is ``x_next - sigma_next * v`` after the Euler step ``x_next = x_t +
+        (sigma_next - sigma_t) * v``; ``sigma_next`` is 0 after the last step (the final latents)."""
+        sigma = float(self.scheduler.sigmas[self.scheduler.step_index])
+        height, width = self._output_size
+        return self._unpack_latents(latents - sigma * noise_pred, height, width, self.vae_scale_factor)
+
     def predict_velocity(
         self,
         model_input: torch.Tensor,
@@ -330,6 +346,8 @@ class DreamOmni2Pipeline(FeatureMixingPipelineMixin, FluxKontextPipeline):
             max_area: output area in pixels (default 1024*1024).
             callback_on_step_end: called as ``fn(pipe, step, timestep, tensors)`` after every
                 denoising step, as in diffusers; setting ``pipe._interrupt`` stops the loop.
+                ``tensors`` holds what ``callback_on_step_end_tensor_inputs`` names (default
+                ``["latents"]``; also ``"prompt_embeds"`` and ``"noise_pred"``, the step's velocity).
 
         The other arguments mean what they mean in ``FluxKontextPipeline``.
 
@@ -361,7 +379,7 @@ class DreamOmni2Pipeline(FeatureMixingPipelineMixin, FluxKontextPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             max_sequence_length=max_sequence_length,
         )
-        self.begin_call(guidance_scale, joint_attention_kwargs)
+        self.begin_call(guidance_scale, joint_attention_kwargs, (height, width))
 
         batch_size = (
             1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else len(prompt_embeds)
@@ -478,7 +496,7 @@ class DreamOmni2Pipeline(FeatureMixingPipelineMixin, FluxKontextPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds, "noise_pred": noise_pred}
                     callback_kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import PIL.Image
 import torch
@@ -23,10 +23,21 @@ from models.stages import stage
 if TYPE_CHECKING:
     from models.engine import Engine
 
-#: Called as ``on_progress(stage, step, total)``; stages: translate, encode, denoise, decode.
-ProgressCallback = Callable[[str, int, int], None]
+
+class ProgressCallback(Protocol):
+    """Called as ``on_progress(stage, step, total)``; stages: translate, encode, denoise, decode.
+
+    A run asked for previews (`Engine.run`'s ``preview_every``) also passes ``preview=`` (a data URI,
+    `models.preview`) on the denoising steps that carry one, and only there.
+    """
+
+    def __call__(self, stage: str, step: int, total: int, *, preview: str | None = None) -> None: ...
+
+
 #: A pipeline's ``callback_on_step_end``.
 StepCallback = Callable[[DreamOmni2Pipeline, int, torch.Tensor, dict], dict]
+#: What an ordinary job's step callback gets (a pair's gets the same): the step's result and velocity.
+STEP_TENSORS = ["latents", "noise_pred"]
 #: One prompt's (embeddings, pooled embeddings).
 Embeddings = tuple[torch.Tensor, torch.Tensor]
 
@@ -91,6 +102,7 @@ def ordinary(
             # The images are on their buckets already; the pipeline keeps their size.
             resolution_buckets=None,
             callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=STEP_TENSORS,
         )
         return [output.images[0]], output.timings, {}
 

@@ -11,7 +11,10 @@ import logging
 import sys
 
 from workers.config import WorkerSettings
+from workers.consuming import CONSUMER
+from workers.logs import celery_flags, configure_logging, set_process_fields
 from workers.runtime import EXIT_DEVICE_LOST, WorkerRuntime
+from workers.tracing import configure_tracing
 
 logger = logging.getLogger("workers")
 
@@ -29,7 +32,8 @@ def parse_args(argv: list[str]) -> list[str]:
         epilog="Any other option is passed to `celery worker` (e.g. --loglevel=DEBUG). "
         f"Exit status {EXIT_CONFIG}: a setting was refused (restarting will not help). "
         f"Exit status {EXIT_DEVICE_LOST}: the GPU failed for good (a sticky CUDA error such as an illegal "
-        "memory access); its running job, if any, was given back to the queue; a restarted worker recovers.",
+        "memory access); its running job, if any, was given back to the queue; a restarted worker recovers. "
+        "Any other non-zero status: Celery's consumer stopped on an error it could not recover from.",
     )
     _, celery_args = parser.parse_known_args(argv)
     return celery_args
@@ -37,7 +41,7 @@ def parse_args(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     celery_args = parse_args(list(argv or []))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from pydantic import ValidationError
 
     from models.failures import DeviceLost
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             name = "DREAMOMNI2_" + "_".join(map(str, error["loc"])).upper()
             logger.error("invalid setting %s: %s", name, error["msg"])
         return EXIT_CONFIG
+    set_process_fields(worker=settings.worker_name)
+    configure_tracing("dreamomni2-worker")
     from workers.tasks import JobTask
 
     runtime = WorkerRuntime(settings, engine_settings)
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runtime.celery.worker_main(
             [
+                *celery_flags(settings.log_format),  # `celery`'s own options, before the sub-command
                 "worker",
                 "--pool=solo",
                 "--concurrency=1",
@@ -84,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         runtime.stop()
-    return 0
+    # Celery's worker stops on a shutdown signal (0) or on an error it cannot recover from: the process
+    # then ends with that status, to be replaced, instead of living on without a consumer.
+    if code := CONSUMER.exit_code:
+        logger.critical("the Celery consumer stopped for good (status %d); exiting to be replaced", code)
+    return code
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ import json
 
 from celery import Celery
 
-from workers.broker import TRANSPORT
+from workers.broker import SENTINEL_TRANSPORT, TRANSPORT
 from workers.config import ServiceSettings
+from workers.consuming import track_consumer
 
 #: The gateway sends jobs by this name; `workers.tasks` defines it.
 RUN_JOB_TASK = "dreamomni2.run_job"
@@ -31,9 +32,10 @@ WEBHOOK_UNACKED_KEYS = {
 def create_celery(settings: ServiceSettings) -> Celery:
     """The Celery configuration of every process: the gateway and the GPU workers use it as it is, the
     webhook workers as `create_webhook_celery` changes it."""
-    app = Celery("dreamomni2", broker=settings.redis_url, set_as_current=True)
+    target = settings.redis_target
+    app = Celery("dreamomni2", broker=target.broker_url, set_as_current=True)
     app.conf.update(
-        broker_transport=TRANSPORT,
+        broker_transport=SENTINEL_TRANSPORT if target.uses_sentinel else TRANSPORT,
         task_default_queue=settings.queue,
         task_ignore_result=True,
         # Acknowledge after the task, so the message of a worker that died is delivered again; the job
@@ -45,6 +47,7 @@ def create_celery(settings: ServiceSettings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             # Poll the queues in the order the worker names them (front first), not round robin.
             "queue_order_strategy": "priority",
+            **target.broker_options,
         },
         task_serializer="json",
         accept_content=["json"],
@@ -53,6 +56,7 @@ def create_celery(settings: ServiceSettings) -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
     )
+    track_consumer(app)  # a worker says whether it consumes, and reconnects promptly
     return app
 
 
@@ -66,6 +70,7 @@ def create_webhook_celery(settings: ServiceSettings) -> Celery:
         **WEBHOOK_UNACKED_KEYS,
         # Look for lapsed messages every 10 s (Kombu's default interval) rather than every 10th time.
         "unacked_restore_throttle": 1,
+        **settings.redis_target.broker_options,
     }
     return app
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -14,15 +15,17 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import redis
 
-from api_schemas.api import OutputFormat, Progress
+from api_schemas.api import JobStatus, OutputFormat, ProgressEvent
 from api_schemas.common import WebhookEvent
 from api_schemas.errors import JobTimeout, LeaseLost, ServiceError
 from api_schemas.jobs import JobMetadata
 from api_schemas.records import JobRecord, StoredResult
-from workers import metrics
+from workers import metrics, tracing
 from workers.celery_app import create_celery, enqueue, jobs_with_messages
 from workers.config import WorkerSettings
+from workers.consuming import CONSUMER, consumer_grace_s
 from workers.failures import SUCCEEDED, job_end
+from workers.logs import adopt_library_loggers, log_context
 from workers.store import RequeueOutcome, Store
 from workers.webhooks import Notifier
 
@@ -73,7 +76,7 @@ class WorkerRuntime:
     def __init__(self, settings: WorkerSettings, engine_settings: EngineSettings):
         self.settings = settings
         self.engine_settings = engine_settings
-        self.store = Store.from_url(settings.redis_url, settings.redis_prefix)
+        self.store = Store.from_settings(settings)
         self.celery = create_celery(settings)
         self.notifier = Notifier(self.store, self.celery, settings)
         self.engine: Engine | None = None
@@ -85,9 +88,11 @@ class WorkerRuntime:
         # Queued jobs that had no message at the last reaper pass: resent if still so at the next.
         self._unsent: set[str] = set()
         self._info: dict[str, Any] = {"name": settings.worker_name, "ready": False, "started_at": time.time()}
+        CONSUMER.listen(self._announce_change)
 
     # Lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
+        adopt_library_loggers(self.settings.log_format)  # first: they log as soon as they are imported
         from models.engine import Engine
 
         if self.settings.metrics_port:
@@ -199,13 +204,23 @@ class WorkerRuntime:
     def _announce(self) -> None:
         self.store.workers.announce(
             self.settings.worker_name,
-            {**self._info, "busy": self._current is not None},
+            {**self._info, "busy": self._current is not None, "consuming": CONSUMER.consuming},
             3 * self.settings.heartbeat_s,
         )
 
-    def _touch_liveness(self) -> None:
-        """Prove liveness only while ready and not stuck: idle, or the running job moved recently."""
+    def _announce_change(self, consuming: bool) -> None:
+        """Announce at once when the consumer starts or stops (readiness counts consuming workers)."""
+        if self._info["ready"]:
+            self._announce()
+
+    def _touch_liveness(self, redis_answers: bool = True) -> None:
+        """Prove liveness only while ready and not stuck: idle, or the running job moved recently; and
+        the consumer consuming (or waiting for Redis)."""
         if not self._info["ready"]:
+            return
+        healthy, why = CONSUMER.healthy(redis_answers, consumer_grace_s(self.settings.heartbeat_s))
+        if not healthy:
+            logger.error("%s; liveness withheld", why)
             return
         if (
             self._current is not None
@@ -219,7 +234,11 @@ class WorkerRuntime:
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._announce()
+                try:
+                    self._announce()
+                except redis.RedisError:
+                    self._touch_liveness(redis_answers=False)
+                    raise
                 self._touch_liveness()
                 current = self._current
                 if current and not self.store.jobs.renew_lease(*current, self.settings.lease_ttl_s):
@@ -275,27 +294,27 @@ class WorkerRuntime:
 
     # The job ---------------------------------------------------------------------------------------
     def run_job(self, job_id: str) -> str:
-        """The job body of a `run_job` message. Safe to receive twice: only a queued job is claimed."""
-        claim = self.store.jobs.claim(
-            job_id, worker=self.settings.worker_name, lease_ttl_s=self.settings.lease_ttl_s
-        )
-        if not claim.claimed:
-            logger.info("job %s not run: it is %s", job_id, claim.outcome.value)
-            return claim.outcome.value
-        self._lease_lost.clear()
-        self._last_progress = time.monotonic()
-        self._current = (job_id, claim.token)
-        self._announce()
-        self.notifier.notify(job_id, WebhookEvent.STARTED)
-        try:
-            return self._execute(job_id, claim.token)
-        finally:
-            self._current = None
+        """The job body of a `run_job` message. Safe to receive twice: only a queued job is claimed.
+        Its log lines carry the job's id, and its request's once the job is read."""
+        with log_context(job_id=job_id):
+            claim = self.store.jobs.claim(
+                job_id, worker=self.settings.worker_name, lease_ttl_s=self.settings.lease_ttl_s
+            )
+            if not claim.claimed:
+                logger.info("job %s not run: it is %s", job_id, claim.outcome.value)
+                return claim.outcome.value
+            self._lease_lost.clear()
+            self._last_progress = time.monotonic()
+            self._current = (job_id, claim.token)
             self._announce()
+            self.notifier.notify(job_id, WebhookEvent.STARTED)
+            try:
+                return self._execute(job_id, claim.token)
+            finally:
+                self._current = None
+                self._announce()
 
     def _execute(self, job_id: str, token: str) -> str:
-        from models.failures import DeviceLost  # here, not at the top: `--help` must not load torch
-
         assert self.engine is not None, "start() loads the engine before jobs are taken"
         record = self.store.jobs.get(job_id)
         if record is None:  # expired between the claim and now: nothing left to run or report
@@ -303,10 +322,40 @@ class WorkerRuntime:
             return "expired"
         if record.started_at is not None:
             metrics.QUEUE_WAIT.observe(max(0.0, record.started_at - record.created_at))
+        # The run continues the job's trace (from its submit request), wherever and whenever it runs.
+        attributes = {
+            **tracing.job_attributes(record),
+            "dreamomni2.worker": self.settings.worker_name,
+            "dreamomni2.memory_mode": self.engine_settings.memory.value,
+            "dreamomni2.speed_profile": self.engine.profile.serving,
+            "dreamomni2.attempt": record.attempts,
+        }
+        with (
+            log_context(request_id=record.request_id),
+            tracing.span("run_job", parent=record.traceparent, kind="consumer", attributes=attributes),
+        ):
+            spec = record.spec
+            logger.info(
+                "job %s started: %s, adapter %s, %d image(s), %d steps, attempt %d",
+                job_id,
+                spec.task.value,
+                spec.adapter.value,
+                spec.image_count,
+                spec.job.steps,
+                record.attempts,
+            )
+            return self._run_and_store(record, token)
+
+    def _run_and_store(self, record: JobRecord, token: str) -> str:
+        """Run the job to its end and store the outcome (the `upload`); returns its status."""
+        from models.failures import DeviceLost  # here, not at the top: `--help` must not load torch
+
+        job_id = record.id
         try:
             end, output = SUCCEEDED, self._run_engine(record, token)
         except LeaseLost:
             logger.warning("job %s: run abandoned after losing its lease", job_id)
+            tracing.annotate({"dreamomni2.outcome": "abandoned"}, error="the run lost its lease")
             return "abandoned"
         except DeviceLost as exc:  # not the job's fault: it runs again elsewhere; this process cannot
             self.exit_device_lost(exc, job=(job_id, token))
@@ -314,21 +363,36 @@ class WorkerRuntime:
             if not isinstance(exc, ServiceError | MemoryError):
                 logger.exception("job %s failed", job_id)
             end, output = job_end(exc), None
-        written = self._until_stored(
-            lambda: self.store.jobs.finish(
-                job_id,
-                token,
-                end.status,
-                ttl_s=record.ttl_s,
-                metadata=output.metadata if output else None,
-                error=end.error,
-                results=output.results if output else (),
-            ),
-            f"the outcome of job {job_id}",
-        )
+        results = output.results if output else ()
+        with tracing.span(
+            "upload",
+            attributes={
+                "dreamomni2.job.id": job_id,
+                "dreamomni2.results": len(results),
+                "dreamomni2.result_bytes": sum(len(data) for _, data in results),
+            },
+        ):
+            written = self._until_stored(
+                lambda: self.store.jobs.finish(
+                    job_id,
+                    token,
+                    end.status,
+                    ttl_s=record.ttl_s,
+                    metadata=output.metadata if output else None,
+                    error=end.error,
+                    results=results,
+                ),
+                f"the outcome of job {job_id}",
+            )
         adapter = output.metadata.adapter if output else record.spec.adapter
         metrics.JOBS.labels(record.spec.task.value, adapter.value, end.outcome).inc()
+        failure = end.error if end.status is JobStatus.FAILED else None
+        tracing.annotate(
+            {"dreamomni2.outcome": end.outcome, "dreamomni2.seed": output.metadata.seed if output else None},
+            error=failure and f"{failure.code}: {failure.message}",
+        )
         if written:
+            logger.info("job %s ended: %s", job_id, end.outcome)
             self.notifier.notify(job_id, WebhookEvent.COMPLETED)  # never raises: it logs a failure
         else:
             logger.warning("job %s: another run owns it now; this run's outcome was dropped", job_id)
@@ -369,20 +433,30 @@ class WorkerRuntime:
             except redis.RedisError:  # Redis away: keep computing; the lease comes back with it
                 return False
 
-        def on_progress(stage: str, step: int, total: int) -> None:
+        def on_progress(stage: str, step: int, total: int, *, preview: str | None = None) -> None:
             nonlocal last_progress_hook
             self._last_progress = now = time.monotonic()
+            progress = ProgressEvent(stage=stage, step=step, total=total, preview=preview)
             try:
-                self.store.jobs.progress(job_id, token, Progress(stage=stage, step=step, total=total))
+                self.store.jobs.progress(job_id, token, progress)
                 if progress_hooks and now - last_progress_hook >= self.settings.webhook_progress_interval_s:
                     last_progress_hook = now
                     self.notifier.notify(job_id, WebhookEvent.PROGRESS)
             except redis.RedisError as exc:  # a progress update missed; the job goes on
                 logger.warning("job %s: progress not stored, Redis unreachable (%s)", job_id, exc)
 
-        output = self.engine.run(
-            self.store.jobs.images(job_id), spec.job, on_progress=on_progress, should_cancel=should_cancel
-        )
+        from models.stages import observing
+
+        # A span per stage, while tracing is on: the engine marks them, it knows nothing of tracing.
+        stage_spans = tracing.stage_spans({"dreamomni2.job.id": job_id})
+        with observing(stage_spans) if stage_spans else contextlib.nullcontext():
+            output = self.engine.run(
+                self.store.jobs.images(job_id),
+                spec.job,
+                on_progress=on_progress,
+                should_cancel=should_cancel,
+                preview_every=self.settings.preview_every,
+            )
         results = []
         for image in output.images:
             data = encode_image(image, spec.output_format)

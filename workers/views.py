@@ -7,22 +7,32 @@ from datetime import UTC, datetime
 from api_schemas.api import Job, JobLinks, JobStatus, ResultInfo, WebhookInfo
 from api_schemas.common import Task
 from api_schemas.records import JobRecord
+from workers.result_links import ResultLinks
 
 
 def _time(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, tz=UTC)
 
 
-def job_view(record: JobRecord, queue_position: int | None = None) -> Job:
+def _result(record: JobRecord, index: int, links: ResultLinks | None) -> ResultInfo:
+    info = record.all_results[index]
+    url = f"/v1/jobs/{record.id}/result" + (f"?index={index}" if index else "")
+    if links is None:
+        return ResultInfo(url=url, **info.model_dump())
+    signed = links.link(record.id, index, since=record.finished_at or 0.0)
+    return ResultInfo(
+        url=url, signed_url=signed.url, signed_url_expires_at=signed.expires_at, **info.model_dump()
+    )
+
+
+def job_view(record: JobRecord, queue_position: int | None = None, links: ResultLinks | None = None) -> Job:
+    """The job object; with `links`, each result also carries its signed link (no API key needed)."""
     spec, meta = record.spec, record.metadata
     params = spec.job
     base = f"/v1/jobs/{record.id}"
     results = None
     if record.status is JobStatus.SUCCEEDED and record.all_results:
-        results = [
-            ResultInfo(url=f"{base}/result" + (f"?index={n}" if n else ""), **info.model_dump())
-            for n, info in enumerate(record.all_results)
-        ]
+        results = [_result(record, n, links) for n in range(len(record.all_results))]
     mixing = None
     if spec.task is Task.FEATURE_MIXING:
         # The spec's job is resolved: the mixing defaults are filled in at submission.

@@ -12,6 +12,7 @@ attempt's timestamp, as the specification asks. Destinations are checked by `wor
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 import time
@@ -29,9 +30,14 @@ from standardwebhooks import Webhook
 from api_schemas.api import JobStatus, WebhookDelivery
 from api_schemas.common import WebhookEvent
 from api_schemas.errors import InvalidInput
+from api_schemas.records import DeliveryRecord
+from workers import tracing
 from workers.celery_app import DELIVER_TASK
 from workers.config import ServiceSettings
+from workers.consuming import CONSUMER, LivenessFile, consumer_grace_s
 from workers.destinations import Allowlist, check_destination, pinned_request_url
+from workers.logs import celery_flags, configure_logging, log_context, set_process_fields
+from workers.result_links import ResultLinkSigner
 from workers.store import Store
 from workers.views import job_view
 
@@ -86,6 +92,9 @@ class Notifier:
         self.store = store
         self.celery = celery
         self.settings = settings
+        # No request to take a base URL from: results get signed links only at DREAMOMNI2_PUBLIC_URL.
+        signer = ResultLinkSigner.from_settings(settings)
+        self.links = signer.at(settings.public_url) if settings.public_url else None
 
     def notify(self, job_id: str, event: WebhookEvent) -> str | None:
         """Queue a delivery of the job object as it is now; returns the delivery id, if any.
@@ -98,7 +107,7 @@ class Notifier:
             if record is None or not record.spec.wants(event) or record.spec.webhook is None:
                 return None
             position = self.store.jobs.queue_position(job_id) if record.status is JobStatus.QUEUED else None
-            body = job_view(record, position).model_dump_json(by_alias=True)
+            body = job_view(record, position, self.links).model_dump_json(by_alias=True)
             delivery_id = f"msg_{uuid.uuid4().hex}"
             self.store.deliveries.create(
                 delivery_id,
@@ -108,6 +117,8 @@ class Notifier:
                 event=event,
                 body=body,
                 ttl_s=record.ttl_s,
+                request_id=record.request_id,
+                traceparent=record.traceparent,
             )
         except redis.RedisError:
             logger.exception("could not store the %s webhook of job %s: Redis is unreachable", event, job_id)
@@ -143,11 +154,30 @@ class WebhookDeliverer:
         return self.settings.webhook_secrets.get(owner) or self.settings.webhook_secret or None
 
     def deliver(self, delivery_id: str) -> float | None:
-        """Make one attempt and schedule the next one if due; returns its delay, or None when done."""
+        """Make one attempt and schedule the next one if due; returns its delay, or None when done.
+        The attempt's log lines carry its job's ids, and its span continues the job's trace."""
         delivery = self.store.deliveries.get(delivery_id)
         if delivery is None:
             logger.warning("webhook %s expired before delivery", delivery_id)
             return None
+        if delivery.done:  # a second copy of a message, handed out again after a reconnection
+            logger.info("webhook %s is settled already; a repeated message sends nothing", delivery_id)
+            return None
+        attributes = {
+            "dreamomni2.job.id": delivery.job_id,
+            "dreamomni2.webhook.id": delivery_id,
+            "dreamomni2.webhook.event": delivery.event.value,
+            "dreamomni2.webhook.attempt": delivery.attempts + 1,
+        }
+        with (
+            log_context(job_id=delivery.job_id, request_id=delivery.request_id),
+            tracing.span(
+                "webhook_attempt", parent=delivery.traceparent, kind="client", attributes=attributes
+            ),
+        ):
+            return self._attempt(delivery_id, delivery)
+
+    def _attempt(self, delivery_id: str, delivery: DeliveryRecord) -> float | None:
         secret = self.secret_for(delivery.owner)
         attempt = delivery.attempts + 1
         if secret is None:
@@ -168,9 +198,15 @@ class WebhookDeliverer:
             error=outcome.error,
             at=datetime.now(tz=UTC),
         )
+        tracing.annotate(
+            {"http.response.status_code": outcome.status_code, "dreamomni2.webhook.status": status},
+            error=None if outcome.delivered else outcome.error,
+        )
         delay = None if final else backoff_s(attempt, self.settings.webhook_backoff_s)
         retry_at = None if delay is None else time.time() + delay
-        self.store.deliveries.record_attempt(delivery_id, delivery.job_id, summary, retry_at=retry_at)
+        self.store.deliveries.record_attempt(
+            delivery_id, delivery.job_id, summary, retry_at=retry_at, final=final
+        )
         if final:
             log = logger.info if outcome.delivered else logger.warning
             log(
@@ -194,10 +230,13 @@ class RetryScheduler:
         settings: ServiceSettings,
         poll_s: float = 0.5,
         claim_s: float = 60.0,
+        liveness: LivenessFile | None = None,
     ):
         self.store = store
         self.celery = celery
         self.settings = settings
+        #: Beaten on every poll: this thread knows whether Redis answers.
+        self.liveness = liveness
         self.poll_s = poll_s
         self.claim_s = claim_s
         self._stop = threading.Event()
@@ -222,16 +261,20 @@ class RetryScheduler:
             try:
                 self.run_once()
             except Exception as exc:  # the thread outlives any error; claimed retries come back
+                unreachable = isinstance(exc, redis.RedisError | OperationalError)
                 if not self._failing:
-                    unreachable = isinstance(exc, redis.RedisError | OperationalError)
                     logger.warning(
                         "webhook retries cannot be sent (%s); trying again", exc, exc_info=not unreachable
                     )
                 self._failing = True
+                if self.liveness is not None:
+                    self.liveness.beat(redis_answers=not unreachable)
             else:
                 if self._failing:
                     logger.info("webhook retries are sent again")
                 self._failing = False
+                if self.liveness is not None:
+                    self.liveness.beat(redis_answers=True)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="webhook-retries", daemon=True)
@@ -249,16 +292,20 @@ def main(argv: Iterable[str] = ()) -> int:
     from workers.celery_app import create_webhook_celery
     from workers.tasks import WebhookTask
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     settings = ServiceSettings()
+    set_process_fields(worker=f"webhooks@{socket.gethostname()}")
+    tracing.configure_tracing("dreamomni2-webhooks")
     app = create_webhook_celery(settings)
-    store = Store.from_url(settings.redis_url, settings.redis_prefix)
+    store = Store.from_settings(settings)
     WebhookTask.deliverer = WebhookDeliverer(store, settings)
-    scheduler = RetryScheduler(store, app, settings)
+    liveness = LivenessFile(settings.liveness_file, consumer_grace_s(settings.heartbeat_s))
+    scheduler = RetryScheduler(store, app, settings, liveness=liveness)
     scheduler.start()
     try:
         app.worker_main(
             [
+                *celery_flags(settings.log_format),  # `celery`'s own options, before the sub-command
                 "worker",
                 "--pool=threads",
                 f"--concurrency={settings.webhook_concurrency}",
@@ -272,7 +319,10 @@ def main(argv: Iterable[str] = ()) -> int:
         )
     finally:
         scheduler.stop()
-    return 0
+    # Non-zero when Celery's worker stopped on an error it could not recover from: to be replaced.
+    if code := CONSUMER.exit_code:
+        logger.critical("the Celery consumer stopped for good (status %d); exiting to be replaced", code)
+    return code
 
 
 if __name__ == "__main__":

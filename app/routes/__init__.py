@@ -4,6 +4,7 @@ from app.routes.docs import ASSETS_PATH, SWAGGER_UI_DIR, docs_router
 from app.routes.health import health_router
 from app.routes.jobs import jobs_router
 from app.routes.page import STATIC_DIR, page_router
+from app.routes.results import results_router
 from app.routes.service import service_router
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "health_router",
     "jobs_router",
     "page_router",
+    "results_router",
     "service_router",
 ]

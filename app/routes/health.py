@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api_schemas.api import Readiness
 from app.auth import BEARER
 from app.dependencies import Service
-from app.errors import ERROR_RESPONSES
+from app.errors import ERROR_RESPONSES, RETRY_AFTER_S
 
 health_router = APIRouter(tags=["operations"])
 
@@ -28,7 +28,18 @@ def healthz() -> dict[str, str]:
     operation_id="readyz",
     summary="Readiness",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Redis is unreachable."}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "Redis is unreachable.",
+            "headers": {
+                "Retry-After": {
+                    "description": "Seconds to wait before asking again.",
+                    "schema": {"type": "integer"},
+                }
+            },
+        }
+    },
 )
 def readyz(
     request: Request,
@@ -44,7 +55,10 @@ def readyz(
     body, ready = service.readiness()
     if not request.app.state.keys.knows(credentials):
         body = Readiness(status=body.status, redis="ok" if ready else "unreachable")
-    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=200 if ready else 503)
+    if ready:
+        return JSONResponse(body.model_dump(mode="json", exclude_none=True))
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=503, headers=headers)
 
 
 @health_router.get(

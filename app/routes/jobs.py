@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api_schemas.api import MAX_RESULTS, ErrorEnvelope, Job
 from api_schemas.records import JobRecord
-from app.dependencies import Owner, Service, SubmissionBody
+from app.dependencies import BaseUrl, Owner, Service, SubmissionBody
 from app.errors import ERROR_RESPONSES
 from app.headers import IdempotencyKey, LastEventId, PreferWait
 from app.openapi import SUBMIT_BODY
@@ -21,9 +21,13 @@ jobs_router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 def job_response(
-    service: JobService, record: JobRecord, status_code: int, headers: dict[str, str] | None = None
+    service: JobService,
+    record: JobRecord,
+    base_url: str,
+    status_code: int,
+    headers: dict[str, str] | None = None,
 ) -> Response:
-    job = service.render(record)
+    job = service.render(record, base_url)
     return JSONResponse(job.model_dump(mode="json", by_alias=True), status_code=status_code, headers=headers)
 
 
@@ -46,7 +50,12 @@ def job_response(
     openapi_extra=SUBMIT_BODY,
 )
 async def create_job(
-    service: Service, owner: Owner, submission: SubmissionBody, prefer_wait: PreferWait, key: IdempotencyKey
+    service: Service,
+    owner: Owner,
+    submission: SubmissionBody,
+    prefer_wait: PreferWait,
+    key: IdempotencyKey,
+    base_url: BaseUrl,
 ) -> Response:
     """Queue an edit or a generation. Image 1 is the image to edit; the others are references.
 
@@ -62,16 +71,17 @@ async def create_job(
         record = await run_in_threadpool(service.wait, record, wait_s)
         headers["Preference-Applied"] = f"wait={wait_s}"
         if record.status.is_terminal():
-            return await run_in_threadpool(job_response, service, record, 200, headers)
-    return await run_in_threadpool(job_response, service, record, 202, headers)
+            return await run_in_threadpool(job_response, service, record, base_url, 200, headers)
+    return await run_in_threadpool(job_response, service, record, base_url, 202, headers)
 
 
 @jobs_router.get(
     "/{job_id}", operation_id="get_job", summary="Get a job", response_model=Job, responses=ERROR_RESPONSES
 )
-def get_job(job_id: str, service: Service, owner: Owner) -> Response:
-    """The job object: status, progress, queue position, timings, error or result."""
-    return job_response(service, service.get(owner, job_id), 200)
+def get_job(job_id: str, service: Service, owner: Owner, base_url: BaseUrl) -> Response:
+    """The job object: status, progress, queue position, timings, error or result (with its signed
+    links, `result.signed_url`, which download without a key)."""
+    return job_response(service, service.get(owner, job_id), base_url, 200)
 
 
 @jobs_router.get(
@@ -113,11 +123,11 @@ def get_job_result(
         **ERROR_RESPONSES,
     },
 )
-def cancel_job(job_id: str, service: Service, owner: Owner) -> Response:
+def cancel_job(job_id: str, service: Service, owner: Owner, base_url: BaseUrl) -> Response:
     """A queued job ends `canceled` at once and never runs (200); a running job stops at its next
     denoising step (202, then `canceled`); a finished job answers 409."""
     record, accepted = service.cancel(owner, job_id)
-    return job_response(service, record, 202 if accepted else 200)
+    return job_response(service, record, base_url, 202 if accepted else 200)
 
 
 @jobs_router.get(
@@ -128,9 +138,10 @@ def cancel_job(job_id: str, service: Service, owner: Owner) -> Response:
     responses={
         200: {
             "content": {"text/event-stream": {}},
-            "description": "`queued` (data: position), `started`, `progress` (stage, step, total), then one "
-            "final `succeeded`, `failed` or `canceled` whose data is the job object. Every event has an id; "
-            "reconnect with `Last-Event-ID` to resume.",
+            "description": "`queued` (data: position), `started`, `progress` (stage, step, total; every "
+            "DREAMOMNI2_PREVIEW_EVERY-th denoising step also `preview`, a small JPEG data URI of the image "
+            "as it forms), then one final `succeeded`, `failed` or `canceled` whose data is the job object. "
+            "Every event has an id; reconnect with `Last-Event-ID` to resume.",
         },
         204: {"description": "Reconnected with the id of the final event (or later): the stream is over."},
         **ERROR_RESPONSES,

@@ -83,6 +83,7 @@
     finished: null, // id of the shown job once its final state is rendered
     seen: null, // the latest progress the shown job reported: {stage, step, total}
     denoised: null, // its latest denoising progress, still shown once decoding starts
+    preview: null, // {uri, step, total}: the latest preview of the shown job's image as it forms
     stream: null, // AbortController of the shown job's event stream and polling
     submissions: new Map(), // job id -> what this page sent for it (to run it again)
     result: null, // {jobId, blob, url} of the shown result (a pair's source)
@@ -812,6 +813,7 @@
       job.queue_position = null;
       job.progress = { stage: data.stage, step: data.step, total: data.total };
       state.seen = job.progress;
+      if (data.preview) state.preview = { uri: data.preview, step: data.step, total: data.total };
     }
     state.job = job;
     renderStatus();
@@ -824,6 +826,7 @@
     state.finished = null;
     state.seen = job.status === 'running' && job.progress && job.progress.stage ? job.progress : null;
     state.denoised = null;
+    state.preview = null;
     $('job').hidden = false;
     $('job-id').textContent = job.id;
     $('job-error').hidden = true;
@@ -882,7 +885,25 @@
     if (status.textContent !== text) status.textContent = text;
     $('job-progress').value = fraction;
     renderStages(job, current);
+    renderPreview(job);
     $('cancel').hidden = TERMINAL.has(job.status);
+  }
+
+  /** The latest preview while the job runs (its progress events carry one every few steps); the
+   * result replaces it, and a job that ends otherwise leaves none. */
+  function renderPreview(job) {
+    const preview = job.status === 'running' ? state.preview : null;
+    const figure = $('preview');
+    const image = $('preview-image');
+    if (!preview) {
+      figure.hidden = true;
+      image.removeAttribute('src');
+      return;
+    }
+    if (image.getAttribute('src') !== preview.uri) image.setAttribute('src', preview.uri);
+    const pair = job.task === MIXING ? ': source and target side by side' : '';
+    $('preview-caption').textContent = `Preview at step ${preview.step} of ${preview.total}${pair}`;
+    figure.hidden = false;
   }
 
   function renderStages(job, current) {

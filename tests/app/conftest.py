@@ -24,6 +24,8 @@ from app.settings import GatewaySettings
 
 KEYS = {"alice": "do2_alice_key", "bob": "do2_bob_key"}
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+#: The key of signed result links (required with API keys on).
+LINK_SECRET = "links-" + "q8VZ0bTnX3kR7yW2mC5pL9sD4fH6jA1e"
 
 
 @pytest.fixture
@@ -73,6 +75,7 @@ def settings_for(redis_url: str, **overrides: object) -> GatewaySettings:
         "redis_prefix": f"app{uuid.uuid4().hex[:8]}",
         "api_keys": entries,
         "webhook_secret": SECRET,
+        "result_url_secret": LINK_SECRET,
         "max_wait_s": 5,
         "deadline_sweep_s": 0.2,
     }

@@ -231,6 +231,15 @@ def test_mixing_bench_prints_the_pair_against_two_generations(tiny_cache):
     assert "Feature Mixing pair / two ordinary generations:" in stdout
 
 
+def test_preview_bench_prints_the_cost_against_the_step(tiny_cache):
+    stdout = run_script(
+        "bench/preview_bench.py", "--repeats", "1", "--steps", "2", "--cache-dir", str(tiny_cache)
+    )
+    assert "a preview costs" in stdout and "of a step" in stdout
+    assert "bit-identical with and without previews: True" in stdout
+    assert "picture 128x128, data URI" in stdout
+
+
 def test_precision_bench_prints_fp8_and_lora_folding_against_their_baselines(tmp_path):
     out = tmp_path / "precision.json"
     stdout = run_script("bench/precision_bench.py", "--shapes", "small", "--repeats", "1", "--out", str(out))

@@ -233,11 +233,19 @@ def test_kubernetes_validate_strict_rejects_unknown_fields(tmp_path):
         {"gateway": {"ingress": {"streaming": {"readTimeoutSeconds": 30}}}},
         {"worker": {"memory": "model"}},
         {"worker": {"speed": "turbo"}},
+        {"redis": {"enabled": False}, "externalRedis": {"sentinel": {"hosts": ["s-0:26379"]}}},
+        {"redis": {"enabled": False}, "externalRedis": {"sentinel": {"hosts": ["s-0"], "masterName": "m"}}},
+        {
+            "redis": {"enabled": False},
+            "externalRedis": {"tls": True, "sentinel": {"hosts": ["s-0:26379"], "masterName": "m"}},
+        },
+        {"config": {"redisMinReplicas": 1}},  # the in-chart Redis has no replica: every job refused
     ],
     ids=[
         "preset", "unknown-key", "external-redis-without-host", "api-key", "job-timeout", "weights-source",
         "webhook-secret", "webhook-per-key-secret", "webhook-concurrency", "webhook-allowlist-entry",
-        "ingress-read-timeout", "memory-mode", "speed-profile",
+        "ingress-read-timeout", "memory-mode", "speed-profile", "sentinels-without-master",
+        "sentinel-without-port", "sentinels-with-tls", "min-replicas-without-replicas",
     ],
 )  # fmt: skip
 def test_values_schema_rejects_bad_values(helm, values):
@@ -271,13 +279,14 @@ def resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any
     )
 
 
-# KEDA 2.x (keda.sh/v1alpha1): the ScaledObject fields, and the Redis list scaler's parameters.
+# KEDA 2.x (keda.sh/v1alpha1): the ScaledObject fields, and the Redis list scalers' parameters (plain
+# and through Sentinel).
 REDIS_TRIGGER_METADATA = strict(
     {
         key: STRING
         for key in (
             "address", "addresses", "host", "hosts", "port", "ports", "username", "listName", "listLength",
-            "activationListLength", "databaseIndex", "enableTLS", "unsafeSsl",
+            "activationListLength", "databaseIndex", "enableTLS", "unsafeSsl", "sentinelMaster",
         )
     },
     ["listName"],
@@ -287,7 +296,7 @@ AUTHENTICATION_REF = strict(
 )
 TRIGGER = strict(
     {
-        "type": {"const": "redis"},
+        "type": {"enum": ["redis", "redis-sentinel"]},
         "name": STRING,
         "metadata": REDIS_TRIGGER_METADATA,
         "authenticationRef": AUTHENTICATION_REF,
@@ -320,7 +329,11 @@ SCALED_OBJECT_SPEC = strict(
     ["scaleTargetRef", "triggers"],
 )
 SECRET_TARGET_REF = strict(
-    {"parameter": {"enum": ["password", "username", "tls", "ca", "cert", "key"]}, "name": NAME, "key": NAME},
+    {
+        "parameter": {"enum": ["password", "username", "sentinelPassword", "tls", "ca", "cert", "key"]},
+        "name": NAME,
+        "key": NAME,
+    },
     ["parameter", "name", "key"],
 )
 TRIGGER_AUTHENTICATION_SPEC = strict(
@@ -575,6 +588,28 @@ def test_grace_period_follows_the_job_timeout(helm):
     assert shared_config(docs)["DREAMOMNI2_JOB_TIMEOUT_S"] == "3600"
 
 
+def test_logs_are_json_and_traces_off_until_a_collector_is_named(helm, rendered):
+    config = shared_config(rendered["default"])
+    assert config["DREAMOMNI2_LOG_FORMAT"] == "json"
+    assert not [name for name in config if name.startswith("OTEL_")]
+    traced = {
+        "otlpEndpoint": "http://otel-collector.observability:4318",
+        "env": {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": 0.1},
+    }
+    config = shared_config(render(helm, {"tracing": traced, "config": {"logFormat": "text"}}))
+    assert config["OTEL_EXPORTER_OTLP_ENDPOINT"] == traced["otlpEndpoint"]
+    assert config["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert config["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
+    assert config["DREAMOMNI2_LOG_FORMAT"] == "text"
+    for refused in (
+        {"config": {"logFormat": "yaml"}},
+        {"tracing": {"otlpEndpoint": "otel-collector:4318"}},
+        {"tracing": {"env": {"DREAMOMNI2_LOG_FORMAT": "text"}}},
+    ):
+        with pytest.raises(helm.HelmValuesError):
+            render(helm, refused)
+
+
 @pytest.mark.parametrize("case", VALUE_FILES)
 def test_gateway_probes_and_no_torch_image(rendered, case):
     gateway = container(workload(rendered[case], "gateway"))
@@ -632,8 +667,10 @@ def test_webhook_workers_run_from_the_gateway_image_with_the_shared_settings(ren
     gateway, worker = container(workload(docs, "gateway")), container(workload(docs, "worker"))
     assert c["command"] == WEBHOOKS_COMMAND  # SIGTERM reaches Celery: warm shutdown
     assert c["image"] == gateway["image"], "no torch: the gateway image"
-    # No port, no invented health endpoint: a crash ends the container's main process.
-    assert "ports" not in c and not {"livenessProbe", "readinessProbe", "startupProbe"} & set(c)
+    # No port: the liveness probe reads the file the worker touches while its consumer consumes.
+    assert "ports" not in c and not {"readinessProbe", "startupProbe"} & set(c)
+    assert c["livenessProbe"]["exec"]["command"] == ["python", "-m", "workers.health"]
+    assert env_of(c)["DREAMOMNI2_LIVENESS_FILE"].startswith("/tmp/")  # the writable emptyDir
     assert c["envFrom"] == gateway["envFrom"] == worker["envFrom"], "one ConfigMap for all three"
     env = env_of(c)
     assert env["DREAMOMNI2_REDIS_URL"] == env_of(gateway)["DREAMOMNI2_REDIS_URL"]
@@ -697,6 +734,31 @@ def test_webhook_secrets_come_from_the_charts_secret_or_yours(rendered):
             "name": "dreamomni2-webhook-secrets", "key": "webhook-secrets", "optional": True,
         },
     }  # fmt: skip
+
+
+def test_the_result_links_key_reaches_the_gateway_and_workers_from_one_secret(helm, rendered):
+    from workers.config import ServiceSettings as Settings
+
+    docs = rendered["default"]
+    refs = {c: env_of(container(workload(docs, c))).get("DREAMOMNI2_RESULT_URL_SECRET") for c in
+            ("gateway", "worker", "webhooks")}  # fmt: skip
+    assert refs["gateway"] == refs["worker"] and refs["webhooks"] is None  # deliveries send stored bodies
+    ref = refs["gateway"]["secretKeyRef"]
+    generated = one(docs, "Secret", ref["name"])["stringData"][ref["key"]]
+    assert Settings(result_url_secret=generated).result_url_secret.get_secret_value() == generated
+    assert shared_config(docs)["DREAMOMNI2_PUBLIC_URL"] == ""  # no ingress: each request's own base
+    # The ingress's host is the links' base (https where it has tls); publicUrl names another.
+    ingress = {"enabled": True, "tls": [{"hosts": ["dreamomni2.example.com"], "secretName": "tls"}]}
+    config = shared_config(render(helm, {"gateway": {"ingress": ingress}}))
+    assert Settings(public_url=config["DREAMOMNI2_PUBLIC_URL"]).public_url == "https://dreamomni2.example.com"
+    named = {"resultUrls": {"publicUrl": "https://cdn.example.com/api/", "ttlS": 600}}
+    config = shared_config(render(helm, named))
+    assert (config["DREAMOMNI2_PUBLIC_URL"], config["DREAMOMNI2_RESULT_URL_TTL_S"]) == (
+        "https://cdn.example.com/api", "600",
+    )  # fmt: skip
+    for bad in ({"secret": "too-short"}, {"publicUrl": "dreamomni2.example.com"}, {"ttlS": 0}):
+        with pytest.raises(helm.HelmValuesError):
+            render(helm, {"resultUrls": bad})
 
 
 def test_webhook_secret_changes_restart_the_pods_that_read_them(helm):
@@ -873,6 +935,39 @@ def test_external_redis_over_tls_with_its_own_secret(rendered):
     assert meta["address"] == "redis.example.internal:6380"
     assert (meta["databaseIndex"], meta["enableTLS"]) == ("2", "true")
     assert one(docs, "TriggerAuthentication")["spec"]["secretTargetRef"][0]["name"] == "managed-redis"
+
+
+def test_external_sentinels_reach_every_component_keda_and_the_webhook_egress(rendered):
+    docs = rendered["external-sentinel"]
+    values = case_values("external-sentinel")["externalRedis"]
+    assert not find(docs, "StatefulSet")
+    for component in ("gateway", "worker", "webhooks"):
+        env = env_of(container(workload(docs, component)))
+        assert env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "redis", "key": "redis-password"}}
+        # What the service reads: the database and the password of the URL, the primary from the sentinels.
+        password = "pw"
+        settings = ServiceSettings(
+            **{
+                name.removeprefix("DREAMOMNI2_").lower(): value.replace("$(REDIS_PASSWORD)", password)
+                for name, value in env.items()
+                if name.startswith("DREAMOMNI2_REDIS_")
+            }
+        )
+        target = settings.redis_target
+        assert target.sentinels == tuple((h.split(":")[0], 26379) for h in values["sentinel"]["hosts"])
+        assert (target.master, target.sentinel_password) == ("mymaster", password)
+        assert target.credentials() == {"db": 1, "password": password}
+    assert shared_config(docs)["DREAMOMNI2_REDIS_MIN_REPLICAS"] == "1"
+    triggers = one(docs, "ScaledObject")["spec"]["triggers"]
+    assert {t["type"] for t in triggers} == {"redis-sentinel"}
+    meta = triggers[0]["metadata"]
+    assert meta["addresses"] == ",".join(values["sentinel"]["hosts"]) and meta["sentinelMaster"] == "mymaster"
+    assert meta["databaseIndex"] == "1"
+    refs = one(docs, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert {r["parameter"] for r in refs} == {"password", "sentinelPassword"}
+    policy = one(docs, "NetworkPolicy", f"{RELEASE}-webhooks-egress")
+    for port in (6379, 26379):  # the data nodes', the sentinels'
+        assert egress_allows(docs, policy, port, ip="10.0.0.5"), port
 
 
 def test_weights_are_downloaded_once_onto_a_shared_volume(rendered):
@@ -1146,9 +1241,9 @@ def test_compose_webhook_worker_shares_the_gateway_image_and_the_secret():
     assert webhooks["command"] == WEBHOOKS_COMMAND
     assert webhooks["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "ports" not in webhooks
-    # The image's HEALTHCHECK is the gateway's /healthz, which this process does not serve.
-    check = webhooks["healthcheck"]
-    assert check.get("disable") is True or check.get("test") in (["NONE"], "NONE")
+    # Not the image's HEALTHCHECK (the gateway's /healthz, which this process does not serve): the
+    # consumer's liveness file.
+    assert webhooks["healthcheck"]["test"] == ["CMD", "python", "-m", "workers.health"]
     env = webhooks["environment"]
     assert seconds(webhooks["stop_grace_period"]) > float(env["DREAMOMNI2_WEBHOOK_TIMEOUT_S"])
     assert int(env["DREAMOMNI2_WEBHOOK_CONCURRENCY"]) >= 1

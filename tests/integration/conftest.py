@@ -6,6 +6,7 @@ smaller stack; a second gateway with other limits can join the main stack's Redi
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,23 +72,34 @@ def webhook_secrets() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def result_url_secret() -> str:
+    """The key the main stack signs result links with (required with API keys on)."""
+    return secrets.token_urlsafe(32)
+
+
+@pytest.fixture(scope="session")
 def main_stack(
     tiny_cache: Path,
     tmp_path_factory: pytest.TempPathFactory,
     api_keys: dict[str, str],
     webhook_secrets: dict[str, str],
+    result_url_secret: str,
 ) -> Iterator[LocalStack]:
     entries = ",".join(f"{name}:{hash_key(key)}" for name, key in api_keys.items())
+    port = free_port()
     env = stack_env(
         tiny_cache,
         DREAMOMNI2_API_KEYS=entries,
+        # Signed result links, with the gateway's address as their base, also in the workers' webhooks.
+        DREAMOMNI2_RESULT_URL_SECRET=result_url_secret,
+        DREAMOMNI2_PUBLIC_URL=f"http://127.0.0.1:{port}",
         # Webhooks on, to receivers on loopback (refused anywhere else), retried quickly.
         DREAMOMNI2_WEBHOOK_SECRET=webhook_secrets["*"],
         DREAMOMNI2_WEBHOOK_SECRETS=f"alice:{webhook_secrets['alice']}",
         DREAMOMNI2_WEBHOOK_ALLOWLIST="127.0.0.1",
         DREAMOMNI2_WEBHOOK_BACKOFF_S=str(WEBHOOK_BACKOFF_S),
     )
-    with LocalStack(tmp_path_factory.mktemp("main-stack"), workers=1, env=env) as stack:
+    with LocalStack(tmp_path_factory.mktemp("main-stack"), port=port, workers=1, env=env) as stack:
         yield stack
 
 

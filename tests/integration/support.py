@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Self, TypeVar
 
 import httpx
 import pytest
@@ -146,7 +146,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     error = body["error"]
     assert error["code"] == code, error
     assert isinstance(error["message"], str) and error["message"], error
-    assert set(error) <= {"code", "message", "details"}, error
+    assert set(error) <= {"code", "message", "details", "request_id"}, error
+    assert error["request_id"] == response.headers["x-request-id"], error
     return error
 
 
@@ -287,21 +288,18 @@ class ReceivedWebhook:
         return json.loads(self.body)
 
 
-class WebhookReceiver:
-    """A customer's endpoint on a loopback port: checks every delivery's Standard Webhooks signature
-    with the `standardwebhooks` package (401 when it does not verify) and answers from a script."""
+class LoopbackServer:
+    """An HTTP server on a loopback port for the stack to call (a customer's webhook endpoint, a trace
+    collector): each POST is answered by `answer(path, headers, body)` -> status, with no body."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._routes: dict[str, tuple[str, list[int]]] = {}
-        self._received: list[ReceivedWebhook] = []
-        receiver = self
+    def __init__(self, name: str) -> None:
+        server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                answered = receiver._receive(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
-                self.send_response(answered)
+                status = server.answer(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -310,13 +308,16 @@ class WebhookReceiver:
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="receiver", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
+
+    def answer(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        raise NotImplementedError
 
     @property
     def port(self) -> int:
         return self._server.server_address[1]
 
-    def __enter__(self) -> WebhookReceiver:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -324,12 +325,30 @@ class WebhookReceiver:
         self._server.shutdown()
         self._server.server_close()
 
-    def endpoint(self, secret: str, answers: Sequence[int] = ()) -> str:
+
+class WebhookReceiver(LoopbackServer):
+    """A customer's endpoint on a loopback port: checks every delivery's Standard Webhooks signature
+    with the `standardwebhooks` package (401 when it does not verify) and answers from a script."""
+
+    def __init__(self) -> None:
+        super().__init__("receiver")
+        self._lock = threading.Lock()
+        self._routes: dict[str, tuple[str, list[int]]] = {}
+        self._holds: dict[str, float] = {}
+        self._received: list[ReceivedWebhook] = []
+
+    def answer(self, path: str, headers: dict[str, str], body: bytes) -> int:
+        answered = self._receive(path, headers, body)
+        time.sleep(self._holds.get(path, 0.0))  # a slow endpoint: the attempt in flight
+        return answered
+
+    def endpoint(self, secret: str, answers: Sequence[int] = (), hold_s: float = 0.0) -> str:
         """A fresh URL: deliveries to it must be signed with `secret`; they are answered `answers`
-        in turn, then 204."""
+        in turn, then 204, each `hold_s` seconds after it arrived (recorded on arrival)."""
         path = f"/hooks/{uuid.uuid4().hex}"
         with self._lock:
             self._routes[path] = (secret, list(answers))
+            self._holds[path] = hold_s
         return f"http://127.0.0.1:{self.port}{path}"
 
     def _receive(self, path: str, headers: dict[str, str], body: bytes) -> int:

@@ -1,11 +1,15 @@
-"""Faults on the real processes: Redis killed and restarted from its append-only file mid-traffic."""
+"""Faults on the real processes: Redis killed and restarted from its append-only file mid-traffic, with
+webhook deliveries in flight; Celery consumers that stop for good."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -30,18 +34,24 @@ from .support import (
 OUTAGE_S = 5
 
 
-def test_redis_killed_and_restarted_mid_traffic_loses_nothing(tiny_cache: Path, tmp_path: Path) -> None:
-    secret = new_webhook_secret()
-    env = stack_env(
+def outage_env(tiny_cache: Path, secret: str, **extra: str) -> dict[str, str]:
+    """A stack for a Redis outage: leases that lapse during it, fast heartbeats and reaper passes,
+    webhooks signed with `secret` to loopback receivers."""
+    return stack_env(
         tiny_cache,
         DREAMOMNI2_LEASE_TTL_S="3",
         DREAMOMNI2_HEARTBEAT_S="1",
         DREAMOMNI2_REAPER_INTERVAL_S="1",
         DREAMOMNI2_WEBHOOK_SECRET=secret,
         DREAMOMNI2_WEBHOOK_ALLOWLIST="127.0.0.1",
-        # The hooked job's retry falls due as Redis comes back (it dies ~2 s after the first attempt).
-        DREAMOMNI2_WEBHOOK_BACKOFF_S="8",
+        **extra,
     )
+
+
+def test_redis_killed_and_restarted_mid_traffic_loses_nothing(tiny_cache: Path, tmp_path: Path) -> None:
+    secret = new_webhook_secret()
+    # The hooked job's retry falls due as Redis comes back (it dies ~2 s after the first attempt).
+    env = outage_env(tiny_cache, secret, DREAMOMNI2_WEBHOOK_BACKOFF_S="8")
     with (
         WebhookReceiver() as receiver,
         LocalStack(tmp_path, workers=1, env=env, persist_redis=True) as stack,
@@ -259,3 +269,104 @@ def test_the_gateway_killed_again_and_again_under_load_leaves_no_dead_job(
                 replay = submit_json(client, [], body, headers={"Idempotency-Key": key})
                 assert replay.headers.get("idempotent-replayed") == "true", replay.text
                 assert replay.json()["id"] == job_id and replay.json()["status"] == "succeeded"
+
+
+#: Longer than Celery's first reconnection tries.
+CONSUMER_OUTAGE_S = 6
+#: How soon after Redis returns an idle worker must take a new job (generous, for a busy machine).
+RESUME_S = 15
+
+
+def probe(stack: LocalStack, name: str) -> subprocess.CompletedProcess:
+    """`python -m workers.health` for process `name`, as its liveness probe runs it."""
+    env = stack.process_env({"DREAMOMNI2_LIVENESS_FILE": str(stack.workdir / f"{name}.alive")})
+    return subprocess.run(
+        [sys.executable, "-m", "workers.health"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_redis_killed_with_webhooks_in_flight_every_consumer_comes_back(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    secret = new_webhook_secret()
+    env = outage_env(tiny_cache, secret)
+    with (
+        WebhookReceiver() as receiver,
+        LocalStack(tmp_path, workers=2, env=env, persist_redis=True) as stack,
+        httpx.Client(base_url=stack.url, timeout=30) as client,
+    ):
+        # Deliveries in flight (the endpoint answers 4 s after each arrives), a job running on one
+        # worker, the other idle.
+        slow = receiver.endpoint(secret, hold_s=4)
+        for n in range(3):
+            submit_json(client, [], {"instruction": f"hooked {n}", "steps": 2, "webhook_url": slow})
+        receiver.wait_for(slow, lambda got: len(got) >= 3, what="three deliveries in flight")
+        running = submit_json(client, [], {"instruction": "a long one", "steps": 1500}).json()["id"]
+        wait_for_job(client, running, lambda job: job["status"] == "running", what="the long job to run")
+        time.sleep(1.2)  # the append-only file is written every second
+
+        redis_process = next(p for p in stack.processes if p.name == "redis")
+        redis_process.kill()
+        down = time.monotonic()
+        while time.monotonic() - down < CONSUMER_OUTAGE_S:
+            answer = client.get("/readyz")
+            assert answer.status_code == 503 and answer.headers.get("retry-after") == "2", answer.headers
+            time.sleep(0.5)
+        stack.start_redis()
+        back = time.time()
+
+        # An idle worker takes a new job within RESUME_S of Redis's return, and the job's webhook
+        # follows its end within 10 s.
+        fast = receiver.endpoint(secret)
+        new = submit_json(client, [], {"instruction": "after", "steps": 2, "webhook_url": fast}).json()["id"]
+        workers = [p for p in stack.processes if p.name != "redis"]
+        done = wait_for_status(client, new, timeout=60, watch=workers)
+        ended = time.monotonic()
+        assert done["status"] == "succeeded", done
+        started = datetime.fromisoformat(done["started_at"]).timestamp()
+        assert started - back < RESUME_S, f"an idle worker took {started - back:.1f}s to take a job"
+        delivered = receiver.wait_for(fast, lambda got: any(r.answered == 204 for r in got), timeout=30)
+        assert delivered[-1].at - ended < 10
+
+        # No process alive but idle: every one runs, its liveness probe passes, both GPU workers count
+        # as ready (consuming) again.
+        dead = [p.name for p in stack.processes if p is not redis_process and not p.alive()]
+        assert not dead, dead
+        for name in ("worker-1", "worker-2", "webhooks"):
+            result = probe(stack, name)
+            assert result.returncode == 0, (name, result.stdout, result.stderr)
+        wait_until(
+            lambda: client.get("/readyz").json()["workers"]["ready"] == 2,
+            timeout=15,
+            what="both workers ready",
+        )
+
+
+#: Run a webhook worker whose consumer fails as it starts (an error Celery cannot recover from).
+BROKEN_CONSUMER = """
+import sys
+import workers.consuming
+
+def start(self, consumer):
+    raise RuntimeError("injected: the consumer cannot start")
+
+workers.consuming.Consuming.start = start
+from workers.webhooks import main
+sys.exit(main())
+"""
+
+
+def test_a_worker_whose_consumer_stops_for_good_exits_non_zero(
+    main_stack: LocalStack, tmp_path: Path
+) -> None:
+    env = main_stack.process_env(
+        {
+            "DREAMOMNI2_WEBHOOK_QUEUE": f"broken-{tmp_path.name}",
+            "DREAMOMNI2_LIVENESS_FILE": str(tmp_path / "alive"),
+        }
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", BROKEN_CONSUMER], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "Unrecoverable error" in result.stderr and "stopped for good" in result.stderr

@@ -28,7 +28,12 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 def test_fuzzing_the_live_api_finds_no_5xx_and_nothing_undocumented(tiny_cache: Path, tmp_path: Path) -> None:
     key = new_key()
     # `Prefer: wait` not held at all: with no worker every wait would run to its end.
-    env = stack_env(tiny_cache, DREAMOMNI2_API_KEYS=f"fuzz:{hash_key(key)}", DREAMOMNI2_MAX_WAIT_S="0")
+    env = stack_env(
+        tiny_cache,
+        DREAMOMNI2_API_KEYS=f"fuzz:{hash_key(key)}",
+        DREAMOMNI2_RESULT_URL_SECRET=new_key(),
+        DREAMOMNI2_MAX_WAIT_S="0",
+    )
     schemathesis = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert schemathesis, "schemathesis is a dev dependency: make setup"
     with LocalStack(tmp_path, workers=0, env=env) as stack:

@@ -91,8 +91,11 @@ def test_openapi_documents_both_bodies_and_the_error_envelope(service: Service, 
             envelope
         )
     components = schema["components"]["schemas"]
-    assert components["ErrorEnvelope"]["properties"]["error"] == {"$ref": "#/components/schemas/ErrorInfo"}
-    assert {"code", "message"} <= set(components["ErrorInfo"]["required"])
+    assert components["ErrorEnvelope"]["properties"]["error"] == {
+        "$ref": "#/components/schemas/HttpErrorInfo"
+    }
+    assert {"code", "message"} <= set(components["HttpErrorInfo"]["required"])
+    assert "request_id" in components["HttpErrorInfo"]["properties"]
     assert {"JobRequestJSON", "Job", "Task", "OutputFormat"} <= set(components)
     dangling = {ref for ref in refs(schema) if ref.removeprefix("#/components/schemas/") not in components}
     assert not dangling, f"$refs to schemas the document does not define: {dangling}"

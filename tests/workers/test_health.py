@@ -11,6 +11,7 @@ from pathlib import Path
 
 from models.settings import EngineSettings
 from workers.config import WorkerSettings
+from workers.consuming import CONSUMER, consumer_grace_s
 from workers.runtime import WorkerRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,7 @@ def test_liveness_is_withheld_while_loading_and_when_a_job_stalls(tmp_path):
         liveness_file=tmp_path / "alive", stall_timeout_s=5, redis_url="redis://127.0.0.1:1/0"
     )
     runtime = WorkerRuntime(settings, EngineSettings())
+    CONSUMER.set(True)  # as Celery's consumer, started, says (`workers.consuming.Consuming`)
     runtime._touch_liveness()
     assert not settings.liveness_file.exists()  # models not loaded yet
     runtime._info["ready"] = True
@@ -56,6 +58,25 @@ def test_liveness_is_withheld_while_loading_and_when_a_job_stalls(tmp_path):
     runtime._last_progress = time.monotonic() - 10
     runtime._touch_liveness()
     assert not settings.liveness_file.exists()  # busy and stuck: let the probe fail
+
+
+def test_liveness_is_withheld_when_the_consumer_stopped_while_redis_answers(tmp_path, monkeypatch):
+    settings = WorkerSettings(liveness_file=tmp_path / "alive", redis_url="redis://127.0.0.1:1/0")
+    runtime = WorkerRuntime(settings, EngineSettings())
+    runtime._info["ready"] = True
+    CONSUMER.set(False)
+    runtime._touch_liveness()
+    assert settings.liveness_file.exists()  # stopped a moment ago: a reconnection, within the grace
+    settings.liveness_file.unlink()
+    monkeypatch.setattr(CONSUMER, "since", time.monotonic() - consumer_grace_s(settings.heartbeat_s) - 1)
+    runtime._touch_liveness(redis_answers=False)
+    assert settings.liveness_file.exists()  # waiting for a Redis that is away: alive
+    settings.liveness_file.unlink()
+    runtime._touch_liveness()
+    assert not settings.liveness_file.exists()  # Redis answers, the consumer consumes nothing: dead
+    CONSUMER.set(True)
+    runtime._touch_liveness()
+    assert settings.liveness_file.exists()
 
 
 def test_a_worker_with_a_refused_setting_exits_at_once_with_the_reason(tmp_path):

@@ -11,11 +11,12 @@ from importlib import resources
 import pytest
 import redis
 
-from api_schemas.api import ErrorInfo, JobStatus, OutputFormat, Progress
+from api_schemas.api import ErrorInfo, JobStatus, OutputFormat, Progress, ProgressEvent
 from api_schemas.common import Task
 from api_schemas.jobs import JobLimits, JobParameters, resolve_job
 from api_schemas.records import JobRecord, JobSpec, StoredResult
-from workers.store import ClaimOutcome, JobStore, RequeueOutcome, Reservation, Store
+from workers.store import ClaimOutcome, DiscardOutcome, JobStore, RequeueOutcome, Reservation, Store
+from workers.store.quotas import Limits
 
 SPEC = JobSpec(
     job=resolve_job(
@@ -109,6 +110,23 @@ def test_progress_from_a_stale_run_is_ignored(store):
     assert store.progress(job.id, claim.token, Progress(stage="denoise", step=3, total=30))
     assert not store.progress(job.id, "stale", Progress(stage="denoise", step=29, total=30))
     assert store.get(job.id).progress == Progress(stage="denoise", step=3, total=30)
+
+
+def test_a_preview_goes_to_the_event_stream_not_the_job(store):
+    job = new_job(store)
+    claim = store.claim(job.id, worker="w1", lease_ttl_s=5)
+    preview = "data:image/jpeg;base64,/9j/4AAQ"
+    with_preview = ProgressEvent(stage="denoise", step=5, total=6, preview=preview)
+    assert store.progress(job.id, claim.token, with_preview)
+    # The job keeps the latest progress without its preview (reading a job stays small).
+    kept = json.loads(store.redis.hget(store.keys.job(job.id), "progress"))
+    assert kept == {"stage": "denoise", "step": 5, "total": 6}
+    assert store.progress(job.id, claim.token, ProgressEvent(stage="denoise", step=6, total=6))
+    assert store.get(job.id).progress == Progress(stage="denoise", step=6, total=6)
+    assert [event.data for event in store.events(job.id) if event.type == "progress"] == [
+        {"stage": "denoise", "step": 5, "total": 6, "preview": preview},
+        {"stage": "denoise", "step": 6, "total": 6},
+    ]
 
 
 def test_a_lapsed_lease_is_requeued_and_the_old_run_cannot_write(store):
@@ -271,3 +289,33 @@ def test_a_job_queued_in_the_earlier_spec_layout_reads_as_the_same_resolved_job(
         "output_format": "png",
     }
     assert JobSpec.model_validate_json(json.dumps(earlier)) == SPEC
+
+
+def test_discard_leaves_nothing_of_a_job_no_worker_took(stores):
+    # The gateway's way out when a new job's write did not reach its replicas: as if never submitted.
+    store, k = stores.jobs, stores.keys
+    stores.quotas.admit("alice", "j_pending", Limits(rate=10, burst=10, active=10), 100, 60)
+    job = store.create(owner="alice", spec=SPEC, images=[b"in"], ttl_s=60, deadline_s=30, job_id="j_pending")
+    idem = k.idempotency("alice", "order-1")
+    stores.idempotency.complete("alice", "order-1", "body", job.id, 60)
+    assert store.discard(job.id, "alice", also_delete=[idem]) is DiscardOutcome.DELETED
+    for key in (k.job(job.id), k.images(job.id), k.events(job.id), idem):
+        assert not stores.redis.exists(key), key
+    assert store.queue_depth() == 0 and not stores.redis.zscore(k.deadlines, job.id)
+    assert not stores.redis.sismember(k.active_jobs("alice"), job.id)
+    assert store.discard(job.id, "alice", also_delete=[idem]) is DiscardOutcome.MISSING
+
+
+def test_discard_keeps_a_job_a_worker_took(store):
+    job = new_job(store)
+    assert store.claim(job.id, worker="w1", lease_ttl_s=10).claimed
+    assert store.discard(job.id, "alice") is DiscardOutcome.TAKEN
+    assert store.get(job.id).status is JobStatus.RUNNING
+
+
+def test_replicate_without_replicas_reports_none_after_its_timeout(store):
+    job = new_job(store)
+    started = time.monotonic()
+    assert store.replicate(job.id, 60, 1, timeout_ms=100) == 0
+    assert time.monotonic() - started >= 0.1
+    assert store.replicate("j_gone", 60, 1, timeout_ms=100) == 0  # nothing to copy: nothing reached

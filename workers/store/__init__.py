@@ -29,9 +29,11 @@ runtime) decide what they mean and raise the API's errors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 
+from workers.store.connection import RedisTarget
 from workers.store.deliveries import ClaimedRetries, Deliveries
 from workers.store.idempotency import IdempotencyKeys
 from workers.store.jobs import Event, JobStore, parse_events
@@ -40,6 +42,7 @@ from workers.store.outcomes import (
     CancelOutcome,
     Claim,
     ClaimOutcome,
+    DiscardOutcome,
     RequeueOutcome,
     Reservation,
     ReservationResult,
@@ -47,16 +50,21 @@ from workers.store.outcomes import (
 from workers.store.quotas import Quotas
 from workers.store.registry import WorkerRegistry
 
+if TYPE_CHECKING:
+    from workers.config import ServiceSettings
+
 __all__ = [
     "CancelOutcome",
     "Claim",
     "ClaimOutcome",
     "ClaimedRetries",
     "Deliveries",
+    "DiscardOutcome",
     "Event",
     "IdempotencyKeys",
     "JobStore",
     "Keys",
+    "RedisTarget",
     "RequeueOutcome",
     "Reservation",
     "ReservationResult",
@@ -92,13 +100,12 @@ class Store:
         )
 
     @classmethod
+    def from_settings(cls, settings: ServiceSettings, max_connections: int | None = None) -> Store:
+        """The store every process of the service uses: on the Redis its settings name (a URL, or the
+        sentinels' primary), under its key prefix. With `max_connections`, see `RedisTarget.client`."""
+        return cls.connect(settings.redis_target.client(max_connections), settings.redis_prefix)
+
+    @classmethod
     def from_url(cls, url: str, prefix: str = "do2", max_connections: int | None = None) -> Store:
-        """A store on `url`. With `max_connections`, a caller beyond that many waits for a connection
-        (up to 10 s) instead of failing with "Too many connections"."""
-        options: dict = {"health_check_interval": 30, "socket_keepalive": True}
-        if max_connections is not None:
-            pool = redis.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, timeout=10, **options
-            )
-            return cls.connect(redis.Redis(connection_pool=pool), prefix)
-        return cls.connect(redis.Redis.from_url(url, **options), prefix)
+        """A store on `url` (tools and tests; the service's processes use `from_settings`)."""
+        return cls.connect(RedisTarget(url).client(max_connections), prefix)

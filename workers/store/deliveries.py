@@ -39,12 +39,25 @@ class Deliveries:
         event: WebhookEvent,
         body: str,
         ttl_s: int,
+        request_id: str | None = None,
+        traceparent: str | None = None,
     ) -> None:
-        """Store a delivery (and show it pending on its job) before its message is sent."""
-        record = DeliveryRecord(job_id=job_id, owner=owner, url=url, event=event, body=body, attempts=0)
+        """Store a delivery (and show it pending on its job) before its message is sent; `request_id`
+        and `traceparent` are its job's."""
+        record = DeliveryRecord(
+            job_id=job_id,
+            owner=owner,
+            url=url,
+            event=event,
+            body=body,
+            attempts=0,
+            request_id=request_id,
+            traceparent=traceparent,
+        )
         name = self.keys.delivery(delivery_id)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(name, mapping=record.model_dump(mode="json"))
+        # Unset fields are left out (a hash holds no None); `done` is the attempt script's to set.
+        pipe.hset(name, mapping=record.model_dump(mode="json", exclude_none=True, exclude={"done"}))
         pipe.expire(name, ttl_s)
         pipe.execute()
         self.record_attempt(
@@ -56,13 +69,20 @@ class Deliveries:
         return DeliveryRecord.from_hash(raw) if raw else None
 
     def record_attempt(
-        self, delivery_id: str, job_id: str, summary: WebhookDelivery, retry_at: float | None = None
+        self,
+        delivery_id: str,
+        job_id: str,
+        summary: WebhookDelivery,
+        retry_at: float | None = None,
+        final: bool = False,
     ) -> None:
         """Write an attempt's outcome and, with `retry_at` (unix time), schedule the next attempt; an
-        attempt without one cancels any retry still waiting. Nothing is written for an expired delivery."""
+        attempt without one cancels any retry still waiting; a `final` one marks the delivery done.
+        Nothing is written for an expired delivery."""
         keys = [self.keys.delivery(delivery_id), self.keys.job(job_id), self.keys.webhook_retries]
         due = "" if retry_at is None else repr(float(retry_at))
-        self._attempt(keys=keys, args=[summary.attempts, summary.model_dump_json(), delivery_id, due])
+        args = [summary.attempts, summary.model_dump_json(), delivery_id, due, "1" if final else "0"]
+        self._attempt(keys=keys, args=args)
 
     def claim_retries(self, now: float, claim_s: float, limit: int = 100) -> ClaimedRetries:
         """Take up to `limit` retries due by `now` for `claim_s` seconds: another caller does not get

@@ -16,12 +16,12 @@ from typing import Any
 
 import redis
 
-from api_schemas.api import ErrorInfo, JobStatus, Progress
+from api_schemas.api import ErrorInfo, JobStatus, Progress, ProgressEvent
 from api_schemas.errors import ErrorCode
 from api_schemas.jobs import JobMetadata
 from api_schemas.records import JobRecord, JobSpec, StoredResult
 from workers.store.keys import EVENTS_MAXLEN, FALLBACK_TTL_S, Keys, script
-from workers.store.outcomes import CancelOutcome, Claim, ClaimOutcome, RequeueOutcome
+from workers.store.outcomes import CancelOutcome, Claim, ClaimOutcome, DiscardOutcome, RequeueOutcome
 
 #: Events read per stream read.
 EVENTS_PER_READ = 100
@@ -75,6 +75,7 @@ class JobStore:
         self._requeue = script(client, "requeue_lost")
         self._release = script(client, "release")
         self._cancel = script(client, "cancel")
+        self._discard = script(client, "discard")
 
     # Gateway side ---------------------------------------------------------------------------------
     def create(
@@ -87,11 +88,14 @@ class JobStore:
         deadline_s: float | None = None,
         job_id: str | None = None,
         also: Callable[[redis.client.Pipeline, str], None] | None = None,
+        request_id: str | None = None,
+        traceparent: str | None = None,
     ) -> JobRecord:
         """Store a new queued job and its inputs atomically; the caller then sends its message.
 
         With `deadline_s`, a job not started that many seconds after now ends canceled unrun.
         `also(pipe, job_id)` adds writes to the same transaction (the Idempotency-Key's record).
+        `request_id` and `traceparent` (the submit request's) are kept for the worker's logs and trace.
         """
         job_id = job_id or new_job_id()
         now = time.time()
@@ -110,6 +114,8 @@ class JobStore:
                 "attempts": 0,
                 "seq": seq,  # its place in line, kept for a requeue
                 "deadline_at": repr(now + deadline_s) if deadline_s is not None else "",
+                "request_id": request_id or "",
+                "traceparent": traceparent or "",
             },
         )
         pipe.expire(k.job(job_id), ttl_s)
@@ -127,6 +133,25 @@ class JobStore:
         record = self.get(job_id)
         assert record is not None, "written in the transaction above"
         return record
+
+    def replicate(self, job_id: str, ttl_s: int, replicas: int, timeout_ms: int) -> int:
+        """Wait until the job as `create` stored it has reached `replicas` replicas, or `timeout_ms`
+        passed (Redis WAIT); returns how many replicas have it (0 when the job is gone)."""
+        # WAIT counts the writes made on its own connection, and `create`'s transaction may have gone
+        # through another one of the pool: a write of the job's on WAIT's connection, after that
+        # transaction, stands for it (replicas apply writes in order).
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.expire(self.keys.job(job_id), ttl_s)
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        renewed, reached = pipe.execute()
+        return int(reached) if renewed else 0
+
+    def discard(self, job_id: str, owner: str, also_delete: Sequence[str] = ()) -> DiscardOutcome:
+        """Delete a job `create` stored and nothing has taken, with its place in the queue and its
+        owner's job slot (and the keys `also_delete`), as if it had never been submitted."""
+        k = self.keys
+        keys = [k.job(job_id), k.images(job_id), k.events(job_id), k.queue, k.deadlines, k.active_jobs(owner)]
+        return DiscardOutcome(self._discard(keys=[*keys, *also_delete], args=[job_id]).decode())
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job, or None when it never existed or has expired."""
@@ -226,9 +251,17 @@ class JobStore:
         raw = self.redis.hgetall(self.keys.images(job_id))
         return [raw[k] for k in sorted(raw, key=int)]
 
-    def progress(self, job_id: str, token: str, progress: Progress) -> bool:
+    def progress(self, job_id: str, token: str, progress: Progress | ProgressEvent) -> bool:
+        """Record this run's progress; False (and nothing written) when another run owns the job now.
+
+        The job keeps the latest progress without its preview, so that reading a job stays small; the
+        event stream gets the whole event, a preview (a few KB) on every DREAMOMNI2_PREVIEW_EVERY-th
+        denoising step: at most steps / that many of them per job, gone with the job's other keys."""
+        kept = progress.model_dump_json(include=set(Progress.model_fields))
+        previewed = isinstance(progress, ProgressEvent) and progress.preview
+        event = progress.model_dump_json() if previewed else kept
         keys = [self.keys.job(job_id), self.keys.events(job_id)]
-        return bool(self._progress(keys=keys, args=[token, progress.model_dump_json(), EVENTS_MAXLEN]))
+        return bool(self._progress(keys=keys, args=[token, kept, EVENTS_MAXLEN, event]))
 
     def finish(
         self,

@@ -36,6 +36,14 @@ class CancelOutcome(StrEnum):
         return self in (CancelOutcome.SUCCEEDED, CancelOutcome.FAILED, CancelOutcome.CANCELED)
 
 
+class DiscardOutcome(StrEnum):
+    """Deleting a job whose write did not reach its replicas (`JobStore.discard`)."""
+
+    DELETED = "deleted"  # it was queued, untouched: now nothing is stored
+    MISSING = "missing"  # nothing was stored (lost already): nothing is stored either
+    TAKEN = "taken"  # a worker claimed it meanwhile: it exists, and stays
+
+
 class RequeueOutcome(IntEnum):
     """What the reaper did with a running job whose lease lapsed (the Lua script's return value)."""
 

@@ -138,7 +138,50 @@ An existing Secret's keys are optional: it may hold the deployment's secret, per
 {{- pick .Values.webhooks "secret" "perKeySecrets" "existingSecret" "existingSecretKey" "existingSecretPerKeyKey" | toJson | sha256sum }}
 {{- end }}
 
+{{/* Signed result links: the key's Secret (the chart's, generated once, or yours) and the links' base. */}}
+{{- define "dreamomni2.resultUrls.secretName" -}}
+{{- default (printf "%s-result-urls" (include "dreamomni2.fullname" .)) .Values.resultUrls.existingSecret }}
+{{- end }}
+
+{{/* DREAMOMNI2_RESULT_URL_SECRET, the same in the gateway and GPU worker pods (the workers sign webhook links). */}}
+{{- define "dreamomni2.resultUrls.secretEnv" -}}
+- name: DREAMOMNI2_RESULT_URL_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "dreamomni2.resultUrls.secretName" . }}
+      key: {{ .Values.resultUrls.existingSecretKey }}
+{{- end }}
+
+{{/* DREAMOMNI2_PUBLIC_URL: resultUrls.publicUrl, else the first ingress host (https with tls), else empty. */}}
+{{- define "dreamomni2.publicUrl" -}}
+{{- $ingress := .Values.gateway.ingress }}
+{{- if .Values.resultUrls.publicUrl }}
+{{- .Values.resultUrls.publicUrl | trimSuffix "/" }}
+{{- else if and $ingress.enabled $ingress.hosts }}
+{{- $host := (first $ingress.hosts).host }}
+{{- $tls := false }}
+{{- range $ingress.tls }}{{ if has $host (.hosts | default list) }}{{ $tls = true }}{{ end }}{{ end }}
+{{- printf "%s://%s" (ternary "https" "http" $tls) $host }}
+{{- end }}
+{{- end }}
+
 {{/* Redis: in-chart or external, one shape for the URL, KEDA and the password Secret. */}}
+{{/* Whether the external Redis is found through its sentinels (externalRedis.sentinel.hosts). */}}
+{{- define "dreamomni2.redis.sentinel" -}}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.sentinel.hosts }}true{{ end }}
+{{- end }}
+
+{{/* The ports a client of the external Redis connects to: the data nodes', and the sentinels'. */}}
+{{- define "dreamomni2.redis.externalPorts" -}}
+{{- $ports := list (int .Values.externalRedis.port) }}
+{{- if include "dreamomni2.redis.sentinel" . }}
+{{- range .Values.externalRedis.sentinel.hosts }}
+{{- $ports = append $ports (int (regexReplaceAll "^.*:" . "")) }}
+{{- end }}
+{{- end }}
+{{- toJson (uniq $ports) }}
+{{- end }}
+
 {{- define "dreamomni2.redis.host" -}}
 {{- if .Values.redis.enabled }}
 {{- printf "%s.%s.svc" (include "dreamomni2.redis.fullname" .) .Release.Namespace }}
@@ -182,7 +225,8 @@ An existing Secret's keys are optional: it may hold the deployment's secret, per
 
 {{/*
 DREAMOMNI2_REDIS_URL, built by Kubernetes from REDIS_PASSWORD (declared just before it), so the
-password stays in its Secret. A password set by hand must be URL-safe.
+password stays in its Secret. A password set by hand must be URL-safe. With sentinels, the URL has no
+host (the sentinels name the primary): DREAMOMNI2_REDIS_SENTINELS and _SENTINEL_MASTER follow it.
 */}}
 {{- define "dreamomni2.redis.env" -}}
 {{- $env := list }}
@@ -193,8 +237,20 @@ password stays in its Secret. A password set by hand must be URL-safe.
 {{- $auth = printf "%s:$(REDIS_PASSWORD)@" (include "dreamomni2.redis.username" .) }}
 {{- end }}
 {{- $tls := eq (include "dreamomni2.redis.tls" .) "true" }}
+{{- if include "dreamomni2.redis.sentinel" . }}
+{{- $sentinel := .Values.externalRedis.sentinel }}
+{{- $url := printf "redis://%s/%s" $auth (include "dreamomni2.redis.database" .) }}
+{{- $env = append $env (dict "name" "DREAMOMNI2_REDIS_URL" "value" $url) }}
+{{- $env = append $env (dict "name" "DREAMOMNI2_REDIS_SENTINELS" "value" (join "," $sentinel.hosts)) }}
+{{- $env = append $env (dict "name" "DREAMOMNI2_REDIS_SENTINEL_MASTER" "value" $sentinel.masterName) }}
+{{- if $sentinel.usePassword }}
+{{- if not $auth }}{{ fail "externalRedis.sentinel.usePassword needs externalRedis.password or existingSecret" }}{{ end }}
+{{- $env = append $env (dict "name" "DREAMOMNI2_REDIS_SENTINEL_PASSWORD" "value" "$(REDIS_PASSWORD)") }}
+{{- end }}
+{{- else }}
 {{- $url := printf "%s://%s%s:%s/%s%s" (ternary "rediss" "redis" $tls) $auth (include "dreamomni2.redis.host" .) (include "dreamomni2.redis.port" .) (include "dreamomni2.redis.database" .) (ternary "?ssl_cert_reqs=required" "" $tls) }}
 {{- $env = append $env (dict "name" "DREAMOMNI2_REDIS_URL" "value" $url) }}
+{{- end }}
 {{- toYaml $env }}
 {{- end }}
 
