@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_schemas.common import AdapterChoice, StepCache, Task, WebhookEvent
+from api_schemas.jobs import MAX_RESULTS as MAX_RESULTS
 from api_schemas.jobs import JobParameters
 
 
@@ -86,16 +87,15 @@ class ProgressEvent(Progress):
     )
 
 
-#: The most result images a job has: a Feature Mixing pair (source, target); every other job, one.
-MAX_RESULTS = 2
-
-
 class ResultInfo(BaseModel):
     url: str = Field(description="The image, for a caller with the job's API key (relative).")
     width: int
     height: int
     content_type: str
     bytes: int
+    seed: int | None = Field(
+        default=None, description="The seed this image was sampled with (image i of a job: seed + i)."
+    )
     signed_url: str | None = Field(
         default=None,
         description="The image at an absolute, expiring link that needs no API key (an `<img>` tag, a "
@@ -151,7 +151,8 @@ class Job(BaseModel):
     prompt: str | None = Field(default=None, description="The prompt sampled with, once known.")
     translated: bool | None = Field(default=None, description="Whether the translator's prompt was used.")
     fallback_reason: str | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, description="The first image's seed; image i uses seed + i.")
+    num_images: int = Field(default=1, description="How many images the job samples (`results`).")
     steps: int
     guidance: float
     output_format: OutputFormat
@@ -305,6 +306,9 @@ class ServiceInfo(BaseModel):
 
     auth_required: bool = Field(description="Whether `/v1` calls need `Authorization: Bearer <key>`.")
     max_images: int = Field(description="Images per job, image 1 included (`DREAMOMNI2_MAX_IMAGES`).")
+    max_num_images: int = Field(
+        description="Output images one job may ask for (`num_images`; `DREAMOMNI2_MAX_NUM_IMAGES`).",
+    )
     max_image_bytes: int = Field(description="Bytes per image (`DREAMOMNI2_MAX_IMAGE_BYTES`).")
     max_request_bytes: int = Field(description="Bytes per request body (`DREAMOMNI2_MAX_REQUEST_BYTES`).")
     max_instruction_chars: int = Field(description="Characters of the instruction.")

@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
     INVALID_STEPS = "invalid_steps"
     INVALID_GUIDANCE = "invalid_guidance"
     INVALID_SEED = "invalid_seed"
+    INVALID_NUM_IMAGES = "invalid_num_images"
     INVALID_WIDTH = "invalid_width"
     INVALID_HEIGHT = "invalid_height"
     INVALID_SIZE = "invalid_size"
@@ -130,6 +131,9 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.INVALID_STEPS: CodeInfo(_I, _B, "steps is outside DREAMOMNI2_MIN_STEPS..DREAMOMNI2_MAX_STEPS"),
     ErrorCode.INVALID_GUIDANCE: CodeInfo(_I, _B, "guidance is outside its range"),
     ErrorCode.INVALID_SEED: CodeInfo(_I, _B, "seed is outside 0..2^53-1"),
+    ErrorCode.INVALID_NUM_IMAGES: CodeInfo(
+        _I, _B, "num_images is outside 1..DREAMOMNI2_MAX_NUM_IMAGES, or sent with feature_mixing"
+    ),
     ErrorCode.INVALID_WIDTH: CodeInfo(_I, _B, "width is outside DREAMOMNI2_MIN_SIZE..DREAMOMNI2_MAX_SIZE"),
     ErrorCode.INVALID_HEIGHT: CodeInfo(_I, _B, "height is outside DREAMOMNI2_MIN_SIZE..DREAMOMNI2_MAX_SIZE"),
     ErrorCode.INVALID_SIZE: CodeInfo(_I, _B, "the requested size is longer than DREAMOMNI2_MAX_ASPECT_RATIO"),

@@ -13,6 +13,10 @@ from api_schemas.common import MAX_SEED, AdapterChoice, MixBlocks, StepCache, Ta
 from api_schemas.errors import ErrorCode, InvalidInput
 from api_schemas.images import ImageLimits
 
+#: The most result images a job may have (`?index=` 0..15): a Feature Mixing pair's two, or up to
+#: `DREAMOMNI2_MAX_NUM_IMAGES` (which may not exceed it).
+MAX_RESULTS = 16
+
 
 class JobParameters(BaseModel):
     """The user's request, less the images. Unset numbers take the deployment's defaults."""
@@ -35,6 +39,12 @@ class JobParameters(BaseModel):
         description="Random seed, 0..2^53-1 (exact in JavaScript); left out: a random one, reported back.",
     )
     steps: int | None = Field(default=None, description="Denoising steps.")
+    num_images: int | None = Field(
+        default=None,
+        description="How many images to sample, 1..DREAMOMNI2_MAX_NUM_IMAGES (default 1); image i uses "
+        "seed + i and is the image a one-image job with that seed gives. Results: `?index=0..n-1`. "
+        "Not with `feature_mixing` (a pair is one job's two images).",
+    )
     guidance: float | None = Field(default=None, description="Distilled guidance scale.")
     width: int | None = Field(
         default=None,
@@ -95,6 +105,8 @@ class JobLimits(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DREAMOMNI2_", extra="ignore")
 
     max_images: int = 5
+    #: The most images one job may sample (`num_images`).
+    max_num_images: int = 4
     max_instruction_chars: int = 2000
     min_steps: int = 1
     max_steps: int = 100
@@ -117,6 +129,12 @@ class JobLimits(BaseSettings):
     step_cache: StepCache = StepCache.NONE
     min_image_side: int = 16
     max_image_aspect_ratio: float = 4.0
+
+    @model_validator(mode="after")
+    def _num_images_fit_the_results(self) -> JobLimits:
+        if not 1 <= self.max_num_images <= MAX_RESULTS:
+            raise ValueError(f"DREAMOMNI2_MAX_NUM_IMAGES must be 1..{MAX_RESULTS}; got {self.max_num_images}")
+        return self
 
     @model_validator(mode="after")
     def _default_cache_is_allowed(self) -> JobLimits:
@@ -155,6 +173,7 @@ class ResolvedJob(BaseModel):
     step_cache: StepCache
     image_count: int
     adapter: AdapterChoice
+    num_images: int = 1
     source_prompt: str | None = None
     target_prompt: str | None = None
     attribute: str | None = None
@@ -234,8 +253,10 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
     _check_range("steps", steps, limits.min_steps, limits.max_steps)
     guidance = params.guidance if params.guidance is not None else limits.default_guidance
     _check_range("guidance", guidance, limits.min_guidance, limits.max_guidance)
+    num_images = _resolve_num_images(params, task, limits)
     if params.seed is not None:
-        _check_range("seed", params.seed, 0, MAX_SEED)
+        # Image i uses seed + i: the last one must be a seed too.
+        _check_range("seed", params.seed, 0, MAX_SEED - (num_images - 1))
     step_cache = _resolve_step_cache(params, task, limits)
 
     width, height = params.width, params.height
@@ -275,8 +296,22 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
         step_cache=step_cache,
         image_count=image_count,
         adapter=choose_adapter(task, image_count),
+        num_images=num_images,
         **mixing,
     )
+
+
+def _resolve_num_images(params: JobParameters, task: Task, limits: JobLimits) -> int:
+    num_images = params.num_images if params.num_images is not None else 1
+    _check_range("num_images", num_images, 1, limits.max_num_images)
+    if task is Task.FEATURE_MIXING and num_images != 1:
+        raise InvalidInput(
+            f"task=feature_mixing samples one pair per job; num_images={num_images} does not apply "
+            "(send one job per pair, with its own seed).",
+            code=ErrorCode.INVALID_NUM_IMAGES,
+            details={"field": "num_images", "value": num_images, "task": task.value},
+        )
+    return num_images
 
 
 def _resolve_step_cache(params: JobParameters, task: Task, limits: JobLimits) -> StepCache:
@@ -402,7 +437,10 @@ class JobMetadata(BaseModel):
     )
     adapter: AdapterChoice
     task: Task
-    seed: int
+    seed: int = Field(description="The seed of the first image (image i used seed + i).")
+    seeds: list[int] | None = Field(
+        default=None, description="Each image's seed, in result order (several images: seed, seed+1, ...)."
+    )
     source_prompt: str | None = Field(default=None, description="Feature Mixing: the source image's prompt.")
     target_prompt: str | None = Field(default=None, description="Feature Mixing: the target image's prompt.")
     attribute: str | None = Field(default=None, description="Feature Mixing: the shared attribute's label.")

@@ -100,6 +100,7 @@ class StoredResult(BaseModel):
     height: int
     content_type: str
     bytes: int
+    seed: int | None = None
 
 
 class JobRecord(BaseModel):

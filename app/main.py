@@ -30,6 +30,7 @@ from app.routes import (
     docs_router,
     health_router,
     jobs_router,
+    openai_router,
     page_router,
     results_router,
     service_router,
@@ -91,6 +92,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.jobs = jobs
     install_error_handlers(app)
     app.include_router(jobs_router)
+    app.include_router(openai_router)
     app.include_router(results_router)
     app.include_router(service_router)
     app.include_router(health_router)

@@ -62,6 +62,7 @@ def _ranges(limits: JobLimits) -> dict[str, dict[str, Any]]:
         "mix_strength": {"minimum": 0, "maximum": 1},
         "seed": {"minimum": 0, "maximum": MAX_SEED},
         "steps": {"minimum": limits.min_steps, "maximum": limits.max_steps},
+        "num_images": {"minimum": 1, "maximum": limits.max_num_images},
         "guidance": {"minimum": limits.min_guidance, "maximum": limits.max_guidance},
         "width": {"minimum": limits.min_size, "maximum": limits.max_size},
         "height": {"minimum": limits.min_size, "maximum": limits.max_size},

@@ -428,6 +428,7 @@ class JobService:
         return ServiceInfo(
             auth_required=auth_required,
             max_images=limits.max_images,
+            max_num_images=limits.max_num_images,
             max_image_bytes=limits.max_image_bytes,
             max_request_bytes=self.settings.max_request_bytes,
             max_instruction_chars=limits.max_instruction_chars,

@@ -78,10 +78,12 @@ def job_path(job: JobRef, suffix: str = "") -> str:
 
 
 def result_path(job: JobRef, index: int = 0) -> str:
-    """`GET .../result` of image `index`: 0 the job's image (a pair's source), 1 a pair's target."""
+    """`GET .../result` of image `index`: 0 the job's first image (a pair's source), 1 the second (a
+    pair's target), up to num_images - 1."""
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_RESULTS:
         raise ValueError(
-            f"index must be 0 (the image, or a pair's source) or 1 (a pair's target); got {index!r}."
+            f"index must be 0..{MAX_RESULTS - 1} (0 the first image or a pair's source, 1 the second or "
+            f"a pair's target, ...); got {index!r}."
         )
     return job_path(job, f"/result?index={index}" if index else "/result")
 
@@ -211,6 +213,7 @@ def prepare_submission(
     mix_blocks: MixBlocks | str | None = None,
     mix_steps: float | None = None,
     mix_strength: float | None = None,
+    num_images: int | None = None,
 ) -> Prepared:
     """`POST /v1/jobs` as multipart: the images in order, then the options the caller set.
 
@@ -229,6 +232,7 @@ def prepare_submission(
         "task": task,
         "seed": seed,
         "steps": steps,
+        "num_images": num_images,
         "guidance": guidance,
         "width": width,
         "height": height,

@@ -225,7 +225,10 @@ def describe_job(job: Job) -> str:
     results = job.results or ([job.result] if job.result is not None else [])
     for index, result in enumerate(results):
         label = f"result {index}:" if len(results) > 1 else "result:"
-        lines.append(f"{label:<13}{result.width}x{result.height} {result.content_type}, {result.bytes} bytes")
+        seed = f", seed {result.seed}" if len(results) > 1 and result.seed is not None else ""
+        lines.append(
+            f"{label:<13}{result.width}x{result.height} {result.content_type}, {result.bytes} bytes{seed}"
+        )
     if job.error is not None:
         lines.append(f"error:       {job.error.code}: {job.error.message}")
     if job.timings and "total" in job.timings:
@@ -251,24 +254,33 @@ def output_path(args: argparse.Namespace, job: Job) -> str:
     return args.output or f"{job.id}.{job.output_format.value}"
 
 
-def pair_paths(output: str | None, job: Job) -> tuple[Path, Path]:
-    """Where a Feature Mixing pair goes: -o out.png -> out-source.png and out-target.png; -o DIR (an
-    existing folder) -> DIR/<job id>-source.<format>, ...; no -o -> <job id>-source.<format>, ..."""
+def result_paths(output: str | None, job: Job, roles: Sequence[str]) -> list[Path]:
+    """Where a job's several images go, one per role: -o out.png -> out-<role>.png; -o DIR (an existing
+    folder) -> DIR/<job id>-<role>.<format>; no -o -> <job id>-<role>.<format>."""
     fmt = job.output_format.value
     base = Path(output) if output else Path(f"{job.id}.{fmt}")
     if output and base.is_dir():
         base = base / f"{job.id}.{fmt}"
     suffix = base.suffix or f".{fmt}"
-    source, target = (base.with_name(f"{base.stem}-{role}{suffix}") for role in ("source", "target"))
+    return [base.with_name(f"{base.stem}-{role}{suffix}") for role in roles]
+
+
+def pair_paths(output: str | None, job: Job) -> tuple[Path, Path]:
+    """Where a Feature Mixing pair goes: -o out.png -> out-source.png and out-target.png (`result_paths`)."""
+    source, target = result_paths(output, job, ("source", "target"))
     return source, target
 
 
 def save_pair(client: Client, args: argparse.Namespace, job: Job) -> int:
     """Save both images of a Feature Mixing job (see `pair_paths`); print the two paths (or the job)."""
-    if args.output == "-":  # `result JOB -o -` of a pair (`mix` refuses it up front)
-        say(f"dreamomni2: job {job.id} is a pair of images; -o - cannot hold both: give a file name")
+    return save_each(client, args, job, list(pair_paths(args.output, job)), "a pair of images")
+
+
+def save_each(client: Client, args: argparse.Namespace, job: Job, paths: list[Path], what: str) -> int:
+    """Save a job's several images to `paths`, in result order; print the paths (or the job)."""
+    if args.output == "-":  # `result JOB -o -` of several (`mix` and `-n` refuse it up front)
+        say(f"dreamomni2: job {job.id} is {what}; -o - cannot hold them all: give a file name")
         return EXIT_USAGE
-    paths = pair_paths(args.output, job)
     for index, path in enumerate(paths):
         client.download(job, path, index=index)
     if args.json:
@@ -279,13 +291,18 @@ def save_pair(client: Client, args: argparse.Namespace, job: Job) -> int:
         took = f" in {job.timings['total']:.2f} s" if job.timings and "total" in job.timings else ""
         result = job.result
         size = f" ({result.width}x{result.height} {job.output_format.value})" if result else ""
-        say(f"{job.id}: succeeded{took}; saved {paths[0]} and {paths[1]}{size}")
+        saved = ", ".join(map(str, paths[:-1])) + f" and {paths[-1]}"
+        say(f"{job.id}: succeeded{took}; saved {saved}{size}")
     return EXIT_OK
 
 
 def save_result(client: Client, args: argparse.Namespace, job: Job) -> int:
     if job.task is Task.FEATURE_MIXING:
         return save_pair(client, args, job)
+    if job.results is not None and len(job.results) > 1:
+        # -o out.png -> out-0.png, out-1.png, ...: image i, sampled with seed + i.
+        paths = result_paths(args.output, job, [str(n) for n in range(len(job.results))])
+        return save_each(client, args, job, paths, f"{len(job.results)} images")
     data = client.result_bytes(job)
     target = output_path(args, job)
     if target == "-":
@@ -326,6 +343,7 @@ def run_submit(client: Client, args: argparse.Namespace, task: Task) -> int:
         task=task,
         seed=args.seed,
         steps=args.steps,
+        num_images=args.num_images,
         guidance=args.guidance,
         size=getattr(args, "size", None),
         translate=False if args.no_translate else None,
@@ -597,6 +615,14 @@ def add_job_options(parser: argparse.ArgumentParser, generation: bool, mixing: b
         group.add_argument(
             "--no-translate", action="store_true", help="sample with the instruction as is (no VLM rewrite)"
         )
+        group.add_argument(
+            "-n",
+            "--num-images",
+            type=int,
+            metavar="N",
+            help="sample N images (seeds seed, seed+1, ...; default 1); -o out.png saves out-0.png, "
+            "out-1.png, ...",
+        )
     add_delivery_options(group)
 
 
@@ -757,6 +783,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
                 parser.error(str(exc))
     if getattr(args, "output", None) == "-" and args.json:
         parser.error("-o - writes the image to stdout, where --json also writes: choose one")
+    if (getattr(args, "num_images", None) or 1) > 1 and getattr(args, "output", None) == "-":
+        parser.error("several images (-n) cannot all go to -o -: give a file name (out.png)")
     if args.command == "mix" and args.output == "-":
         parser.error("a pair is two images; -o - cannot hold both: give a file name (out.png)")
 

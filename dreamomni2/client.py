@@ -142,6 +142,7 @@ class Client:
         task: Task | str | None = None,
         seed: int | None = None,
         steps: int | None = None,
+        num_images: int | None = None,
         guidance: float | None = None,
         size: tuple[int, int] | None = None,
         translate: bool | None = None,
@@ -161,6 +162,8 @@ class Client:
             task: `edit` or `generate`; left out: `edit` with at least one image, else `generate`
                 (a Feature Mixing pair: `feature_mix`).
             seed, steps, guidance: sampling; left out, the deployment's defaults (seed: random).
+            num_images: how many images to sample, 1.. the deployment's cap (default 1); image i uses
+                seed + i. Fetch each with `result_bytes(job, index=i)` (`job.results[i].seed`).
             size: (width, height) of a generation (sets the aspect ratio; the area is the model's).
             translate: False samples with the instruction as is, skipping the VLM translator.
             output_format: `png`, `jpeg` or `webp`.
@@ -183,6 +186,7 @@ class Client:
             task=task,
             seed=seed,
             steps=steps,
+            num_images=num_images,
             guidance=guidance,
             size=size,
             translate=translate,
@@ -375,7 +379,8 @@ class Client:
     def result_bytes(self, job: JobRef, index: int = 0) -> bytes:
         """Result image `index` as encoded bytes (in the job's `output_format`).
 
-        `index`: 0, the job's image (a Feature Mixing pair's source); 1, a pair's target.
+        `index`: 0, the job's first image (a Feature Mixing pair's source); 1, the second (a pair's
+        target); up to num_images - 1 (`job.results[index].seed` is its seed).
 
         Raises ConflictError (`job_not_finished`) while the job is queued or running,
         JobFailedError / JobCanceledError for a job that ended without a result, NotFoundError for an

@@ -386,6 +386,7 @@ class Engine:
             )
         if (
             image_count > self.limits.max_images
+            or job.num_images > self.limits.max_num_images
             or not self.limits.min_steps <= job.steps <= self.limits.max_steps
         ):
             # Resolved under other limits (a gateway configured apart from this worker): check it again.
@@ -433,8 +434,9 @@ class Engine:
             raise JobCanceled("The job was canceled before sampling started.")
 
         self.adapters.activate(job.adapter)
-        seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        # Image i uses seed + i: the last one must be a seed too.
+        seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 2 - job.num_images)
+        seeds = [seed + n for n in range(job.num_images)]
 
         progress("encode", 0, 1)
         encode_started = time.perf_counter()
@@ -450,14 +452,19 @@ class Engine:
         if cancel():
             raise JobCanceled("The job was canceled before sampling started.")
 
+        # Several images report their steps as one run: image n's step s is n * steps + s of the total.
+        total_steps = job.steps * job.num_images
+        steps_before = 0
+
         def on_step_end(pipe: DreamOmni2Pipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
-            if preview_due(step + 1, preview_every):
+            done = steps_before + step + 1
+            if preview_due(done, preview_every):
                 estimate = pipe.denoised_latents(tensors["latents"], tensors["noise_pred"])
-                progress("denoise", step + 1, job.steps, preview=render_preview(estimate))
+                progress("denoise", done, total_steps, preview=render_preview(estimate))
             else:
-                progress("denoise", step + 1, job.steps)
+                progress("denoise", done, total_steps)
             if cancel():
-                raise JobCanceled(f"The job was canceled after denoising step {step + 1} of {job.steps}.")
+                raise JobCanceled(f"The job was canceled after denoising step {done} of {total_steps}.")
             return {}
 
         transformer = self.pipeline.transformer
@@ -469,16 +476,28 @@ class Engine:
             dtype=compute_dtype_of(transformer) or transformer.dtype,
         )
         self.evaluations.count = 0
-        with self.placement.running(Group.TRANSFORMER), step_cache(self.pipeline.transformer, cache):
-            images, stage_timings, fields = sampling.sample(embeddings, generator, on_step_end)
+        images: list[PIL.Image.Image] = []
+        image_seeds: list[int] = []
+        with self.placement.running(Group.TRANSFORMER):
+            # One after another, each from its own seed's generator and a fresh step cache: image n is
+            # bit for bit the image a one-image job with seed + n gives.
+            for image_seed in seeds:
+                generator = torch.Generator("cpu").manual_seed(image_seed)
+                with step_cache(self.pipeline.transformer, cache):
+                    sampled, stage_timings, fields = sampling.sample(embeddings, generator, on_step_end)
+                images.extend(sampled)
+                image_seeds.extend([image_seed] * len(sampled))
+                for name, seconds in stage_timings.items():
+                    timings[name] = timings.get(name, 0.0) + seconds
+                steps_before += job.steps
         progress("decode", 1, 1)
-        timings.update(stage_timings)
         timings["encode"] += encode_prompt_s
         timings["total"] = time.perf_counter() - started
         metadata = JobMetadata(
             adapter=job.adapter,
             task=job.task,
             seed=seed,
+            seeds=image_seeds,
             steps=job.steps,
             guidance=job.guidance,
             width=images[0].width,

@@ -458,13 +458,15 @@ class WorkerRuntime:
                 preview_every=self.settings.preview_every,
             )
         results = []
-        for image in output.images:
+        seeds = output.metadata.seeds or [None] * len(output.images)
+        for image, seed in zip(output.images, seeds, strict=True):
             data = encode_image(image, spec.output_format)
             info = StoredResult(
                 width=image.width,
                 height=image.height,
                 content_type=spec.output_format.content_type,
                 bytes=len(data),
+                seed=seed,
             )
             results.append((info, data))
         for stage, seconds in output.metadata.timings.items():

@@ -59,6 +59,7 @@ def job_view(record: JobRecord, queue_position: int | None = None, links: Result
         translated=meta.translated if meta else None,
         fallback_reason=meta.fallback_reason if meta else None,
         seed=meta.seed if meta else params.seed,
+        num_images=params.num_images,
         steps=params.steps,
         guidance=params.guidance,
         output_format=spec.output_format,

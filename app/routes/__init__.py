@@ -3,6 +3,7 @@
 from app.routes.docs import ASSETS_PATH, SWAGGER_UI_DIR, docs_router
 from app.routes.health import health_router
 from app.routes.jobs import jobs_router
+from app.routes.openai_images import openai_router
 from app.routes.page import STATIC_DIR, page_router
 from app.routes.results import results_router
 from app.routes.service import service_router
@@ -14,6 +15,7 @@ __all__ = [
     "docs_router",
     "health_router",
     "jobs_router",
+    "openai_router",
     "page_router",
     "results_router",
     "service_router",

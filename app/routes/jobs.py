@@ -103,8 +103,9 @@ def get_job_result(
         Query(
             ge=0,
             le=MAX_RESULTS - 1,
-            description="Which image: 0 (the default) is the job's image; a Feature Mixing job has two, "
-            "0 the source and 1 the target.",
+            description="Which image: 0 (the default) is the job's first image; a job with num_images=n "
+            "has 0..n-1 (image i sampled with seed + i); a Feature Mixing job has two, 0 the source and 1 "
+            "the target.",
         ),
     ] = 0,
 ) -> Response:

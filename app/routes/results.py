@@ -55,7 +55,8 @@ def get_signed_result(
         Query(
             ge=0,
             le=MAX_RESULTS - 1,
-            description="Which image: 0 the job's (a Feature Mixing pair's source), 1 a pair's target.",
+            description="Which image: 0 the job's first (a Feature Mixing pair's source), 1 the second "
+            "(a pair's target), up to num_images - 1.",
         ),
     ] = 0,
 ) -> Response:

@@ -59,6 +59,7 @@
     invalid_steps: 'steps',
     invalid_guidance: 'guidance',
     invalid_seed: 'seed',
+    invalid_num_images: 'num-images',
     invalid_width: 'width',
     invalid_height: 'height',
     invalid_size: 'width',
@@ -71,7 +72,7 @@
     invalid_mix_steps: 'mix-steps',
     invalid_mix_strength: 'mix-strength',
   };
-  const ADVANCED_FIELDS = new Set(['steps', 'guidance', 'seed', 'width', 'height', 'step-cache']);
+  const ADVANCED_FIELDS = new Set(['steps', 'guidance', 'seed', 'num-images', 'width', 'height', 'step-cache']);
 
   const $ = (id) => document.getElementById(id);
 
@@ -88,6 +89,7 @@
     submissions: new Map(), // job id -> what this page sent for it (to run it again)
     result: null, // {jobId, blob, url} of the shown result (a pair's source)
     pairTarget: null, // {blob, url} of the shown pair's target
+    gallery: [], // [{blob, url}] of a several-images job's images after the first
     problems: { reach: null, ready: null, workers: null, info: null },
     readyTimer: null,
   };
@@ -349,6 +351,7 @@
     state.info = info;
     $('key-panel').hidden = !info.auth_required && !$('api-key').value;
     setNumberField('steps', info.min_steps, info.max_steps, info.default_steps);
+    setNumberField('num-images', 1, info.max_num_images || 1, 1);
     setNumberField('guidance', info.min_guidance, info.max_guidance, info.default_guidance);
     setNumberField('width', info.min_size, info.max_size, info.default_size);
     setNumberField('height', info.min_size, info.max_size, info.default_size);
@@ -423,6 +426,8 @@
     $('instruction-field').hidden = mixing;
     $('mixing-field').hidden = !mixing;
     $('translate-field').hidden = mixing;
+    // A pair is one job's two images: several images are for edits and generations.
+    $('num-images-field').hidden = mixing;
     // Both branches share every attention layer, so a step cache (which skips them apart) does not apply.
     $('step-cache').disabled = mixing;
     $('step-cache-mixing').hidden = !mixing;
@@ -641,6 +646,9 @@
     } else {
       fields.instruction = $('instruction').value;
       if (task) fields.task = task;
+      // A pair is one job's two images; several images are for edits and generations.
+      const count = $('num-images').value.trim();
+      if (count !== '') fields.num_images = count;
     }
     for (const name of ['seed', 'steps', 'guidance']) {
       const value = $(name).value.trim();
@@ -947,7 +955,12 @@
   }
 
   function isPair(job) {
-    return job.task === MIXING || (job.results || []).length > 1;
+    return job.task === MIXING;
+  }
+
+  /** How many images a finished job has: a pair's two, else one per `results` entry. */
+  function resultCount(job) {
+    return isPair(job) ? 2 : Math.max(1, (job.results || []).length);
   }
 
   async function fetchResult(jobId, index) {
@@ -958,15 +971,20 @@
   function releaseResults() {
     if (state.result) URL.revokeObjectURL(state.result.url);
     if (state.pairTarget) URL.revokeObjectURL(state.pairTarget.url);
+    for (const image of state.gallery) URL.revokeObjectURL(image.url);
     state.result = null;
     state.pairTarget = null;
+    state.gallery = [];
   }
 
   async function showResult(job) {
     const pair = isPair(job);
+    const count = resultCount(job);
+    const several = !pair && count > 1;
     let blobs;
     try {
-      blobs = await Promise.all(pair ? [fetchResult(job.id, 0), fetchResult(job.id, 1)] : [fetchResult(job.id, null)]);
+      const indexes = count > 1 ? [...Array(count).keys()] : [null];
+      blobs = await Promise.all(indexes.map((index) => fetchResult(job.id, index)));
     } catch (error) {
       errorBlock($('job-error'), error);
       return;
@@ -975,11 +993,14 @@
     releaseResults();
     state.result = { jobId: job.id, blob: blobs[0], url: URL.createObjectURL(blobs[0]) };
     if (pair) state.pairTarget = { blob: blobs[1], url: URL.createObjectURL(blobs[1]) };
-    $('result-single').hidden = pair;
-    $('download').hidden = pair;
+    if (several) state.gallery = blobs.slice(1).map((blob) => ({ blob, url: URL.createObjectURL(blob) }));
+    $('result-single').hidden = pair || several;
+    $('download').hidden = pair || several;
     $('result-pair').hidden = !pair;
-    $('reuse').hidden = pair;
+    $('result-gallery').hidden = !several;
+    $('reuse').hidden = pair || several;
     if (pair) renderPair(job);
+    else if (several) renderGallery(job);
     else renderSingle(job);
     $('rerun').hidden = !state.submissions.has(job.id);
     $('rerun').textContent = `Run again with seed ${job.seed}`;
@@ -1021,6 +1042,35 @@
       download.download = `dreamomni2-${job.id}-${role}.${extensionOf(job)}`;
       download.setAttribute('aria-label', `Download the ${role} image of job ${job.id}`);
     });
+  }
+
+  /** A several-images job: each image with its seed and its own download (index i: seed + i). */
+  function renderGallery(job) {
+    const images = [state.result, ...state.gallery];
+    const figures = images.map((image, index) => {
+      const info = (job.results || [])[index] || {};
+      const seed = info.seed != null ? info.seed : job.seed + index;
+      const figure = document.createElement('figure');
+      const img = document.createElement('img');
+      img.src = image.url;
+      img.alt = `Image ${index + 1} of ${images.length} of job ${job.id} (seed ${seed}): ${jobLabel(job)}`;
+      const caption = document.createElement('figcaption');
+      const title = document.createElement('strong');
+      title.textContent = `Image ${index + 1} · seed ${seed}`;
+      const detail = document.createElement('span');
+      detail.className = 'help';
+      detail.textContent = describeResult(info);
+      caption.append(title, detail);
+      const download = document.createElement('a');
+      download.className = 'button primary';
+      download.href = image.url;
+      download.download = `dreamomni2-${job.id}-${index}.${extensionOf(job)}`;
+      download.textContent = `Download image ${index + 1}`;
+      download.setAttribute('aria-label', `Download image ${index + 1} of job ${job.id}`);
+      figure.append(img, caption, download);
+      return figure;
+    });
+    $('result-gallery').replaceChildren(...figures);
   }
 
   function mixingSummary(job) {

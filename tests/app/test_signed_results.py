@@ -165,7 +165,7 @@ async def test_a_genuine_link_to_an_expired_result_is_404(gateway: Gateway):
         {"signature": None},
         {"signature": ""},
         {"signature": "A" * 500},
-        {"index": "2"},
+        {"index": "16"},  # past MAX_RESULTS
         {"index": "-1"},
         {"index": "one"},
     ],

@@ -291,3 +291,50 @@ async def test_a_bad_feature_mixing_request_is_422_with_a_code(gateway: Gateway,
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == code and words in error["message"], error
+
+
+async def test_num_images_is_queued_and_reported(gateway: Gateway):
+    client = gateway.client()
+    several = await client.post("/v1/jobs", json={"instruction": "a cat", "num_images": 3, "seed": 5})
+    assert several.status_code == 202, several.text
+    assert several.json()["num_images"] == 3 and several.json()["seed"] == 5
+    multipart = await client.post("/v1/jobs", **form({"instruction": "a cat", "num_images": "2"}))
+    assert multipart.status_code == 202 and multipart.json()["num_images"] == 2
+    default = await client.post("/v1/jobs", json={"instruction": "a cat"})
+    assert default.json()["num_images"] == 1
+    info = await client.get("/v1/service")
+    assert info.json()["max_num_images"] == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        ({"num_images": 0}, "invalid_num_images", "between 1 and 4"),
+        ({"num_images": 5}, "invalid_num_images", "between 1 and 4"),
+        ({"num_images": -1}, "invalid_num_images", "num_images"),
+        ({"num_images": 2.5}, "invalid_request", "num_images"),
+        ({"num_images": "two"}, "invalid_request", "num_images"),
+        ({"num_images": "nan"}, "invalid_request", "num_images"),
+        ({"num_images": "inf"}, "invalid_request", "num_images"),
+        ({"num_images": 10**30}, "invalid_num_images", "num_images"),
+        ({"num_images": 2, "seed": 2**53 - 1}, "invalid_seed", "seed"),
+        ({"num_images": 2, "instruction": None, "source_prompt": "a", "target_prompt": "b"},
+         "invalid_num_images", "feature_mixing"),
+    ],
+    ids=["zero", "above-cap", "negative", "fraction", "text", "nan", "inf", "huge", "last-seed-too-big",
+         "with-mixing"],
+)  # fmt: skip
+async def test_bad_num_images_is_422_and_makes_no_job(gateway: Gateway, body, code, words):
+    body = {"instruction": "a cat", **body}
+    response = await gateway.client().post("/v1/jobs", json={k: v for k, v in body.items() if v is not None})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and words in error["message"], error
+    assert gateway.service.store.jobs.queue_depth() == 0
+
+
+@pytest.mark.settings(limits={"max_num_images": 2})
+async def test_the_num_images_cap_is_the_deployments(gateway: Gateway):
+    response = await gateway.client().post("/v1/jobs", json={"instruction": "a cat", "num_images": 3})
+    assert response.status_code == 422
+    assert response.json()["error"]["details"] == {"field": "num_images", "value": 3, "min": 1, "max": 2}

@@ -170,6 +170,25 @@ def test_mix_saves_the_source_and_the_target(service: Service, env: dict[str, st
     assert re.search(r"^result 1:\s+\d+x\d+ image/png", status.stdout, re.MULTILINE), status.stdout
 
 
+def test_n_saves_each_image_with_its_seed(service: Service, env: dict[str, str], tmp_path: Path) -> None:
+    done = run(["generate", "a kite over the sea", "-n", "2", "--seed", "9", "--steps", "1",
+                "-o", "kite.png"], env, tmp_path)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "kite-0.png\nkite-1.png\n"
+    first, second = (tmp_path / "kite-0.png").read_bytes(), (tmp_path / "kite-1.png").read_bytes()
+    assert first != second
+    job_id = done.stderr.splitlines()[0].split(":")[0]
+    job = get_job(service.client("alice"), job_id)
+    assert (job["num_images"], [r["seed"] for r in job["results"]]) == (2, [9, 10])
+    status = run(["status", job_id], env, tmp_path)
+    assert re.search(r"^result 1:\s+\d+x\d+ image/png, \d+ bytes, seed 10$", status.stdout, re.MULTILINE), (
+        status.stdout
+    )
+    refused = run(["generate", "a kite", "-n", "2", "-o", "-"], env, tmp_path)
+    assert refused.returncode == 2 and "-o -" in refused.stderr
+
+
 def test_no_wait_then_status_events_and_result(
     service: Service, env: dict[str, str], images: list[Path], tmp_path: Path
 ) -> None:

@@ -182,7 +182,7 @@ def test_feature_mix_downloads_both_images_and_refusals_carry_the_code(
     image = client.result_image(done, index=1)
     assert image.size == (done.results[1].width, done.results[1].height)
     with pytest.raises(ValueError, match="index"):
-        client.result_bytes(done, index=2)
+        client.result_bytes(done, index=16)
 
     for kwargs, code in (
         ({"source_prompt": " ", "target_prompt": "a teapot"}, "mixing_needs_prompts"),
@@ -275,6 +275,18 @@ class CuttingProxy:
             return sock.recv(65536)
         except OSError:
             return b""
+
+
+def test_num_images_gives_each_image_by_index_with_its_seed(service: Service, client: Client) -> None:
+    job = client.submit("a paper boat", task="generate", steps=2, seed=20, num_images=2, translate=False)
+    assert job.num_images == 2
+    done = client.wait(job, timeout=60)
+    assert done.results is not None and [result.seed for result in done.results] == [20, 21]
+    first, second = client.result_bytes(done, index=0), client.result_bytes(done, index=1)
+    assert first != second
+    with pytest.raises(InvalidInputError) as refused:
+        client.submit("a paper boat", num_images=0)
+    assert refused.value.code == "invalid_num_images"
 
 
 def test_wait_resumes_with_last_event_id_after_the_stream_is_cut(service: Service) -> None:

@@ -141,6 +141,28 @@ def test_generate_honours_the_requested_aspect(service: Service, alice: httpx.Cl
     assert download(alice, job).size == (job["result"]["width"], job["result"]["height"])
 
 
+def test_several_images_are_stored_and_served_by_index(service: Service, alice: httpx.Client) -> None:
+    fields = {"instruction": "A red kite", "num_images": 2, "seed": 41, "steps": 2, "translate": "false"}
+    response = submit_json(alice, [], fields, headers={"Prefer": "wait=60"})
+
+    assert response.status_code == 200, response.text
+    job = response.json()
+    assert job["status"] == "succeeded" and job["num_images"] == 2 and job["seed"] == 41
+    assert [result["seed"] for result in job["results"]] == [41, 42]
+    assert [result["url"] for result in job["results"]] == [
+        f"/v1/jobs/{job['id']}/result",
+        f"/v1/jobs/{job['id']}/result?index=1",
+    ]
+    assert all(result["signed_url"] for result in job["results"])
+    first, second = (alice.get(f"/v1/jobs/{job['id']}/result?index={n}") for n in (0, 1))
+    assert first.status_code == second.status_code == 200
+    assert first.content != second.content  # two seeds, two images
+    assert alice.get(f"/v1/jobs/{job['id']}/result?index=2").json()["error"]["code"] == "result_index"
+    # Image 1 is the image a one-image job with the next seed gives.
+    alone = submit_json(alice, [], {**fields, "num_images": 1, "seed": 42}, headers={"Prefer": "wait=60"})
+    assert alice.get(alone.json()["result"]["url"]).content == second.content
+
+
 def test_translate_false_samples_with_the_instruction(service: Service, alice: httpx.Client) -> None:
     instruction = "Make image 1 look like a watercolour."
     fields = {"instruction": instruction, "translate": "false", "steps": 2}

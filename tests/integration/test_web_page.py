@@ -564,3 +564,29 @@ def test_a_feature_mixing_pair_shows_source_and_target_side_by_side(
     page.get_by_role("radio", name="Generate a new image").check()
     expect(page.get_by_label("Instruction", exact=True)).to_be_visible()
     expect(page.locator("#mixing-field")).to_be_hidden()
+
+
+def test_several_images_show_each_with_its_seed_and_download(service: Service, alice: httpx.Client, new_page):
+    web = new_page()
+    page = web.page
+    web.open("alice")
+    web.advanced(steps="1", seed="30", images="2")
+    expect(page.get_by_label("Images", exact=True)).to_have_attribute("max", "4")
+    page.get_by_label("Instruction", exact=True).fill("A red kite over the sea")
+    page.get_by_role("button", name="Run", exact=True).click()
+    web.status().to_contain_text("Succeeded", timeout=JOB_TIMEOUT_MS)
+    job_id = web.job_id()
+    job = get_job(alice, job_id)
+    assert (job["num_images"], [r["seed"] for r in job["results"]]) == (2, [30, 31])
+
+    expect(page.locator("#result-gallery figcaption strong")).to_have_text(
+        ["Image 1 · seed 30", "Image 2 · seed 31"]
+    )
+    expect(page.locator("#result-image")).to_be_hidden()
+    assert page.evaluate(UNLABELLED) == [], "controls without an accessible name"
+    for index in range(2):
+        with page.expect_download() as download:
+            page.get_by_role("link", name=f"Download image {index + 1} of job {job_id}").click()
+        assert download.value.suggested_filename == f"dreamomni2-{job_id}-{index}.png"
+        expected = alice.get(f"/v1/jobs/{job_id}/result?index={index}").content
+        assert Path(download.value.path()).read_bytes() == expected

@@ -147,6 +147,21 @@ def test_same_seed_same_result(engine):
     assert np.array_equal(pixels(a.image), pixels(b.image))
 
 
+def test_several_images_equal_one_image_jobs_with_the_following_seeds(engine):
+    images = [png_bytes(noise_image(64, 64, 1)), png_bytes(noise_image(48, 64, 2))]
+    events = []
+    several = engine.run(images, params(num_images=2), on_progress=lambda *e: events.append(e[:3]))
+    assert several.metadata.seed == 11 and several.metadata.seeds == [11, 12]
+    assert len(several.images) == 2
+    for image, seed in zip(several.images, [11, 12], strict=True):
+        alone = engine.run(images, params(seed=seed))
+        assert alone.metadata.seeds == [seed]
+        assert np.array_equal(pixels(image), pixels(alone.image))
+    assert not np.array_equal(pixels(several.images[0]), pixels(several.images[1]))
+    # One run of 2 x 3 steps, counted through.
+    assert [e for e in events if e[0] == "denoise"] == [("denoise", i, 6) for i in range(1, 7)]
+
+
 def test_random_seed_is_reported(engine):
     meta = engine.run([], params(seed=None, task=Task.GENERATE, translate=False)).metadata
     assert isinstance(meta.seed, int) and meta.seed >= 0
@@ -197,6 +212,15 @@ def test_cancel_before_sampling(engine):
         (0, {"task": Task.GENERATE, "width": 5000, "height": 1024}, "invalid_width", "4096"),
         (0, {"task": Task.GENERATE, "width": 4096, "height": 512}, "invalid_size", "aspect ratio"),
         (1, {"task": Task.EDIT, "width": 512}, "size_with_edit", "generation only"),
+        (1, {"num_images": 0}, "invalid_num_images", "between 1 and 4"),
+        (1, {"num_images": 5}, "invalid_num_images", "between 1 and 4"),
+        (1, {"num_images": 2, "seed": 2**53 - 1}, "invalid_seed", "between 0 and"),
+        (
+            0,
+            {"instruction": None, "source_prompt": "a", "target_prompt": "b", "num_images": 2},
+            "invalid_num_images",
+            "one pair per job",
+        ),
     ],
 )
 def test_refusals_name_the_limit(engine, count, kwargs, code, words):
