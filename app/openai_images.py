@@ -37,6 +37,7 @@ from api_schemas.openai import (
     OpenAICode,
 )
 from api_schemas.records import JobRecord
+from app.errors import RETRY_AFTER_S
 from app.events import TERMINAL, job_events
 from app.service import JobService, Submission
 
@@ -96,7 +97,7 @@ def refusal_of(exc: ServiceError) -> OpenAIRefusal:
     if status in (413, 415, 422):
         return OpenAIRefusal(400, exc.message, param=_param(exc), code=code)
     if status >= 500:
-        retry = {"Retry-After": "2"} if status == 503 else None
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
         return OpenAIRefusal(status, exc.message, type="server_error", code=code, headers=retry)
     return OpenAIRefusal(status, exc.message, code=code)
 
@@ -110,9 +111,10 @@ async def answer(work: Callable[[], Awaitable[Response]]) -> Response:
     except ServiceError as exc:
         return refusal_of(exc).response()
     except redis.RedisError:
-        message = "The job store (Redis) is unreachable; try again in 2 s."
+        message = f"The job store (Redis) is unreachable; try again in {RETRY_AFTER_S} s."
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
         return OpenAIRefusal(
-            503, message, type="server_error", code=OpenAICode.UNAVAILABLE, headers={"Retry-After": "2"}
+            503, message, type="server_error", code=OpenAICode.UNAVAILABLE, headers=headers
         ).response()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import base64
 import functools
 import http.server
@@ -288,7 +289,7 @@ class ReceivedWebhook:
         return json.loads(self.body)
 
 
-class LoopbackServer:
+class LoopbackServer(abc.ABC):
     """An HTTP server on a loopback port for the stack to call (a customer's webhook endpoint, a trace
     collector): each POST is answered by `answer(path, headers, body)` -> status, with no body."""
 
@@ -310,8 +311,9 @@ class LoopbackServer:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
 
+    @abc.abstractmethod
     def answer(self, path: str, headers: dict[str, str], body: bytes) -> int:
-        raise NotImplementedError
+        """The status to answer a POST with (its body read)."""
 
     @property
     def port(self) -> int:
