@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from api_schemas.common import AdapterChoice, StepCache, Task, WebhookEvent
 from api_schemas.jobs import MAX_RESULTS as MAX_RESULTS
 from api_schemas.jobs import JobParameters
+from api_schemas.loras import AppliedLora, LoraInfo
+from api_schemas.text_tasks import TextOutput
 
 
 class JobStatus(StrEnum):
@@ -70,7 +72,11 @@ class ErrorEnvelope(BaseModel):
 
 
 class Progress(BaseModel):
-    stage: str | None = Field(default=None, description="translate, encode, denoise or decode.")
+    stage: str | None = Field(
+        default=None,
+        description="translate, encode, denoise or decode; a text job (judge, mixing_prompts): generate "
+        "(step: tokens written so far, total: the most its answer may take).",
+    )
     step: int = Field(default=0, description="Denoising steps done (or 0/1 for the other stages).")
     total: int = Field(default=0, description="Steps in the current stage.")
 
@@ -82,8 +88,9 @@ class ProgressEvent(Progress):
     preview: str | None = Field(
         default=None,
         description="Every DREAMOMNI2_PREVIEW_EVERY-th denoising step: the image as it forms (the current "
-        "estimate of the result; a Feature Mixing pair: source and target side by side), a small "
-        "`data:image/jpeg;base64,...` URI of a few KB (a pixel per 8x8 of the output, at most 256 a side).",
+        "estimate of the result; a Feature Mixing pair, or images sampled as one batch: side by side), a "
+        "small `data:image/jpeg;base64,...` URI of a few KB (a pixel per 8x8 of the output, at most 256 a "
+        "side).",
     )
 
 
@@ -142,7 +149,11 @@ class Job(BaseModel):
     instruction: str | None = Field(default=None, description="The instruction (not for feature_mixing).")
     source_prompt: str | None = Field(default=None, description="Feature Mixing: the source image's prompt.")
     target_prompt: str | None = Field(default=None, description="Feature Mixing: the target image's prompt.")
-    attribute: str | None = Field(default=None, description="Feature Mixing: the shared attribute's label.")
+    attribute: str | None = Field(
+        default=None,
+        description="Feature Mixing: the shared attribute's label; mixing_prompts: the attribute keyword.",
+    )
+    count: int | None = Field(default=None, description="mixing_prompts: how many prompt pairs it writes.")
     mixing: dict[str, str | float | int] | None = Field(
         default=None,
         description="Feature Mixing: the mixing parameters (blocks, step_fraction, strength) and, once run, "
@@ -157,6 +168,9 @@ class Job(BaseModel):
     guidance: float
     output_format: OutputFormat
     step_cache: StepCache = Field(default=StepCache.NONE, description="The step cache the job runs with.")
+    loras: list[AppliedLora] = Field(
+        default=[], description="The registered LoRAs stacked on the adapter, in order, with their scales."
+    )
     speed_profile: str | None = Field(default=None, description="The worker's speed profile, once run.")
     transformer_evaluations: int | None = Field(
         default=None, description="Full transformer passes that ran, once finished (a step cache skips some)."
@@ -176,6 +190,17 @@ class Job(BaseModel):
         default=None,
         description="Every result image, once succeeded: one, or a Feature Mixing pair (source at "
         "`result?index=0`, target at `result?index=1`).",
+    )
+    output: TextOutput | None = Field(
+        default=None,
+        description="A text job (`judge`, `mixing_prompts`), once succeeded: its JSON result (it has no "
+        "result image: `GET .../result` answers 404 `result_index`). judge: the three scores 1..5, "
+        "`reason`, `success` (every score above 3), or `unscored: true` (no score: the answer could not "
+        "be used; see `output_raw`). mixing_prompts: `attribute` and `pairs` of "
+        "`source_prompt`/`target_prompt`.",
+    )
+    output_raw: str | None = Field(
+        default=None, description="A text job, once succeeded: the language model's answer as decoded."
     )
     cancel_requested: bool = Field(default=False, description="A cancel was asked while the job was running.")
     cancel_reason: str | None = Field(
@@ -267,7 +292,9 @@ class JobRequestJSON(JobOptions):
     )
 
     images: list[str] = Field(
-        default_factory=list, description="Image 1..n as `data:image/...;base64,` URIs."
+        default_factory=list,
+        description="Image 1..n as `data:image/...;base64,` URIs. task=judge: the case's input images in "
+        "order, then the output image to judge, last.",
     )
 
 
@@ -325,6 +352,12 @@ class ServiceInfo(BaseModel):
     output_formats: list[OutputFormat] = Field(description="Values `output_format` takes.")
     step_caches: list[StepCache] = Field(description="Values `step_cache` may take here (`none` first).")
     default_step_cache: StepCache = Field(description="The step cache of a request that names none.")
+    loras: list[LoraInfo] = Field(
+        description="The LoRAs `loras` may name here (DREAMOMNI2_LORAS): name, default scale, tasks."
+    )
+    max_loras_per_job: int = Field(description="LoRAs one job may stack (DREAMOMNI2_MAX_LORAS_PER_JOB).")
+    min_lora_scale: float = Field(description="Smallest scale of a LoRA.")
+    max_lora_scale: float = Field(description="Largest scale of a LoRA.")
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -8,12 +8,21 @@ MAX_SEED = 2**53 - 1
 
 
 class Task(StrEnum):
-    """What the user asks for: change image 1 (`edit`), make a new image (`generate`), or make a pair
-    of images that share one attribute (`feature_mixing`, the method's paired-data synthesis)."""
+    """What the user asks for: change image 1 (`edit`), make a new image (`generate`), make a pair
+    of images that share one attribute (`feature_mixing`, the method's paired-data synthesis), or have
+    the worker's language model write JSON: score an output image (`judge`), or write Feature Mixing
+    prompt pairs for an attribute keyword (`mixing_prompts`)."""
 
     EDIT = "edit"
     GENERATE = "generate"
     FEATURE_MIXING = "feature_mixing"
+    JUDGE = "judge"
+    MIXING_PROMPTS = "mixing_prompts"
+
+    @property
+    def writes_text(self) -> bool:
+        """Whether the job's result is JSON written by the worker's language model, not images."""
+        return self in (Task.JUDGE, Task.MIXING_PROMPTS)
 
 
 class MixBlocks(StrEnum):

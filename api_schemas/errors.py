@@ -53,6 +53,18 @@ class ErrorCode(StrEnum):
     INVALID_MIX_STRENGTH = "invalid_mix_strength"
     PROMPT_TOO_LONG = "prompt_too_long"
     STEP_CACHE_NOT_ALLOWED = "step_cache_not_allowed"
+    # Text tasks (judge, mixing_prompts).
+    FIELD_NOT_FOR_TASK = "field_not_for_task"
+    JUDGE_NEEDS_OUTPUT = "judge_needs_output"
+    EMPTY_ATTRIBUTE = "empty_attribute"
+    INVALID_COUNT = "invalid_count"
+    TRANSLATOR_UNAVAILABLE = "translator_unavailable"
+    UNUSABLE_ANSWER = "unusable_answer"
+    UNKNOWN_LORA = "unknown_lora"
+    LORA_NOT_FOR_TASK = "lora_not_for_task"
+    INVALID_LORA_SCALE = "invalid_lora_scale"
+    TOO_MANY_LORAS = "too_many_loras"
+    DUPLICATE_LORA = "duplicate_lora"
     # Webhooks and idempotency.
     WEBHOOKS_UNAVAILABLE = "webhooks_unavailable"
     WEBHOOK_URL_REFUSED = "webhook_url_refused"
@@ -85,6 +97,7 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     WORKER_LOST = "worker_lost"
     LEASE_LOST = "lease_lost"
+    LORA_UNAVAILABLE = "lora_unavailable"
     # The service.
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
@@ -145,8 +158,25 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ),
     ErrorCode.INVALID_MIX_STEPS: CodeInfo(_I, _B, "mix_steps is outside 0..1"),
     ErrorCode.INVALID_MIX_STRENGTH: CodeInfo(_I, _B, "mix_strength is outside 0..1"),
-    ErrorCode.PROMPT_TOO_LONG: CodeInfo(_I, _B, "a Feature Mixing prompt is over its limit"),
+    ErrorCode.PROMPT_TOO_LONG: CodeInfo(_I, _B, "a Feature Mixing prompt or attribute is over its limit"),
     ErrorCode.STEP_CACHE_NOT_ALLOWED: CodeInfo(_I, _B, "step_cache names a policy not allowed here"),
+    ErrorCode.FIELD_NOT_FOR_TASK: CodeInfo(
+        _I, _B, "a field sent with a task that does not use it (steps with judge, count with edit, ...)"
+    ),
+    ErrorCode.JUDGE_NEEDS_OUTPUT: CodeInfo(_I, _B, "task=judge without images: the last is the output"),
+    ErrorCode.EMPTY_ATTRIBUTE: CodeInfo(_I, _B, "task=mixing_prompts without an attribute keyword"),
+    ErrorCode.INVALID_COUNT: CodeInfo(_I, _B, "count is outside 1..DREAMOMNI2_MAX_MIXING_PROMPTS"),
+    ErrorCode.TRANSLATOR_UNAVAILABLE: CodeInfo(
+        _I, _B, "judge or mixing_prompts on a deployment without the language model (DREAMOMNI2_TRANSLATOR)"
+    ),
+    ErrorCode.UNUSABLE_ANSWER: CodeInfo(
+        502, _J, "mixing_prompts: the language model's answer did not parse; details.raw holds it"
+    ),
+    ErrorCode.UNKNOWN_LORA: CodeInfo(_I, _B, "`loras` names a LoRA this deployment has not registered"),
+    ErrorCode.LORA_NOT_FOR_TASK: CodeInfo(_I, _B, "`loras` names a LoRA not registered for the job's task"),
+    ErrorCode.INVALID_LORA_SCALE: CodeInfo(_I, _B, "a LoRA's scale is outside -4..4"),
+    ErrorCode.TOO_MANY_LORAS: CodeInfo(_I, _B, "more LoRAs than DREAMOMNI2_MAX_LORAS_PER_JOB"),
+    ErrorCode.DUPLICATE_LORA: CodeInfo(_I, _B, "`loras` names the same LoRA twice"),
     ErrorCode.WEBHOOKS_UNAVAILABLE: CodeInfo(_I, _H, "webhook_url sent, but no signing secret is configured"),
     ErrorCode.WEBHOOK_URL_REFUSED: CodeInfo(_I, _H, "webhook_url is not a public http(s) destination"),
     ErrorCode.IDEMPOTENCY_KEY_REUSED: CodeInfo(_I, _H, "the Idempotency-Key was used with a different body"),
@@ -175,6 +205,9 @@ ERROR_CODES: dict[ErrorCode, CodeInfo] = {
     ErrorCode.OUT_OF_MEMORY: CodeInfo(507, _J, "the GPU or the host ran out of memory for it"),
     ErrorCode.WORKER_LOST: CodeInfo(500, _J, "its worker died DREAMOMNI2_MAX_ATTEMPTS times"),
     ErrorCode.LEASE_LOST: CodeInfo(500, _J, "internal: a run lost its lease to another run (never stored)"),
+    ErrorCode.LORA_UNAVAILABLE: CodeInfo(
+        503, _J, "a LoRA it names changed or went missing on disk since the workers started; restart them"
+    ),
     ErrorCode.UNAVAILABLE: CodeInfo(
         503, _H, "the job store (Redis) is unreachable, or a new job could not reach its replicas; retry"
     ),
@@ -280,6 +313,19 @@ class UnsupportedMediaType(ServiceError):
     http_status = 415
 
 
+class TranslatorUnavailable(InvalidInput):
+    """A text task (judge, mixing_prompts) on a deployment, or a worker, without the language model."""
+
+    code = ErrorCode.TRANSLATOR_UNAVAILABLE
+
+
+class UnusableAnswer(ServiceError):
+    """The language model's answer could not be used (it did not parse); `details.raw` holds it."""
+
+    code = ErrorCode.UNUSABLE_ANSWER
+    http_status = 502
+
+
 class ServiceUnavailable(ServiceError):
     """A dependency of the service (the queue) is unreachable."""
 
@@ -310,6 +356,13 @@ class ModelOutOfMemory(ServiceError):
 
     code = ErrorCode.OUT_OF_MEMORY
     http_status = 507
+
+
+class LoraUnavailable(ServiceError):
+    """A registered LoRA's file changed or went missing after the worker read it at start."""
+
+    code = ErrorCode.LORA_UNAVAILABLE
+    http_status = 503
 
 
 class JobCanceled(ServiceError):

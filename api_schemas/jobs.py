@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import math
-import unicodedata
 from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from api_schemas.checks import check_instruction
+from api_schemas.checks import check_range as _check_range
+from api_schemas.checks import visible as _visible
 from api_schemas.common import MAX_SEED, AdapterChoice, MixBlocks, StepCache, Task
 from api_schemas.errors import ErrorCode, InvalidInput
 from api_schemas.images import ImageLimits
+from api_schemas.loras import AppliedLora, LoraChoices, LoraRegistry, resolve_loras
+from api_schemas.metadata import JobMetadata as JobMetadata  # what a job did: its own module, re-exported
+from api_schemas.text_jobs import TEXT_TASK_FIELDS, refuse_text_fields, resolve_text_job
 
 #: The most result images a job may have (`?index=` 0..15): a Feature Mixing pair's two, or up to
 #: `DREAMOMNI2_MAX_NUM_IMAGES` (which may not exceed it).
@@ -27,12 +31,14 @@ class JobParameters(BaseModel):
     instruction: str | None = Field(
         default=None,
         description="What to do, in plain words; images are referred to as image 1, 2, ... "
-        "Required for `edit` and `generate`; not used by `feature_mixing`.",
+        "Required for `edit`, `generate` and `judge` (the instruction the judged output was made from); "
+        "not used by `feature_mixing` and `mixing_prompts`.",
     )
     task: Task | None = Field(
         default=None,
-        description="`edit`, `generate` or `feature_mixing`; left out: `edit` with at least one image, "
-        "else `generate` (or `feature_mixing` when source_prompt and target_prompt are sent).",
+        description="`edit`, `generate`, `feature_mixing`, `judge` or `mixing_prompts`; left out: `edit` "
+        "with at least one image, else `generate` (or `feature_mixing` when source_prompt and "
+        "target_prompt are sent). `judge` and `mixing_prompts` write JSON (the job's `output`), no image.",
     )
     seed: int | None = Field(
         default=None,
@@ -42,8 +48,9 @@ class JobParameters(BaseModel):
     num_images: int | None = Field(
         default=None,
         description="How many images to sample, 1..DREAMOMNI2_MAX_NUM_IMAGES (default 1); image i uses "
-        "seed + i and is the image a one-image job with that seed gives. Results: `?index=0..n-1`. "
-        "Not with `feature_mixing` (a pair is one job's two images).",
+        "seed + i, sampled together with the others as one batch where the worker's memory allows "
+        "(then close to the image a one-image job with that seed gives; one after another: that image, "
+        "bit for bit). Results: `?index=0..n-1`. Not with `feature_mixing` (a pair is one job's two images).",
     )
     guidance: float | None = Field(default=None, description="Distilled guidance scale.")
     width: int | None = Field(
@@ -88,6 +95,17 @@ class JobParameters(BaseModel):
         description="Feature Mixing: how much attention the target may give the source's image tokens, "
         "0..1 (1: the method's plain softmax over both, 0: none); default 1.",
     )
+    loras: LoraChoices = Field(
+        default=None,
+        description="Operator-registered LoRAs to stack on the adapter the method picks, in order: "
+        '`[{"name": "my-style", "scale": 0.8}]` (multipart: the same JSON as text). Names and default '
+        "scales: `GET /v1/service`; scale -4..4, 0 = left out; at most DREAMOMNI2_MAX_LORAS_PER_JOB.",
+    )
+    count: int | None = Field(
+        default=None,
+        description="`mixing_prompts` only: how many (source, target) prompt pairs to write for the "
+        "`attribute` keyword, 1..DREAMOMNI2_MAX_MIXING_PROMPTS; default 1.",
+    )
 
 
 def _comma_separated(value: object) -> object:
@@ -129,6 +147,17 @@ class JobLimits(BaseSettings):
     step_cache: StepCache = StepCache.NONE
     min_image_side: int = 16
     max_image_aspect_ratio: float = 4.0
+    #: The LoRAs a request may name (`api_schemas.loras`): JSON, name -> {path, scale, tasks}.
+    loras: LoraRegistry = {}
+    #: The highest rank a registered LoRA may have (a worker refuses to start on a higher one).
+    max_lora_rank: int = Field(default=128, ge=1)
+    #: The most LoRAs one job may stack (`loras`).
+    max_loras_per_job: int = Field(default=3, ge=0)
+    #: The most prompt pairs one `mixing_prompts` job may ask for (`count`).
+    max_mixing_prompts: int = Field(default=8, ge=1, le=64)
+    #: The longest prompt a `mixing_prompts` job may write (characters); with `max_mixing_prompts` it
+    #: bounds the answer, so the longest decoding (and its KV cache) is known before it starts.
+    mixing_prompt_max_chars: int = Field(default=200, ge=8)
 
     @model_validator(mode="after")
     def _num_images_fit_the_results(self) -> JobLimits:
@@ -144,6 +173,21 @@ class JobLimits(BaseSettings):
                 f"({', '.join(c.value for c in self.step_caches) or 'empty'})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _written_prompts_are_accepted(self) -> JobLimits:
+        if self.mixing_prompt_max_chars > self.max_instruction_chars:
+            raise ValueError(
+                f"DREAMOMNI2_MIXING_PROMPT_MAX_CHARS={self.mixing_prompt_max_chars} is over "
+                f"DREAMOMNI2_MAX_INSTRUCTION_CHARS={self.max_instruction_chars}: the prompts written "
+                "would be refused as Feature Mixing prompts"
+            )
+        return self
+
+    def max_images_for(self, task: Task) -> int:
+        """The most images a job of `task` may send: DREAMOMNI2_MAX_IMAGES, and one more for a judge
+        (the case's inputs, then the output to judge)."""
+        return self.max_images + 1 if task is Task.JUDGE else self.max_images
 
     def image_limits(self) -> ImageLimits:
         """The per-image limits uploads are decoded under."""
@@ -180,10 +224,16 @@ class ResolvedJob(BaseModel):
     mix_blocks: MixBlocks | None = None
     mix_steps: float | None = None
     mix_strength: float | None = None
+    loras: list[AppliedLora] = []
+    #: `mixing_prompts`: how many pairs to write.
+    count: int | None = None
 
     def parameters(self) -> JobParameters:
         """The request with every default filled in, as the worker runs it."""
-        return JobParameters.model_validate(self.model_dump(include=set(JobParameters.model_fields)))
+        names = set(JobParameters.model_fields)
+        if self.task.writes_text:  # its image fields hold fill-ins (steps 0), not values to check
+            names &= TEXT_TASK_FIELDS[self.task]
+        return JobParameters.model_validate(self.model_dump(include=names))
 
 
 def choose_adapter(task: Task, image_count: int) -> AdapterChoice:
@@ -192,7 +242,7 @@ def choose_adapter(task: Task, image_count: int) -> AdapterChoice:
     For editing, image 1 is the image to edit and references are images 2..n; for generation every
     input image is a reference.
     """
-    if task is Task.FEATURE_MIXING:
+    if task is Task.FEATURE_MIXING or task.writes_text:
         return AdapterChoice.BASE
     references = image_count - 1 if task is Task.EDIT else image_count
     if references <= 0:
@@ -200,44 +250,19 @@ def choose_adapter(task: Task, image_count: int) -> AdapterChoice:
     return AdapterChoice.EDIT if task is Task.EDIT else AdapterChoice.GENERATION
 
 
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not math.isfinite(value):
-        # NaN passes no comparison and neither is JSON: name it, and report it as text.
-        raise InvalidInput(
-            f"{name} must be a finite number between {low} and {high}; got {value}.",
-            code=ErrorCode(f"invalid_{name}"),
-            details={"field": name, "value": str(value), "min": low, "max": high},
-        )
-    if not low <= value <= high:
-        raise InvalidInput(
-            f"{name} must be between {low} and {high}; got {value}.",
-            code=ErrorCode(f"invalid_{name}"),
-            details={"field": name, "value": value, "min": low, "max": high},
-        )
-
-
-#: Letters that render as blank space (Hangul fillers, the blank Braille pattern).
-_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
-
-
-def _visible(text: str) -> bool:
-    """Whether `text` shows anything: not only spaces, format characters (zero-width space, joiners,
-    BOM, bidi marks) or blank letters."""
-    return any(
-        not ch.isspace() and unicodedata.category(ch) != "Cf" and ch not in _BLANK_LETTERS for ch in text
-    )
-
-
 def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> ResolvedJob:
     """Check a request against the limits and fill in defaults; raises `InvalidInput` naming the limit."""
-    if image_count > limits.max_images:
-        raise InvalidInput(
-            f"{image_count} images were sent; at most {limits.max_images} are allowed "
-            "(image 1 plus references).",
-            code=ErrorCode.TOO_MANY_IMAGES,
-            details={"images": image_count, "max": limits.max_images},
-        )
     task = params.task or _default_task(params, image_count)
+    if image_count > limits.max_images_for(task):
+        what = "the inputs, then the output to judge" if task is Task.JUDGE else "image 1 plus references"
+        raise InvalidInput(
+            f"{image_count} images were sent; at most {limits.max_images_for(task)} are allowed ({what}).",
+            code=ErrorCode.TOO_MANY_IMAGES,
+            details={"images": image_count, "max": limits.max_images_for(task)},
+        )
+    if task.writes_text:
+        return ResolvedJob(**resolve_text_job(params, task, image_count, limits))
+    refuse_text_fields(params, task)
     if task is Task.EDIT and image_count == 0:
         raise InvalidInput(
             "An edit needs the image to edit as image 1; send at least one image, or use task=generate.",
@@ -258,6 +283,7 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
         # Image i uses seed + i: the last one must be a seed too.
         _check_range("seed", params.seed, 0, MAX_SEED - (num_images - 1))
     step_cache = _resolve_step_cache(params, task, limits)
+    loras = resolve_loras(params.loras, task, limits.loras, limits.max_loras_per_job)
 
     width, height = params.width, params.height
     if task is Task.EDIT and (width is not None or height is not None):
@@ -297,6 +323,7 @@ def resolve_job(params: JobParameters, image_count: int, limits: JobLimits) -> R
         image_count=image_count,
         adapter=choose_adapter(task, image_count),
         num_images=num_images,
+        loras=loras,
         **mixing,
     )
 
@@ -349,20 +376,11 @@ def _resolve_instruction(params: JobParameters, task: Task, limits: JobLimits) -
             "Mixing pair, send task=feature_mixing with source_prompt and target_prompt instead).",
             code=ErrorCode.EMPTY_INSTRUCTION,
         )
-    instruction = params.instruction.strip()
-    if not _visible(instruction):
-        raise InvalidInput(
-            "The instruction is empty (or only invisible characters); say what to do with the images.",
-            code=ErrorCode.EMPTY_INSTRUCTION,
-        )
-    if len(instruction) > limits.max_instruction_chars:
-        raise InvalidInput(
-            f"The instruction has {len(instruction)} characters; "
-            f"the limit is {limits.max_instruction_chars}.",
-            code=ErrorCode.INSTRUCTION_TOO_LONG,
-            details={"length": len(instruction), "max": limits.max_instruction_chars},
-        )
-    return instruction
+    return check_instruction(
+        params.instruction,
+        limits.max_instruction_chars,
+        "The instruction is empty (or only invisible characters); say what to do with the images.",
+    )
 
 
 def _default_task(params: JobParameters, image_count: int) -> Task:
@@ -417,52 +435,3 @@ def _resolve_mixing(params: JobParameters, image_count: int, limits: JobLimits) 
         "mix_steps": mix_steps,
         "mix_strength": mix_strength,
     }
-
-
-class JobMetadata(BaseModel):
-    """What the engine did for a job: the prompt it sampled with, the adapter, the seed, timings."""
-
-    prompt: str = Field(description="The prompt the image was sampled with (translated, or the instruction).")
-    translated: bool = Field(
-        description="True: the translator's answer was used; false: the instruction itself."
-    )
-    translation_raw: str | None = Field(default=None, description="The translator's raw answer, when it ran.")
-    translation_tokens: int | None = Field(
-        default=None, description="Tokens the translator generated, when it ran (its budget is the cap)."
-    )
-    fallback_reason: str | None = Field(
-        default=None,
-        description="Why the instruction was used as is: disabled_by_request, disabled_by_deployment, "
-        "unparseable, empty, or truncated (the answer hit the translator's token budget).",
-    )
-    adapter: AdapterChoice
-    task: Task
-    seed: int = Field(description="The seed of the first image (image i used seed + i).")
-    seeds: list[int] | None = Field(
-        default=None, description="Each image's seed, in result order (several images: seed, seed+1, ...)."
-    )
-    source_prompt: str | None = Field(default=None, description="Feature Mixing: the source image's prompt.")
-    target_prompt: str | None = Field(default=None, description="Feature Mixing: the target image's prompt.")
-    attribute: str | None = Field(default=None, description="Feature Mixing: the shared attribute's label.")
-    mixing: dict[str, str | float | int] | None = Field(
-        default=None,
-        description="Feature Mixing: blocks, step_fraction, strength, and the mixed_steps and "
-        "mixed_layers that ran.",
-    )
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    image_count: int
-    speed_profile: str = Field(
-        default="reference",
-        description="The speed profile the job ran with: the deployment's, `reference` where the worker "
-        "could not compile, `<profile>-eager` where its compiled blocks run uncompiled.",
-    )
-    step_cache: StepCache = Field(default=StepCache.NONE, description="The step cache the job ran with.")
-    transformer_evaluations: int | None = Field(
-        default=None, description="Full transformer passes that ran (steps minus those a step cache skipped)."
-    )
-    timings: dict[str, float] = Field(
-        description="Seconds per stage: translate, encode, denoise, decode, and total."
-    )

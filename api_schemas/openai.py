@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api_schemas.api import OutputFormat
+from api_schemas.loras import LoraChoices
 
 #: The model id the gateway serves (`model` in a request; `GET /v1/models`).
 MODEL_ID = "dreamomni2"
@@ -59,6 +60,12 @@ class ImageRequest(BaseModel):
     quality: Literal["auto"] | None = None
     background: Literal["auto"] | None = None
     moderation: Literal["auto"] | None = None
+    # Ours, sent as an extra body field (the SDKs' `extra_body`): the native API's `loras`.
+    loras: LoraChoices = Field(
+        default=None,
+        description="Registered LoRAs to stack, as in `POST /v1/jobs`: "
+        '`[{"name": "my-style", "scale": 0.8}]` (in an edit\'s form: that JSON as text).',
+    )
 
 
 class ImageData(BaseModel):

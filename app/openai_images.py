@@ -10,7 +10,7 @@ import base64
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.responses import Response
 
-from api_schemas.api import JobOptions, JobStatus
+from api_schemas.api import ErrorInfo, JobOptions, JobStatus
 from api_schemas.common import Task
 from api_schemas.errors import ERROR_CODES, ErrorCode, ServiceError
 from api_schemas.openai import (
@@ -167,6 +167,8 @@ def to_options(params: ImageRequest, task: Task) -> JobOptions:
     options: dict[str, Any] = {"instruction": params.prompt, "task": task, "width": width, "height": height}
     if params.output_format is not None:
         options["output_format"] = params.output_format
+    if params.loras is not None:
+        options["loras"] = params.loras  # checked against DREAMOMNI2_LORAS by the native path
     if params.n is not None:
         options["num_images"] = params.n  # checked against DREAMOMNI2_MAX_NUM_IMAGES by the native path
     return JobOptions.model_validate(options)
@@ -205,7 +207,8 @@ async def read_edit(request: Request, service: JobService) -> tuple[ImageRequest
     try:
         images: list[bytes] = []
         fields: dict[str, Any] = {}
-        for name, value in form.multi_items():
+        loras = LoraFormFields()
+        for name, value in loras.take_all(form.multi_items()):
             if name in ("image", "image[]"):
                 if not isinstance(value, UploadFile):
                     raise OpenAIRefusal(400, f"`{name}` must be a file upload.", param="image")
@@ -226,12 +229,88 @@ async def read_edit(request: Request, service: JobService) -> tuple[ImageRequest
             raise OpenAIRefusal(
                 400, f"{len(images)} images were sent; at most {max_images} are allowed.", param="image"
             )
+        loras.merge_into(fields)
         try:
             return ImageRequest.model_validate(fields), images
         except ValidationError as exc:
             raise _invalid(exc) from None
     finally:
         await form.close()
+
+
+_LORA_FIELD = re.compile(r"^loras\[(\d*)\]\[(\w+)\]$")
+
+
+class LoraFormFields:
+    """`loras` as form fields, the way the openai SDK sends `extra_body={"loras": [...]}` in a
+    multipart request (`loras[][name]`, `loras[][scale]`, one object after the other) or indexed
+    (`loras[0][name]`); `loras` as JSON text is an ordinary field. Without indices, an object starts
+    at each `name` (and where a key repeats): write `name` first in each object, as the SDK keeps
+    the order given."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self._indexed: dict[int, dict[str, Any]] = {}
+
+    def take_all(self, items: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """Keep the LoRA fields of `items`; the others, in order."""
+        return [(name, value) for name, value in items if not self.take(name, value)]
+
+    def merge_into(self, fields: dict[str, Any]) -> None:
+        """Put the LoRAs kept into `fields` as its `loras` (refused next to a JSON-text `loras`)."""
+        if not self.items:
+            return
+        if "loras" in fields:
+            raise OpenAIRefusal(
+                400, "Send `loras` once: as JSON text or as loras[][name] fields, not both.", param="loras"
+            )
+        fields["loras"] = self.items
+
+    def take(self, name: str, value: object) -> bool:
+        """Keep `name=value` if it is a LoRA field (False: not one)."""
+        match = _LORA_FIELD.match(name)
+        if match is None:
+            return False
+        if not isinstance(value, str):
+            raise OpenAIRefusal(400, f"`{name}` must be a text field.", param="loras")
+        index, key = match[1], match[2]
+        if index:
+            if len(index) > 2:
+                raise OpenAIRefusal(400, f"`{name}`: LoRA indices run from 0 to 99.", param="loras")
+            item = self._indexed.get(int(index))
+            if item is None:
+                item = self._indexed[int(index)] = {}
+                self.items.append(item)
+        else:
+            item = self.items[-1] if self.items else None
+            if item is None or key in item:
+                item = {}
+                self.items.append(item)
+        if key in item:
+            raise OpenAIRefusal(400, f"The field {name!r} was sent more than once.", param="loras")
+        item[key] = value
+        return True
+
+
+def job_failure(job_id: str, status: JobStatus, error: ErrorInfo | None) -> OpenAIRefusal:
+    """The refusal of a call whose job ended without images. Its job existed, so the answer is never a
+    5xx, which the SDKs retry (running the request again): what the input caused is a 400 as it would
+    have been on submission; what went wrong on our side (out of memory, a timeout, a lost worker) is
+    a 409 with OpenAI's `server_error` type and `x-should-retry: false`, naming the job."""
+    if status is JobStatus.CANCELED:
+        return OpenAIRefusal(409, f"Job {job_id} was canceled.", code=ErrorCode.JOB_CANCELED.value)
+    code = error.code if error else ErrorCode.JOB_FAILED.value
+    message = f"Job {job_id} failed: {error.message if error else 'no reason given'}"
+    known = next((info for c, info in ERROR_CODES.items() if c.value == code), None)
+    if known is not None and known.status < 500 and code != ErrorCode.JOB_FAILED.value:
+        return OpenAIRefusal(400, message, code=code)
+    return OpenAIRefusal(
+        409,
+        f"{message} Sending the same request again runs it again; the job stays at GET /v1/jobs/{job_id}.",
+        type="server_error",
+        code=code,
+        headers={"x-should-retry": "false"},
+    )
 
 
 class ImageCall:
@@ -291,7 +370,7 @@ class ImageCall:
     async def finished(self, record: JobRecord) -> dict[str, Any]:
         """The ImagesResponse of a job that ended; a failed or canceled job is refused."""
         if record.status is not JobStatus.SUCCEEDED:
-            raise self.failure(record)
+            raise job_failure(record.id, record.status, record.error)
         job = await run_in_threadpool(self.service.render, record, self.base_url)
         data = []
         for index, result in enumerate(job.results or []):
@@ -304,20 +383,6 @@ class ImageCall:
         size = f"{first.width}x{first.height}" if first else "auto"
         answer = ImagesResponse(created=self.created, data=data, output_format=job.output_format, size=size)
         return answer.model_dump(exclude_none=True)
-
-    def failure(self, record: JobRecord) -> OpenAIRefusal:
-        if record.status is JobStatus.CANCELED:
-            return OpenAIRefusal(409, f"Job {record.id} was canceled.", code=ErrorCode.JOB_CANCELED.value)
-        error = record.error
-        try:
-            code = ErrorCode(error.code) if error else ErrorCode.JOB_FAILED
-        except ValueError:
-            code = ErrorCode.JOB_FAILED
-        status = ERROR_CODES[code].status if code in ERROR_CODES else 500
-        message = f"Job {record.id} failed: {error.message if error else 'no reason given'}"
-        if status < 500:
-            return OpenAIRefusal(400, message, code=code.value)
-        return OpenAIRefusal(500, message, type="server_error", code=code.value)
 
     async def events(self) -> AsyncIterator[dict[str, str]]:
         """`<kind>.partial_image` for the first `partial_images` previews, then `<kind>.completed`."""
@@ -376,13 +441,6 @@ class ImageCall:
             "background": "opaque",
             **extra,
         }
-        if kind == "completed":
-            body["usage"] = {
-                "input_tokens": 0,
-                "output_tokens": 0,
-                "total_tokens": 0,
-                "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-            }
         return {"event": body["type"], "data": json.dumps(body)}
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from api_schemas.api import JobOptions, JobRequestJSON
-from api_schemas.common import MAX_SEED
+from api_schemas.common import MAX_SEED, Task
 from api_schemas.jobs import JobLimits
 
 DESCRIPTION = """
@@ -17,7 +17,9 @@ DreamOmni2 LoRAs + a Qwen2.5-VL instruction translator).
 Submit images and a plain-words instruction (`POST /v1/jobs`), then poll the job
 (`GET /v1/jobs/{id}`) or hold the request with `Prefer: wait=N`, and download the image
 (`GET /v1/jobs/{id}/result`), or hand out its signed link (`result.signed_url`, `GET /v1/results/{id}`),
-which downloads without a key until it expires. Every error has the shape
+which downloads without a key until it expires. The text tasks (`task` `judge`: score an output image;
+`mixing_prompts`: write Feature Mixing prompt pairs) return JSON, the job object's `output`.
+Every error has the shape
 `{"error": {"code", "message", "details", "request_id"}}`. Every answer has an `X-Request-ID` header:
 the caller's own (up to 128 letters, digits and `._:/+=@-`) or a new one.
 Authenticate with `Authorization: Bearer <key>` when the deployment has API keys (every `/v1` call but a
@@ -30,7 +32,8 @@ _MULTIPART_SCHEMA: dict[str, Any] = {
         "images": {
             "type": "array",
             "items": {"type": "string", "format": "binary"},
-            "description": "Repeat the field; the order is image 1..n. Image 1 is the one to edit.",
+            "description": "Repeat the field; the order is image 1..n. Image 1 is the one to edit. "
+            "task=judge: the case's input images in order, then the output image to judge, last.",
         },
         # The other fields: JobOptions' own schema (typed, with this deployment's ranges), filled in
         # by `openapi_document`.
@@ -66,7 +69,8 @@ def _ranges(limits: JobLimits) -> dict[str, dict[str, Any]]:
         "guidance": {"minimum": limits.min_guidance, "maximum": limits.max_guidance},
         "width": {"minimum": limits.min_size, "maximum": limits.max_size},
         "height": {"minimum": limits.min_size, "maximum": limits.max_size},
-        "images": {"maxItems": limits.max_images},
+        "images": {"maxItems": limits.max_images_for(Task.JUDGE)},  # a judge: the inputs, then the output
+        "count": {"minimum": 1, "maximum": limits.max_mixing_prompts},
     }
 
 

@@ -19,8 +19,8 @@ from celery import Celery
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from api_schemas.api import Job, JobOptions, JobStatus, OutputFormat, Readiness, ServiceInfo, WorkerCounts
-from api_schemas.common import StepCache, WebhookEvent
+from api_schemas.api import Job, JobOptions, JobStatus
+from api_schemas.common import Task, WebhookEvent
 from api_schemas.errors import (
     Conflict,
     ErrorCode,
@@ -28,6 +28,7 @@ from api_schemas.errors import (
     NotFound,
     ServiceUnavailable,
     TooManyRequests,
+    TranslatorUnavailable,
 )
 from api_schemas.images import check_byte_size, load_image
 from api_schemas.jobs import JobParameters, resolve_job
@@ -104,6 +105,8 @@ class JobService:
             check_byte_size(data, image_limits, f"image {n}")
         params = JobParameters.model_validate(options.model_dump(include=set(JobParameters.model_fields)))
         job = resolve_job(params, len(images), self.limits)
+        if job.task.writes_text:
+            self.require_translator(job.task)
         for n, data in enumerate(images, start=1):
             load_image(data, limits=image_limits, label=f"image {n}")
         ttl_s = self.settings.job_ttl_s
@@ -124,6 +127,17 @@ class JobService:
         elif options.webhook_events:
             raise InvalidInput("webhook_events needs a webhook_url.", code=ErrorCode.INVALID_REQUEST)
         return JobSpec(job=job, output_format=options.output_format, webhook=webhook)
+
+    def require_translator(self, task: Task) -> None:
+        """Refuse a text task when every ready worker runs without the language model; with none ready
+        yet the job is queued (a worker without the model fails it with the same code)."""
+        ready = [w for w in self.store.workers.workers() if w.get("ready")]
+        if ready and not any(w.get("translator") for w in ready):
+            raise TranslatorUnavailable(
+                f"task={task.value} needs the workers' language model, and this deployment runs without "
+                "it (DREAMOMNI2_TRANSLATOR=false); use a deployment with the translator on.",
+                details={"task": task.value},
+            )
 
     def check_webhook(self, owner: str, options: JobOptions) -> WebhookSpec:
         if self.webhooks.secret_for(owner) is None:
@@ -352,6 +366,13 @@ class JobService:
     def result(self, owner: str | None, job_id: str, index: int = 0) -> tuple[bytes, str]:
         """Result image `index` (0: the only one; a Feature Mixing pair: 0 the source, 1 the target)."""
         record = self.get(owner, job_id)
+        if record.status is JobStatus.SUCCEEDED and record.spec.task.writes_text:
+            raise NotFound(
+                f"Job {job_id} is a {record.spec.task.value} job: it has no result image; its result is the "
+                f"JSON `output` of the job object (GET /v1/jobs/{job_id}).",
+                code=ErrorCode.RESULT_INDEX,
+                details={"index": index, "results": 0},
+            )
         if record.status is JobStatus.SUCCEEDED:
             results = record.all_results
             if results and index >= len(results):
@@ -420,59 +441,3 @@ class JobService:
         if await stream_ended(self.aredis, self, job_id, last_event_id):
             return None
         return job_events(request, self.aredis, self, job_id, last_event_id)
-
-    # Operations ------------------------------------------------------------------------------------
-    def describe(self, auth_required: bool) -> ServiceInfo:
-        """The deployment's limits and choices, as a client needs them before it submits (the page's)."""
-        limits = self.limits
-        return ServiceInfo(
-            auth_required=auth_required,
-            max_images=limits.max_images,
-            max_num_images=limits.max_num_images,
-            max_image_bytes=limits.max_image_bytes,
-            max_request_bytes=self.settings.max_request_bytes,
-            max_instruction_chars=limits.max_instruction_chars,
-            min_steps=limits.min_steps,
-            max_steps=limits.max_steps,
-            default_steps=limits.default_steps,
-            min_guidance=limits.min_guidance,
-            max_guidance=limits.max_guidance,
-            default_guidance=limits.default_guidance,
-            min_size=limits.min_size,
-            max_size=limits.max_size,
-            default_size=limits.default_size,
-            max_aspect_ratio=limits.max_aspect_ratio,
-            output_formats=list(OutputFormat),
-            # `none` is always allowed; the others in the order the deployment lists them.
-            step_caches=[StepCache.NONE, *(c for c in limits.step_caches if c is not StepCache.NONE)],
-            default_step_cache=limits.step_cache,
-        )
-
-    def readiness(self) -> tuple[Readiness, bool]:
-        """Whether this gateway can take jobs (Redis answers), with the ready workers (models loaded,
-        consumer consuming) counted by memory mode and by speed-profile fallback."""
-        try:
-            self.store.redis.ping()
-            workers = list(self.store.workers.workers())
-            modes: dict[str, int] = {}
-            fallbacks: dict[str, int] = {}
-            # Ready: models loaded and the consumer taking messages (a worker announced before
-            # `consuming` existed counts as consuming).
-            ready = [w for w in workers if w.get("ready") and w.get("consuming", True)]
-            for worker in ready:
-                models = worker.get("memory") or {}
-                if mode := models.get("mode"):
-                    modes[mode] = modes.get(mode, 0) + 1
-                if fallback := (models.get("speed") or {}).get("fallback"):
-                    fallbacks[fallback] = fallbacks.get(fallback, 0) + 1
-            counts = WorkerCounts(
-                up=len(workers),
-                ready=len(ready),
-                memory_modes=modes,
-                speed_fallbacks=fallbacks,
-            )
-            return Readiness(
-                status="ready", redis="ok", workers=counts, queue_depth=self.store.jobs.queue_depth()
-            ), True
-        except Exception as exc:
-            return Readiness(status="unavailable", redis=f"{type(exc).__name__}: {exc}"), False

@@ -13,6 +13,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from api_schemas.api import JobOptions, JobRequestJSON
+from api_schemas.common import Task
 from api_schemas.errors import ErrorCode, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from api_schemas.jobs import JobLimits
 from app.service import Submission
@@ -58,9 +59,12 @@ def invalid(exc: ValidationError) -> InvalidInput:
     )
 
 
-def too_many(count: int, limit: int) -> InvalidInput:
+def too_many(count: int, limits: JobLimits) -> InvalidInput:
+    """More images than any task takes (an edit or a generation: DREAMOMNI2_MAX_IMAGES; a judge: one more)."""
+    limit, judge = limits.max_images, limits.max_images_for(Task.JUDGE)
     return InvalidInput(
-        f"{count} images were sent; at most {limit} are allowed (image 1 plus references).",
+        f"{count} images were sent; at most {limit} are allowed (image 1 plus references; task=judge: "
+        f"{judge}, the inputs then the output to judge).",
         code=ErrorCode.TOO_MANY_IMAGES,
         details={"images": count, "max": limit},
     )
@@ -125,13 +129,19 @@ class _CompleteMultiPartParser(MultiPartParser):
         super().on_end()
 
 
+def max_upload_images(limits: JobLimits) -> int:
+    """The most images any task takes (a judge: the inputs and the output); `resolve_job` then holds
+    each task to its own limit, once the task is known."""
+    return max(limits.max_images_for(task) for task in Task)
+
+
 async def _form_images(form: FormData, limits: JobLimits) -> list[bytes]:
     images: list[bytes] = []
     for value in form.getlist("images"):
         if not isinstance(value, UploadFile):
             raise InvalidInput("`images` must be file uploads.", code=ErrorCode.INVALID_REQUEST)
-        if len(images) >= limits.max_images:
-            raise too_many(len(form.getlist("images")), limits.max_images)
+        if len(images) >= max_upload_images(limits):
+            raise too_many(len(form.getlist("images")), limits)
         images.append(await value.read())
     return images
 
@@ -160,8 +170,8 @@ async def _read_json(request: Request, limits: JobLimits) -> Submission:
         body = JobRequestJSON.model_validate_json(await request.body())
     except ValidationError as exc:
         raise invalid(exc) from None
-    if len(body.images) > limits.max_images:
-        raise too_many(len(body.images), limits.max_images)
+    if len(body.images) > max_upload_images(limits):
+        raise too_many(len(body.images), limits)
     max_bytes = limits.image_limits().max_bytes
     images = [decode_data_uri(uri, f"image {n}", max_bytes) for n, uri in enumerate(body.images, start=1)]
     options = JobOptions.model_validate(body.model_dump(exclude={"images"}, exclude_unset=True))

@@ -27,8 +27,8 @@ from diffusers import FluxKontextPipeline
 
 from api_schemas.common import Task
 from api_schemas.jobs import JobParameters
+from models.buckets import nearest_bucket
 from models.engine import Engine
-from models.pipeline import nearest_bucket
 from models.settings import EngineSettings
 from models.tiny import ensure_tiny
 

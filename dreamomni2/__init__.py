@@ -12,6 +12,9 @@
         client.download(pair, "hat.png", index=0)  # the source
         client.download(pair, "teapot.png", index=1)  # the target, in the hat's material
 
+        verdict = client.wait(client.judge("make the bag red", ["bag.png"], "out.png")).output
+        pairs = client.wait(client.mixing_prompts("rattan weave", 4)).output.pairs
+
 `AsyncClient` is the same for asyncio; `verify_webhook` checks a webhook delivery; the exceptions
 are in `dreamomni2.errors`. The command line is `dreamomni2` (`dreamomni2 --help`).
 Needs httpx, pydantic, Pillow and standardwebhooks (tqdm for the command line); never the server's
@@ -20,6 +23,7 @@ dependencies.
 
 from api_schemas.api import ErrorInfo, Job, JobStatus, OutputFormat, Progress, ResultInfo
 from api_schemas.common import AdapterChoice, MixBlocks, StepCache, Task, WebhookEvent
+from api_schemas.text_tasks import JudgeVerdict, MixingPromptPair, MixingPrompts, parse_judge_answer
 from dreamomni2._core import DEFAULT_SERVER, __version__
 from dreamomni2.aio import AsyncClient
 from dreamomni2.client import Client
@@ -60,7 +64,10 @@ __all__ = [
     "JobFailedError",
     "JobProgress",
     "JobStatus",
+    "JudgeVerdict",
     "MixBlocks",
+    "MixingPromptPair",
+    "MixingPrompts",
     "NotFoundError",
     "OutputFormat",
     "Progress",
@@ -74,5 +81,6 @@ __all__ = [
     "WebhookEvent",
     "WebhookVerificationError",
     "__version__",
+    "parse_judge_answer",
     "verify_webhook",
 ]

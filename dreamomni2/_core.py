@@ -5,6 +5,8 @@ Everything here is free of I/O, so `Client` and `AsyncClient` differ only in how
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 import uuid
@@ -20,6 +22,7 @@ from pydantic import ValidationError
 
 from api_schemas.api import MAX_RESULTS, Job, JobOptions, OutputFormat
 from api_schemas.common import MixBlocks, StepCache, Task, WebhookEvent
+from api_schemas.loras import LoraChoice
 from dreamomni2.errors import (
     CONNECTION_LOST,
     NO_SIGNED_URL,
@@ -183,6 +186,38 @@ class Prepared:
     files: list[tuple[str, Any]] | None = None
 
 
+#: What a caller may pass as one of `loras`: a `LoraChoice`, `{"name", "scale"}`, or `NAME[:SCALE]`.
+LoraInput = LoraChoice | dict | str
+
+
+def parse_lora(text: str) -> LoraChoice:
+    """`NAME` or `NAME:SCALE` (the command line's `--lora`) as a request's LoRA choice."""
+    name, sep, scale = text.strip().rpartition(":") if ":" in text else (text.strip(), "", "")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"{text!r} names no LoRA (use NAME or NAME:SCALE, e.g. style:0.8)")
+    if not sep:
+        return LoraChoice(name=name)
+    try:
+        value = float(scale)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(
+            f"the scale in {text!r} is not a finite number (use NAME or NAME:SCALE, e.g. style:0.8)"
+        )
+    return LoraChoice(name=name, scale=value)
+
+
+def lora_choices(loras: Sequence[LoraInput] | None) -> list[LoraChoice] | None:
+    """The caller's `loras` as the request's choices (None: not sent)."""
+    if loras is None:
+        return None
+    if isinstance(loras, str | dict | LoraChoice):
+        raise TypeError("loras must be a list, e.g. ['style:0.8'] or [{'name': 'style', 'scale': 0.8}]")
+    return [parse_lora(c) if isinstance(c, str) else LoraChoice.model_validate(c) for c in loras]
+
+
 def _form_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -214,6 +249,8 @@ def prepare_submission(
     mix_steps: float | None = None,
     mix_strength: float | None = None,
     num_images: int | None = None,
+    loras: Sequence[LoraInput] | None = None,
+    count: int | None = None,
 ) -> Prepared:
     """`POST /v1/jobs` as multipart: the images in order, then the options the caller set.
 
@@ -248,6 +285,8 @@ def prepare_submission(
         "mix_blocks": mix_blocks,
         "mix_steps": mix_steps,
         "mix_strength": mix_strength,
+        "loras": lora_choices(loras),
+        "count": count,
     }
     try:
         options = JobOptions.model_validate(
@@ -259,10 +298,48 @@ def prepare_submission(
     # Only what the caller set: the deployment fills in its own defaults for the rest.
     fields = options.model_dump(mode="json", exclude_unset=True)
     parts: list[tuple[str, Any]] = [upload.part() for upload in uploads]
-    parts += [(name, (None, _form_value(value))) for name, value in fields.items()]
+    # `loras` travels as the JSON text the gateway reads from a form field; the rest as plain values.
+    parts += [
+        (name, (None, json.dumps(value) if name == "loras" else _form_value(value)))
+        for name, value in fields.items()
+    ]
     # Always a key, so that a submission whose answer was lost can be resent without a second job.
     key = idempotency_key if idempotency_key is not None else f"dreamomni2-{uuid.uuid4().hex}"
     return Prepared("POST", "/v1/jobs", idempotent=True, headers={"Idempotency-Key": key}, files=parts)
+
+
+def prepare_text_job(
+    task: Task,
+    *,
+    instruction: str | None = None,
+    images: Sequence[ImageInput] = (),
+    attribute: str | None = None,
+    count: int | None = None,
+    webhook_url: str | None = None,
+    webhook_events: Sequence[WebhookEvent | str] | None = None,
+    deadline_s: float | None = None,
+    idempotency_key: str | None = None,
+) -> Prepared:
+    """`POST /v1/jobs` of a text job (`judge`: instruction and images; `mixing_prompts`: attribute and
+    count): none of the image-sampling fields, which the service refuses with these tasks."""
+    return prepare_submission(
+        instruction,
+        images,
+        task=task,
+        seed=None,
+        steps=None,
+        guidance=None,
+        size=None,
+        translate=None,
+        output_format=None,
+        step_cache=None,
+        webhook_url=webhook_url,
+        webhook_events=webhook_events,
+        deadline_s=deadline_s,
+        idempotency_key=idempotency_key,
+        attribute=attribute,
+        count=count,
+    )
 
 
 class Quiet(StrEnum):

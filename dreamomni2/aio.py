@@ -18,6 +18,7 @@ from api_schemas.common import MixBlocks, StepCache, Task, WebhookEvent
 from dreamomni2._core import (
     USER_AGENT,
     JobRef,
+    LoraInput,
     Prepared,
     Quiet,
     StreamFollower,
@@ -27,6 +28,7 @@ from dreamomni2._core import (
     job_path,
     no_signed_url,
     prepare_submission,
+    prepare_text_job,
     reached_server,
     resolve_api_key,
     resolve_server,
@@ -133,6 +135,7 @@ class AsyncClient:
         seed: int | None = None,
         steps: int | None = None,
         num_images: int | None = None,
+        loras: Sequence[LoraInput] | None = None,
         guidance: float | None = None,
         size: tuple[int, int] | None = None,
         translate: bool | None = None,
@@ -152,6 +155,7 @@ class AsyncClient:
             seed=seed,
             steps=steps,
             num_images=num_images,
+            loras=loras,
             guidance=guidance,
             size=size,
             translate=translate,
@@ -205,6 +209,51 @@ class AsyncClient:
             mix_blocks=mix_blocks,
             mix_steps=mix_steps,
             mix_strength=mix_strength,
+        )
+        return await self._job(request)
+
+    async def judge(
+        self,
+        instruction: str,
+        inputs: Sequence[ImageInput],
+        output: ImageInput,
+        *,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[WebhookEvent | str] | None = None,
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Queue a `judge` job (the output image last); returns the job object. See `Client.judge`."""
+        request = prepare_text_job(
+            Task.JUDGE,
+            instruction=instruction,
+            images=[*inputs, output],
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            deadline_s=deadline_s,
+            idempotency_key=idempotency_key,
+        )
+        return await self._job(request)
+
+    async def mixing_prompts(
+        self,
+        attribute: str,
+        count: int | None = None,
+        *,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[WebhookEvent | str] | None = None,
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Queue a `mixing_prompts` job; returns the job object. See `Client.mixing_prompts`."""
+        request = prepare_text_job(
+            Task.MIXING_PROMPTS,
+            attribute=attribute,
+            count=count,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            deadline_s=deadline_s,
+            idempotency_key=idempotency_key,
         )
         return await self._job(request)
 

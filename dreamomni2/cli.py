@@ -3,7 +3,9 @@
     dreamomni2 edit bag.png dress.png "make the bag in image 1 use the pattern of image 2" -o out.png
     dreamomni2 generate style.png "a portrait in the style of image 1" --seed 7 -o portrait.png
     dreamomni2 mix "a woven straw hat" "a teapot" --attribute material -o hat.png  # hat-source/-target.png
+    dreamomni2 prompts attributes.txt -o prompts.jsonl --per-attribute 4  # prompt pairs from keywords
     dreamomni2 dataset prompts.jsonl pairs/ --concurrency 4  # a Feature Mixing dataset, resumable
+    dreamomni2 bench DreamOmni2Bench/ bench-out/ --steps 28  # the paper's benchmark: results and a report
     dreamomni2 status JOB | result JOB -o out.png | cancel JOB | events JOB
 
 Progress goes to stderr (a bar on a terminal, plain lines otherwise); results go to stdout (the file
@@ -14,20 +16,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from pathlib import Path
-from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from api_schemas.api import Job, JobStatus, OutputFormat
-from api_schemas.common import MixBlocks, StepCache, Task, WebhookEvent
-from dreamomni2._core import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV, __version__
+from api_schemas.api import Job, JobStatus
+from api_schemas.common import Task
+from dreamomni2._core import __version__
 from dreamomni2.aio import AsyncClient
+from dreamomni2.cli_common import (
+    EXIT_CANCELED,
+    EXIT_CODES_HELP,
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    existing_file,
+    exit_code,
+    job_json,
+    positive_int,
+    print_json,
+    say,
+)
+from dreamomni2.cli_options import (
+    BENCH_HELP,
+    add_bench_command,
+    add_common,
+    add_job_options,
+    add_mixing_options,
+    add_sampling_options,
+)
+from dreamomni2.cli_output import describe_event, describe_job, progress_display, save_pair, save_result
 from dreamomni2.client import Client
 from dreamomni2.dataset import (
     DatasetFolder,
@@ -38,289 +61,10 @@ from dreamomni2.dataset import (
     read_prompts,
 )
 from dreamomni2.errors import (
-    AuthenticationError,
-    ConflictError,
     DreamOmni2Error,
-    InvalidInputError,
-    JobCanceledError,
     JobError,
-    JobFailedError,
-    NotFoundError,
-    RateLimitError,
-    ServiceUnavailableError,
-    WaitTimeoutError,
 )
-from dreamomni2.events import JobEvent, JobProgress
-
-# Exit codes: one per kind of outcome a script may branch on.
-EXIT_OK = 0
-EXIT_ERROR = 1  # anything else: an unexpected server error (500), a local I/O error
-EXIT_USAGE = 2  # argparse's own: bad arguments, a missing input file
-EXIT_REFUSED = 3
-EXIT_AUTH = 4
-EXIT_NOT_FOUND = 5
-EXIT_FAILED = 6
-EXIT_CANCELED = 7
-EXIT_UNAVAILABLE = 8
-EXIT_TIMEOUT = 9
-EXIT_INTERRUPTED = 130
-
-EXIT_CODES_HELP = f"""\
-exit codes:
-  {EXIT_OK}    done: the image is saved, or the job's status, events or cancel were answered
-  {EXIT_ERROR}    another error (an unexpected server error, a file that cannot be written)
-  {EXIT_USAGE}    bad arguments, or an input image that cannot be read
-  {EXIT_REFUSED}    the service refused the request: invalid input (too many images, steps out of range,
-       a bad image, ...) or a job in the wrong state (no result yet, already finished)
-  {EXIT_AUTH}    the API key is missing or not accepted
-  {EXIT_NOT_FOUND}    no such job (unknown id, another key's job, or expired)
-  {EXIT_FAILED}    the job failed (the message says why); dataset: some pairs failed (the summary lists them)
-  {EXIT_CANCELED}    the job was canceled (by request or by its deadline)
-  {EXIT_UNAVAILABLE}    the service is unreachable or unavailable (connection refused, 503, 429)
-  {EXIT_TIMEOUT}    --timeout passed before the job ended (it goes on)
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the job goes on
-
-environment:
-  {SERVER_ENV}   the service's URL (default {DEFAULT_SERVER}, where `make up` serves)
-  {API_KEY_ENV}  the API key, sent as `Authorization: Bearer <key>`
-"""
-
-
-def exit_code(error: DreamOmni2Error) -> int:
-    """The exit code for an error (see EXIT_CODES_HELP)."""
-    for kind, code in (
-        (JobFailedError, EXIT_FAILED),
-        (JobCanceledError, EXIT_CANCELED),
-        (WaitTimeoutError, EXIT_TIMEOUT),
-        (InvalidInputError, EXIT_REFUSED),
-        (ConflictError, EXIT_REFUSED),
-        (AuthenticationError, EXIT_AUTH),
-        (NotFoundError, EXIT_NOT_FOUND),
-        (ServiceUnavailableError, EXIT_UNAVAILABLE),
-        (RateLimitError, EXIT_UNAVAILABLE),
-    ):
-        if isinstance(error, kind):
-            return code
-    return EXIT_ERROR
-
-
-# Progress -------------------------------------------------------------------------------------------------
-class TerminalProgress:
-    """A progress bar on a terminal: the queue position while queued, then each stage's steps n/N."""
-
-    def __init__(self, file: TextIO) -> None:
-        self._file = file
-        self._bar: tqdm | None = None
-        self._phase: tuple[str, int] | None = None
-
-    def __call__(self, progress: JobProgress) -> None:
-        if progress.status is JobStatus.QUEUED:
-            self._phase_bar(("queued", 0), None, "{desc} [{elapsed}]").set_description_str(
-                progress.describe()
-            )
-        elif progress.status is JobStatus.RUNNING and progress.stage:
-            bar = self._phase_bar((progress.stage, progress.total), progress.total, None)
-            bar.update(progress.step - bar.n)
-        elif progress.status is JobStatus.RUNNING:
-            self._phase_bar(("started", 0), None, "{desc} [{elapsed}]")
-        else:
-            self.close()
-
-    def _phase_bar(self, phase: tuple[str, int], total: int | None, bar_format: str | None) -> tqdm:
-        """The bar of this phase (a status, or a stage and its step count): a new one when it changes."""
-        if phase == self._phase and self._bar is not None:
-            return self._bar
-        self.close()
-        self._phase = phase
-        stage = phase[0]
-        # The denoising bar stays on screen when done; the short phases make way for the next.
-        self._bar = tqdm(
-            total=total,
-            desc=stage,
-            unit="step",
-            leave=stage == "denoise",
-            file=self._file,
-            dynamic_ncols=True,
-            bar_format=bar_format,
-        )
-        return self._bar
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-class LineProgress:
-    """Progress as plain lines, for logs and pipes: each change of state, and steps in tenths."""
-
-    def __init__(self, file: TextIO) -> None:
-        self._file = file
-        self._last: object = None
-
-    def __call__(self, progress: JobProgress) -> None:
-        if progress.status.is_terminal():
-            return  # the command reports the outcome
-        if progress.status is JobStatus.RUNNING and progress.stage and progress.total > 1:
-            # A line per tenth of the steps (and the last), not one per step: 30..5000 steps.
-            key: object = (progress.stage, progress.step * 10 // progress.total)
-        else:
-            key = progress.describe()
-        if key == self._last:
-            return
-        self._last = key
-        print(f"{progress.job_id}: {progress.describe()}", file=self._file, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-ProgressDisplay = TerminalProgress | LineProgress
-
-
-def progress_display(args: argparse.Namespace) -> ProgressDisplay | None:
-    if args.quiet:
-        return None
-    return TerminalProgress(sys.stderr) if sys.stderr.isatty() else LineProgress(sys.stderr)
-
-
-# Output ---------------------------------------------------------------------------------------------------
-def say(message: str) -> None:
-    """A message for the person at the terminal (stderr: stdout carries results)."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def print_json(value: object) -> None:
-    print(json.dumps(value, indent=None, separators=(",", ":")), flush=True)
-
-
-def job_json(job: Job) -> dict[str, Any]:
-    return job.model_dump(mode="json", by_alias=True)
-
-
-def describe_job(job: Job) -> str:
-    """A few human lines about a job."""
-    progress = job.progress
-    state = job.status.value
-    if job.status is JobStatus.QUEUED and job.queue_position:
-        state += f" (position {job.queue_position} in the queue)"
-    elif job.status is JobStatus.RUNNING and progress.stage:
-        state += f" ({progress.stage} {progress.step}/{progress.total})"
-    lines = [
-        f"job:         {job.id}",
-        f"status:      {state}",
-        f"task:        {job.task.value}, {job.image_count} image(s), adapter {job.adapter.value}",
-    ]
-    if job.task is Task.FEATURE_MIXING:
-        mixing = ", ".join(f"{name} {value}" for name, value in (job.mixing or {}).items())
-        lines += [
-            f"source:      {job.source_prompt}",
-            f"target:      {job.target_prompt}",
-            f"attribute:   {job.attribute or '-'}",
-            f"mixing:      {mixing}",
-        ]
-    else:
-        lines.append(f"instruction: {job.instruction}")
-    lines.append(f"steps:       {job.steps}, guidance {job.guidance:g}, seed {job.seed}")
-    results = job.results or ([job.result] if job.result is not None else [])
-    for index, result in enumerate(results):
-        label = f"result {index}:" if len(results) > 1 else "result:"
-        seed = f", seed {result.seed}" if len(results) > 1 and result.seed is not None else ""
-        lines.append(
-            f"{label:<13}{result.width}x{result.height} {result.content_type}, {result.bytes} bytes{seed}"
-        )
-    if job.error is not None:
-        lines.append(f"error:       {job.error.code}: {job.error.message}")
-    if job.timings and "total" in job.timings:
-        lines.append(f"took:        {job.timings['total']:.2f} s")
-    return "\n".join(lines)
-
-
-def describe_event(event: JobEvent) -> str:
-    """One line per event: its id (to resume after), type and data."""
-    data = event.data
-    if event.job is not None:
-        detail = f"{event.job.error.code}: {event.job.error.message}" if event.job.error else ""
-    elif event.type == "progress":
-        detail = f"{data.get('stage')} {data.get('step')}/{data.get('total')}"
-    else:
-        detail = " ".join(f"{name}={value}" for name, value in data.items())
-    return f"{event.id} {event.type} {detail}".rstrip()
-
-
-# Commands -------------------------------------------------------------------------------------------------
-def output_path(args: argparse.Namespace, job: Job) -> str:
-    """-o as given, else `<job id>.<format>` in the current folder."""
-    return args.output or f"{job.id}.{job.output_format.value}"
-
-
-def result_paths(output: str | None, job: Job, roles: Sequence[str]) -> list[Path]:
-    """Where a job's several images go, one per role: -o out.png -> out-<role>.png; -o DIR (an existing
-    folder) -> DIR/<job id>-<role>.<format>; no -o -> <job id>-<role>.<format>."""
-    fmt = job.output_format.value
-    base = Path(output) if output else Path(f"{job.id}.{fmt}")
-    if output and base.is_dir():
-        base = base / f"{job.id}.{fmt}"
-    suffix = base.suffix or f".{fmt}"
-    return [base.with_name(f"{base.stem}-{role}{suffix}") for role in roles]
-
-
-def pair_paths(output: str | None, job: Job) -> tuple[Path, Path]:
-    """Where a Feature Mixing pair goes: -o out.png -> out-source.png and out-target.png (`result_paths`)."""
-    source, target = result_paths(output, job, ("source", "target"))
-    return source, target
-
-
-def save_pair(client: Client, args: argparse.Namespace, job: Job) -> int:
-    """Save both images of a Feature Mixing job (see `pair_paths`); print the two paths (or the job)."""
-    return save_each(client, args, job, list(pair_paths(args.output, job)), "a pair of images")
-
-
-def save_each(client: Client, args: argparse.Namespace, job: Job, paths: list[Path], what: str) -> int:
-    """Save a job's several images to `paths`, in result order; print the paths (or the job)."""
-    if args.output == "-":  # `result JOB -o -` of several (`mix` and `-n` refuse it up front)
-        say(f"dreamomni2: job {job.id} is {what}; -o - cannot hold them all: give a file name")
-        return EXIT_USAGE
-    for index, path in enumerate(paths):
-        client.download(job, path, index=index)
-    if args.json:
-        print_json(job_json(job))
-    else:
-        print("\n".join(map(str, paths)), flush=True)
-    if not args.quiet:
-        took = f" in {job.timings['total']:.2f} s" if job.timings and "total" in job.timings else ""
-        result = job.result
-        size = f" ({result.width}x{result.height} {job.output_format.value})" if result else ""
-        saved = ", ".join(map(str, paths[:-1])) + f" and {paths[-1]}"
-        say(f"{job.id}: succeeded{took}; saved {saved}{size}")
-    return EXIT_OK
-
-
-def save_result(client: Client, args: argparse.Namespace, job: Job) -> int:
-    if job.task is Task.FEATURE_MIXING:
-        return save_pair(client, args, job)
-    if job.results is not None and len(job.results) > 1:
-        # -o out.png -> out-0.png, out-1.png, ...: image i, sampled with seed + i.
-        paths = result_paths(args.output, job, [str(n) for n in range(len(job.results))])
-        return save_each(client, args, job, paths, f"{len(job.results)} images")
-    data = client.result_bytes(job)
-    target = output_path(args, job)
-    if target == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    else:
-        Path(target).write_bytes(data)
-    if args.json:
-        print_json(job_json(job))
-    elif target != "-":
-        print(target, flush=True)
-    if not args.quiet:
-        took = f" in {job.timings['total']:.2f} s" if job.timings and "total" in job.timings else ""
-        where = "stdout" if target == "-" else target
-        result = job.result
-        size = f" ({result.width}x{result.height} {job.output_format.value})" if result else ""
-        say(f"{job.id}: succeeded{took}; saved {where}{size}")
-    return EXIT_OK
+from dreamomni2.prompts import PROMPTS_HELP, add_prompts_command
 
 
 def wait_for(client: Client, args: argparse.Namespace, job: Job | str) -> Job:
@@ -349,6 +93,7 @@ def run_submit(client: Client, args: argparse.Namespace, task: Task) -> int:
         translate=False if args.no_translate else None,
         output_format=args.format,
         step_cache=args.step_cache,
+        loras=args.loras,
         webhook_url=args.webhook_url,
         webhook_events=args.webhook_events,
         deadline_s=args.deadline,
@@ -517,152 +262,6 @@ def run_events(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# Arguments ------------------------------------------------------------------------------------------------
-def existing_file(value: str) -> str:
-    if not Path(value).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {value}")
-    return value
-
-
-def non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {value}")
-    return number
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more: {value}")
-    return number
-
-
-def fraction(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1: {value}")
-    return number
-
-
-def size(value: str) -> tuple[int, int]:
-    width, x, height = value.lower().partition("x")
-    if not x or not width.isdigit() or not height.isdigit():
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, like 1024x768: {value}")
-    return int(width), int(height)
-
-
-def webhook_events(value: str) -> list[str]:
-    events = [part.strip() for part in value.split(",") if part.strip()]
-    allowed = [event.value for event in WebhookEvent]
-    unknown = [event for event in events if event not in allowed]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown event(s) {', '.join(unknown)}; use {', '.join(allowed)}")
-    return events
-
-
-def add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    """The options every command takes, before or after its name.
-
-    On the subcommands their defaults are suppressed, so that an option given before the command
-    name is not reset by the subcommand's default.
-    """
-
-    def default(value: object) -> object:
-        return argparse.SUPPRESS if suppress else value
-
-    group = parser.add_argument_group("common options")
-    group.add_argument(
-        "--server",
-        metavar="URL",
-        default=default(None),
-        help=f"the service (${SERVER_ENV}; {DEFAULT_SERVER})",
-    )
-    group.add_argument(
-        "--api-key", metavar="KEY", default=default(None), help=f"the API key (${API_KEY_ENV})"
-    )
-    group.add_argument(
-        "--json", action="store_true", default=default(False), help="print the job (or events) as JSON"
-    )
-    group.add_argument("-q", "--quiet", action="store_true", default=default(False), help="no progress")
-    group.add_argument(
-        "--timeout",
-        metavar="S",
-        type=float,
-        default=default(None),
-        help=f"stop waiting for the job after S seconds (exit {EXIT_TIMEOUT}; the job goes on)",
-    )
-
-
-def add_job_options(parser: argparse.ArgumentParser, generation: bool, mixing: bool = False) -> None:
-    group = parser.add_argument_group("job options")
-    if mixing:
-        group.add_argument("-o", "--output", metavar="PATH", help="where to save the pair: -o out.png "
-                           "saves out-source.png and out-target.png; -o DIR (a folder) saves "
-                           "DIR/<job id>-source.<format>, ...; default <job id>-source.<format>, ...",
-                           )  # fmt: skip
-    else:
-        group.add_argument("-o", "--output", metavar="PATH", help="where to save the image ('-': stdout; "
-                           "default <job id>.<format>)")  # fmt: skip
-    group.add_argument("--no-wait", action="store_true", help="print the job id (or job) and exit; no image")
-    add_sampling_options(group, generation, "random seed (default: a random one, reported back)")
-    if not mixing:
-        group.add_argument(
-            "--step-cache",
-            choices=[c.value for c in StepCache],
-            help="reuse work across steps (faster, lossy)",
-        )
-        group.add_argument(
-            "--no-translate", action="store_true", help="sample with the instruction as is (no VLM rewrite)"
-        )
-        group.add_argument(
-            "-n",
-            "--num-images",
-            type=int,
-            metavar="N",
-            help="sample N images (seeds seed, seed+1, ...; default 1); -o out.png saves out-0.png, "
-            "out-1.png, ...",
-        )
-    add_delivery_options(group)
-
-
-def add_sampling_options(group: argparse._ArgumentGroup, generation: bool, seed_help: str) -> None:
-    group.add_argument("--seed", type=non_negative_int, help=seed_help)
-    group.add_argument("--steps", type=int, help="denoising steps (default: the deployment's, 30)")
-    group.add_argument("--guidance", type=float, help="guidance scale (default: the deployment's, 3.5)")
-    if generation:
-        group.add_argument("--size", type=size, metavar="WxH", help="output aspect, e.g. 1024x768 (~1 MP)")
-    group.add_argument("--format", choices=[f.value for f in OutputFormat], help="image format (default png)")
-
-
-def add_mixing_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--mix-blocks",
-        choices=[b.value for b in MixBlocks],
-        help="the transformer blocks that mix (default all; none: the target is a plain generation)",
-    )
-    group.add_argument(
-        "--mix-steps", type=fraction, metavar="F", help="fraction of the denoising steps that mix, 0..1 (1)"
-    )
-    group.add_argument(
-        "--mix-strength",
-        type=fraction,
-        metavar="F",
-        help="how much the target attends to the source, 0..1 (1)",
-    )
-
-
-def add_delivery_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--webhook-url", metavar="URL", help="POST signed job events there")
-    group.add_argument(
-        "--webhook-events", type=webhook_events, metavar="E,E", help="started,progress,completed (completed)"
-    )
-    group.add_argument("--deadline", type=float, metavar="S", help="cancel it unrun if not started in S s")
-    group.add_argument(
-        "--idempotency-key", metavar="KEY", help="resubmitting with the same key: the same job"
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `dreamomni2` argument parser."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -741,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(dataset_options, True, "seed of the lines without one (default: random per pair)")
     add_mixing_options(dataset_options)
     dataset.set_defaults(run=run_dataset)
+
+    add_bench_command(command("bench", BENCH_HELP, "dreamomni2 bench [options] BENCH_DIR OUT_DIR"))
+    add_prompts_command(command("prompts", PROMPTS_HELP, "dreamomni2 prompts [options] ATTRIBUTES.txt"))
 
     status = command("status", "Print a job's status, progress, result or error.")
     status.add_argument("job", metavar="JOB", help="the job id (j_...)")

@@ -17,6 +17,7 @@ from api_schemas.common import MixBlocks, StepCache, Task, WebhookEvent
 from dreamomni2._core import (
     USER_AGENT,
     JobRef,
+    LoraInput,
     Prepared,
     Quiet,
     StreamFollower,
@@ -26,6 +27,7 @@ from dreamomni2._core import (
     job_path,
     no_signed_url,
     prepare_submission,
+    prepare_text_job,
     reached_server,
     resolve_api_key,
     resolve_server,
@@ -143,6 +145,7 @@ class Client:
         seed: int | None = None,
         steps: int | None = None,
         num_images: int | None = None,
+        loras: Sequence[LoraInput] | None = None,
         guidance: float | None = None,
         size: tuple[int, int] | None = None,
         translate: bool | None = None,
@@ -168,6 +171,8 @@ class Client:
             translate: False samples with the instruction as is, skipping the VLM translator.
             output_format: `png`, `jpeg` or `webp`.
             step_cache: `none`, `first_block` or `taylorseer` (if the deployment allows it).
+            loras: registered LoRAs to stack, in order: `"name"`, `"name:0.8"`, `{"name", "scale"}`
+                or `LoraChoice`; `service_info().loras` lists them.
             webhook_url, webhook_events: where to POST signed job events (`started`, `progress`,
                 `completed`); see `verify_webhook`.
             deadline_s: cancel the job unrun if no worker starts it within this many seconds.
@@ -187,6 +192,7 @@ class Client:
             seed=seed,
             steps=steps,
             num_images=num_images,
+            loras=loras,
             guidance=guidance,
             size=size,
             translate=translate,
@@ -262,6 +268,60 @@ class Client:
             mix_blocks=mix_blocks,
             mix_steps=mix_steps,
             mix_strength=mix_strength,
+        )
+        return self._job(request)
+
+    def judge(
+        self,
+        instruction: str,
+        inputs: Sequence[ImageInput],
+        output: ImageInput,
+        *,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[WebhookEvent | str] | None = None,
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Queue a `judge` job: the worker's VLM scores `output`, made from `instruction` and the case's
+        `inputs` (in order; image 1 the image to edit for an edit), 1 to 5 for instruction following,
+        consistency and absence of distortion. The images go as `inputs..., output` (the output last).
+        Once it succeeded, `job.output` is a `JudgeVerdict` (`success`: every score above 3), or
+        `unscored` with the raw answer in `job.output_raw`. Raises as `submit`.
+        """
+        request = prepare_text_job(
+            Task.JUDGE,
+            instruction=instruction,
+            images=[*inputs, output],
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            deadline_s=deadline_s,
+            idempotency_key=idempotency_key,
+        )
+        return self._job(request)
+
+    def mixing_prompts(
+        self,
+        attribute: str,
+        count: int | None = None,
+        *,
+        webhook_url: str | None = None,
+        webhook_events: Sequence[WebhookEvent | str] | None = None,
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Queue a `mixing_prompts` job: the worker's language model writes `count` (default 1) Feature
+        Mixing prompt pairs for the `attribute` keyword ("rattan weave"). Once it succeeded,
+        `job.output.pairs` holds them (`source_prompt`, `target_prompt`), ready for `feature_mix`.
+        Raises as `submit` (`empty_attribute`, `invalid_count`, ...).
+        """
+        request = prepare_text_job(
+            Task.MIXING_PROMPTS,
+            attribute=attribute,
+            count=count,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+            deadline_s=deadline_s,
+            idempotency_key=idempotency_key,
         )
         return self._job(request)
 

@@ -21,12 +21,8 @@ canceled or expired is noted in `failed_jobs.jsonl`; the next run submits its pa
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import os
-import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +37,9 @@ from dreamomni2.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
+from dreamomni2.resumable import ResumableFolder, read_jsonl, run_pool
 
 MANIFEST = "manifest.jsonl"
-FAILED_JOBS = "failed_jobs.jsonl"
 DATASET_ID = "dataset_id"
 LINE_FIELDS = ("attribute", "source_prompt", "target_prompt", "seed")
 ROLES = ("source", "target")  # result index 0 and 1
@@ -149,72 +145,23 @@ def read_prompts(path: str | Path) -> tuple[list[PromptPair], list[PromptLineErr
     return pairs, errors
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    for text in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError:
-            continue  # a line cut short by an interruption: its pair is simply done again
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    with open(path, "ab+") as file:
-        end = file.seek(0, os.SEEK_END)
-        if end:
-            file.seek(end - 1)
-            if file.read(1) != b"\n":
-                line = b"\n" + line  # after a line cut short by an interruption, a line of its own
-        file.write(line)
-        file.flush()
-
-
-class DatasetFolder:
+class DatasetFolder(ResumableFolder):
     """The output folder: the pairs' folders, `manifest.jsonl` and `failed_jobs.jsonl`."""
 
+    id_file = DATASET_ID
+    key_prefix = "dreamomni2-dataset"
+    item_field = "pair_id"
+
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        super().__init__(root)
         self.manifest = self.root / MANIFEST
-        self.failed_jobs = self.root / FAILED_JOBS
-
-    def dataset_id(self) -> str:
-        """The folder's random id, made on first use: it keeps other folders' keys apart from this one's."""
-        path = self.root / DATASET_ID
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(path, "x", encoding="utf-8") as file:
-                file.write(uuid.uuid4().hex + "\n")
-        except FileExistsError:
-            pass
-        return path.read_text(encoding="utf-8").strip()
-
-    def idempotency_key(self, pair_id: str, retry: int = 0) -> str:
-        """The key a pair is submitted with: the same in every run into this folder until a job of the
-        pair failed (`retry`: how many did), so that a rerun gets a submitted job back but retries a
-        failed one."""
-        return f"dreamomni2-dataset-{self.dataset_id()}-{pair_id}" + (f"-retry{retry}" if retry else "")
 
     def finished(self) -> dict[str, dict[str, Any]]:
         """The manifest's records by pair id."""
-        return {r["pair_id"]: r for r in _read_jsonl(self.manifest) if isinstance(r.get("pair_id"), str)}
-
-    def failures(self) -> Counter[str]:
-        """How many jobs of each pair ended without a usable result, in earlier runs."""
-        return Counter(r["pair_id"] for r in _read_jsonl(self.failed_jobs) if "pair_id" in r)
+        return {r["pair_id"]: r for r in read_jsonl(self.manifest) if isinstance(r.get("pair_id"), str)}
 
     def add(self, record: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        _append_jsonl(self.manifest, record)
-
-    def add_failed_job(self, record: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        _append_jsonl(self.failed_jobs, record)
+        self.append(self.manifest, record)
 
 
 @dataclass
@@ -351,24 +298,16 @@ async def make_dataset(
         raise ValueError(f"concurrency must be 1 or more; got {concurrency}.")
     outcomes = list(plan.outcomes)
     failures = folder.failures()
-    todo = iter(plan.todo)
 
-    async def worker() -> None:
-        # One shared iterator: each worker takes the next pair when it is free.
-        for pair, pair_id in todo:
-            key = folder.idempotency_key(pair_id, failures[pair_id])
-            outcome = await make_pair(client, pair, pair_id, folder, options, key=key, timeout=timeout)
-            if outcome.record is not None:
-                folder.add(outcome.record)
-            outcomes.append(outcome)
-            if on_outcome is not None:
-                on_outcome(outcome)
+    async def make(item: tuple[PromptPair, str]) -> None:
+        pair, pair_id = item
+        key = folder.idempotency_key(pair_id, failures[pair_id])
+        outcome = await make_pair(client, pair, pair_id, folder, options, key=key, timeout=timeout)
+        if outcome.record is not None:
+            folder.add(outcome.record)
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
 
-    try:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(concurrency, len(plan.todo))):
-                group.create_task(worker())
-    except BaseExceptionGroup as group_error:
-        # A worker's fatal error cancels the others; raise it as itself, not as a group.
-        raise group_error.exceptions[0] from None
+    await run_pool(plan.todo, concurrency, make)
     return sorted(outcomes, key=lambda outcome: outcome.line)

@@ -7,13 +7,15 @@ id; a client that reconnects with `Last-Event-ID` gets exactly the events after 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
 
-from api_schemas.api import Job, JobStatus, Progress
+from api_schemas.api import Job, JobStatus, ProgressEvent
 from dreamomni2.errors import ServerError
 
 #: Event types after which the stream ends: their data is the job object.
@@ -125,6 +127,9 @@ class JobProgress:
         event: the stream event behind this update; None when the update came from polling the job
             while it waits in the queue (the stream sends nothing then).
         job: the job object on the final update; else None.
+        preview: on the denoising steps that carry one (every DREAMOMNI2_PREVIEW_EVERY-th), the image
+            as it forms: a `data:image/jpeg;base64,...` URI of a few KB (`preview_bytes()` decodes it);
+            else None.
     """
 
     job_id: str
@@ -135,6 +140,17 @@ class JobProgress:
     total: int = 0
     event: JobEvent | None = None
     job: Job | None = None
+    preview: str | None = None
+
+    def preview_bytes(self) -> bytes | None:
+        """The preview's image file (JPEG), to save or show; None without a preview or when the
+        service sent one that is not a base64 data URI."""
+        if not self.preview or not self.preview.startswith("data:") or ";base64," not in self.preview:
+            return None
+        try:
+            return base64.b64decode(self.preview.split(";base64,", 1)[1], validate=True)
+        except (binascii.Error, ValueError):
+            return None
 
     @property
     def fraction(self) -> float | None:
@@ -168,9 +184,14 @@ class ProgressTracker:
         elif event.type == "started":
             update = JobProgress(self.job_id, JobStatus.RUNNING)
         elif event.type == "progress":
-            progress = Progress.model_validate(event.data)
+            progress = ProgressEvent.model_validate(event.data)
             update = JobProgress(
-                self.job_id, JobStatus.RUNNING, stage=progress.stage, step=progress.step, total=progress.total
+                self.job_id,
+                JobStatus.RUNNING,
+                stage=progress.stage,
+                step=progress.step,
+                total=progress.total,
+                preview=progress.preview,
             )
         elif event.job is not None:
             job, progress = event.job, event.job.progress

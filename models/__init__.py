@@ -13,7 +13,7 @@ _EXPORTS = {
     "DreamOmni2PipelineOutput": "models.pipeline",
     "encode_reference_ids": "models.pipeline",
     "Engine": "models.engine",
-    "JobOutput": "models.engine",
+    "JobOutput": "models.sampling",
     "EngineSettings": "models.settings",
     "MixingConfig": "models.mixing",
     "feature_mixing": "models.mixing",

@@ -2,7 +2,8 @@
 
     python -m models run --image a.png --image b.png --task edit "put the hat of image 2 on him" -o out.png
     python -m models mix "a cat made of glass" "a teapot made of glass" --attribute material --seed 3
-    python -m models plan --memory balanced --images 3 [--size 1024] [--json] [--card 44 --host 64]
+    python -m models plan --memory balanced --images 3 [--batch 4] [--size 1024] [--json]
+                          [--card 44 --host 64]
     python -m models plan --memory low --feature-mixing     # a Feature Mixing pair, and its cost
 
 Settings come from `DREAMOMNI2_*` variables (the tiny CPU preset by default); flags override a few.
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="input images per job (default 5, the image limit; 0 with --feature-mixing)",
     )
+    plan.add_argument("--batch", type=int, default=1,
+                      help="output images of one job sampled together (default 1)")  # fmt: skip
     plan.add_argument("--size", type=int, default=1024,
                       help="side of the inputs' buckets and the output in pixels (default 1024)")  # fmt: skip
     plan.add_argument("--device", default="cuda", help="the pipeline's device (default cuda)")
@@ -153,6 +156,23 @@ def card_table(sizes: ArchitectureSizes, size: int, limit: int) -> str:
 
 #: How far `plan --card` searches for the most input images that fit.
 MAX_PLANNED_IMAGES = 10
+#: How far `plan --card` searches for the most output images sampled together.
+MAX_PLANNED_BATCH = 8
+
+
+def plan_usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with `plan`'s numbers, if anything."""
+    if args.feature_mixing and args.images:
+        return "a Feature Mixing pair takes no input image; leave --images out"
+    if args.images < 0:
+        return "--images must be 0 or more"
+    if args.batch < 1 or (args.feature_mixing and args.batch != 1):
+        return "--batch must be 1 or more (a Feature Mixing pair is one)"
+    if args.size < 64 or args.size % 16:
+        return "--size must be a multiple of 16 of at least 64"
+    if args.host is not None and args.card is None:
+        return "--host goes with --card"
+    return None
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -164,6 +184,7 @@ def plan(args: argparse.Namespace) -> int:
         HOST_OVERHEAD_BYTES,
         GiB,
         fits,
+        max_batch_that_fits,
         max_images_that_fit,
         mixing_cost,
         plan_memory,
@@ -173,14 +194,9 @@ def plan(args: argparse.Namespace) -> int:
 
     if args.images is None:
         args.images = 0 if args.feature_mixing else 5
-    if args.feature_mixing and args.images:
-        print("error: a Feature Mixing pair takes no input image; leave --images out", file=sys.stderr)
-        return 2
-    if args.images < 0:
-        print("error: --images must be 0 or more", file=sys.stderr)
-        return 2
-    if args.size < 64 or args.size % 16:
-        print("error: --size must be a multiple of 16 of at least 64", file=sys.stderr)
+    problem = plan_usage_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     translator_device = None if args.translator_device == "none" else args.translator_device
     kwargs = dict(
@@ -202,15 +218,12 @@ def plan(args: argparse.Namespace) -> int:
         )
         return 0
     mixing = dict(feature_mixing=True, mixing_batched=args.mixing_batched) if args.feature_mixing else {}
-    result = plan_memory(MemoryMode(args.memory), args.images, **kwargs, **mixing)
+    result = plan_memory(MemoryMode(args.memory), args.images, batch=args.batch, **kwargs, **mixing)
     report = result.to_dict()
     cost = None
     if args.feature_mixing:
         cost = mixing_cost(MemoryMode(args.memory), batched=args.mixing_batched, **kwargs)
         report["feature_mixing_cost"] = cost.to_dict()
-    if args.host is not None and args.card is None:
-        print("error: --host goes with --card", file=sys.stderr)
-        return 2
     if args.card is not None:
         free = {d: int(args.card * GiB) for d in result.devices}
         host = None if args.host is None else int(args.host * GiB)
@@ -220,6 +233,11 @@ def plan(args: argparse.Namespace) -> int:
         report["max_images"] = max_images_that_fit(
             MemoryMode(args.memory), free, MAX_PLANNED_IMAGES, host, **kwargs
         )
+        if not args.feature_mixing:
+            # What DREAMOMNI2_BATCH_IMAGES=auto would sample together with this many input images.
+            report["max_batch"] = max_batch_that_fits(
+                MemoryMode(args.memory), args.images, free, MAX_PLANNED_BATCH, host, **kwargs
+            )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -235,6 +253,11 @@ def plan(args: argparse.Namespace) -> int:
             + ("" if args.host is None else f", {HOST_OVERHEAD_BYTES / GiB:.0f} GiB for the process")
             + "); "
             + (f"up to {most} input image(s) fit" if most is not None else "not even a text-only job fits")
+            + (
+                f"; with {args.images} input image(s), {report['max_batch']} output images sampled together"
+                if report.get("max_batch", 1) > 1 and report["fits"]
+                else ""
+            )
         )
     return 0
 

@@ -4,36 +4,27 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import PIL.Image
 import torch
 
-from api_schemas.common import MAX_SEED, Task
-from api_schemas.errors import ErrorCode, InvalidInput, JobCanceled, ModelOutOfMemory
+from api_schemas.common import Task
+from api_schemas.errors import ErrorCode, InvalidInput, ModelOutOfMemory
 from api_schemas.images import load_image, normalize_image
-from api_schemas.jobs import JobMetadata, JobParameters, ResolvedJob, resolve_job
+from api_schemas.jobs import JobParameters, ResolvedJob, resolve_job
 from models.adapters import AdapterSet
+from models.buckets import DEFAULT_MAX_AREA, KONTEXT_BUCKETS, resize_to_bucket, scale_buckets
 from models.failures import DeviceFailure, DeviceLost, classify, release_memory, summary
-from models.fp8 import compute_dtype_of
-from models.layout import MemoryCheck, check_memory, resolve_layout
-from models.modes import Group, Residency, Stage, same_device
-from models.pipeline import (
-    DEFAULT_MAX_AREA,
-    KONTEXT_BUCKETS,
-    DreamOmni2Pipeline,
-    resize_to_bucket,
-    scale_buckets,
-)
+from models.layout import MemoryCheck, batch_size, check_memory, resolve_layout
+from models.modes import Residency, same_device
+from models.pipeline import DreamOmni2Pipeline
 from models.placement import Placement
-from models.preview import preview_due, render_preview
 from models.profiles import SpeedProfile
-from models.sampling import ProgressCallback, ordinary, pair
+from models.sampling import JobOutput, ProgressCallback, run_job
 from models.settings import EngineSettings, Preset, resolve_device, resolve_dtype
 from models.speed import (
     FusedAdapters,
@@ -42,11 +33,10 @@ from models.speed import (
     compile_preflight,
     install_counter,
     require_supported,
-    step_cache,
-    step_cache_config,
 )
-from models.stages import stage
+from models.text_jobs import run_text_job
 from models.translator import InstructionTranslator
+from models.user_loras import load_user_loras
 
 if TYPE_CHECKING:
     from models.memory import MemoryPlan
@@ -56,19 +46,6 @@ logger = logging.getLogger(__name__)
 #: The tiny preset's smaller resolutions: 1/16 of the real buckets and a 64x64 output area.
 TINY_BUCKET_SCALE = 1 / 16
 TINY_MAX_AREA = 64 * 64
-
-
-@dataclass
-class JobOutput:
-    """A job's images (one; a Feature Mixing pair: the source, then the target) and its metadata."""
-
-    images: list[PIL.Image.Image]
-    metadata: JobMetadata
-
-    @property
-    def image(self) -> PIL.Image.Image:
-        """The first image: the job's result, or the source of a Feature Mixing pair."""
-        return self.images[0]
 
 
 def freeze(*modules: torch.nn.Module | None) -> None:
@@ -117,6 +94,9 @@ class Engine:
         self.max_area = settings.max_area or (TINY_MAX_AREA if tiny else DEFAULT_MAX_AREA)
         #: The planner's prediction the engine was started under (None: not checked, e.g. on a CPU).
         self.memory_plan: MemoryPlan | None = None
+        #: The most images of one job sampled together (`DREAMOMNI2_BATCH_IMAGES`; `auto` is 1 until the
+        #: start-up memory check finds room for more).
+        self.batch_size = 1 if settings.batch_images == "auto" else batch_size(settings)
         self.evaluations = install_counter(pipeline.transformer)
         self.profile = ProfileReport(settings.speed)
         self.warmup_s = 0.0
@@ -156,7 +136,10 @@ class Engine:
         memory = memory or MemoryCheck()
 
         pipeline = DreamOmni2Pipeline.from_pretrained(layout.kontext, dtype=dtype)
-        adapters = AdapterSet.load(pipeline, edit=layout.edit_lora, generation=layout.gen_lora)
+        user_loras = load_user_loras(settings, pipeline)
+        adapters = AdapterSet.load(
+            pipeline, edit=layout.edit_lora, generation=layout.gen_lora, user=user_loras
+        )
         freeze(pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2)
         placement = Placement(settings.memory, device, translator_device)
         translator = None
@@ -173,6 +156,8 @@ class Engine:
             settings, pipeline, adapters, translator, placement, device_spare_bytes=memory.spare_bytes
         )
         engine.memory_plan = memory.plan
+        if memory.plan is not None:
+            engine.batch_size = memory.batch
         if not memory.exact_mixing_fits:
             # The batch-2 form peaks no higher than an ordinary job; the exact form keeps the source's
             # keys and values of every layer (about 2.7 GiB at 1 MP), which this card has no room for.
@@ -272,9 +257,18 @@ class Engine:
     def _warm_up_jobs(self) -> None:
         side = round(self.max_area**0.5) // 16 * 16
         image = PIL.Image.new("RGB", (side, side), (127, 127, 127))
-        params = JobParameters(instruction="warm-up", task=Task.EDIT, steps=2, seed=0, translate=False)
         for count in (1, 2):
-            self.run([image] * count, params)
+            # A batch of one is a shape of its own to the compiler; two covers every larger batch.
+            for num_images in sorted({1, min(2, self.batch_size)}):
+                params = JobParameters(
+                    instruction="warm-up",
+                    task=Task.EDIT,
+                    steps=2,
+                    seed=0,
+                    translate=False,
+                    num_images=num_images,
+                )
+                self.run([image] * count, params)
 
     def describe(self) -> dict:
         """What a worker reports about its models: the memory mode, devices and the planned peak."""
@@ -295,9 +289,13 @@ class Engine:
             # Qwen2VLImageProcessor (torchvision's resize, as the reference) or ...Pil (no torchvision).
             info["translator_image_processor"] = type(self.translator.processor.image_processor).__name__
         info["feature_mixing"] = "batched" if self.mixing_batched else "sequential"
+        if self.adapters.user is not None:
+            info["loras"] = self.adapters.user.describe()
+        info["batch_images"] = self.batch_size
         if self.memory_plan is not None:
             info["planned_peak_bytes"] = self.memory_plan.peak_bytes
             info["planned_images"] = self.memory_plan.images
+            info["planned_batch"] = self.memory_plan.batch
             info["planned_host_bytes"] = self.memory_plan.host_bytes
         return info
 
@@ -325,8 +323,9 @@ class Engine:
         ``job`` is a resolved job (`api_schemas.jobs.resolve_job`: what the gateway queued and the
         worker hands over as it is) or a caller's parameters, resolved here once. A `feature_mixing`
         job (no images) samples its source and target prompts as a pair instead (`models.mixing`);
-        its output holds both images, the source first. ``images`` are PIL images or encoded bytes
-        (checked and decoded here).
+        its output holds both images, the source first. A `judge` or `mixing_prompts` job samples no
+        image: the translator's model writes its JSON (`models.text_jobs`). ``images`` are PIL images
+        or encoded bytes (checked and decoded here).
 
         With ``preview_every`` (N > 0), every Nth denoising step's progress carries ``preview=``: the
         current estimate of the image (a Feature Mixing pair: both, side by side) as a small JPEG data
@@ -356,7 +355,9 @@ class Engine:
                 torch.cuda.reset_peak_memory_stats(gpu)
             failure = None
             try:
-                return self._job(job, pil_images, progress, cancel, preview_every)
+                if job.task.writes_text:
+                    return run_text_job(self, job, pil_images, progress, cancel)
+                return run_job(self, job, pil_images, progress, cancel, preview_every)
             except Exception as exc:
                 failure = classify(exc)
                 if failure is None:
@@ -385,9 +386,11 @@ class Engine:
                 details={"expected": job.image_count, "found": image_count},
             )
         if (
-            image_count > self.limits.max_images
+            image_count > self.limits.max_images_for(job.task)
             or job.num_images > self.limits.max_num_images
-            or not self.limits.min_steps <= job.steps <= self.limits.max_steps
+            or (job.count or 0) > self.limits.max_mixing_prompts
+            # A text job samples nothing: its steps are 0.
+            or not (job.task.writes_text or self.limits.min_steps <= job.steps <= self.limits.max_steps)
         ):
             # Resolved under other limits (a gateway configured apart from this worker): check it again.
             resolve_job(job.parameters(), image_count, self.limits)
@@ -412,102 +415,3 @@ class Engine:
             if device.startswith("cuda") and not any(same_device(device, d) for d in found):
                 found.append(device)
         return found
-
-    @torch.no_grad()
-    def _job(
-        self,
-        job: ResolvedJob,
-        uploads: list[PIL.Image.Image],
-        progress: ProgressCallback,
-        cancel: Callable[[], bool],
-        preview_every: int,
-    ) -> JobOutput:
-        """The one job body: prompts, seed, encoding, sampling, timings and metadata, for every kind."""
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        if job.task is Task.FEATURE_MIXING:
-            sampling = pair(self, job)
-        else:
-            sampling = ordinary(self, job, self.prepare_images(uploads), progress)
-            timings["translate"] = time.perf_counter() - started
-        if cancel():
-            raise JobCanceled("The job was canceled before sampling started.")
-
-        self.adapters.activate(job.adapter)
-        # Image i uses seed + i: the last one must be a seed too.
-        seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 2 - job.num_images)
-        seeds = [seed + n for n in range(job.num_images)]
-
-        progress("encode", 0, 1)
-        encode_started = time.perf_counter()
-        # The prompts are encoded here rather than inside the pipeline call so that the text encoders
-        # can leave the GPU before the transformer needs it; the pipeline takes the embeddings as is.
-        device = self.pipeline.compute_device or self.pipeline.device
-        with self.placement.running(Group.TEXT_ENCODERS), stage(Stage.ENCODE_PROMPT):
-            embeddings = [
-                self.pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=device)[:2]
-                for prompt in sampling.prompts
-            ]
-        encode_prompt_s = time.perf_counter() - encode_started
-        if cancel():
-            raise JobCanceled("The job was canceled before sampling started.")
-
-        # Several images report their steps as one run: image n's step s is n * steps + s of the total.
-        total_steps = job.steps * job.num_images
-        steps_before = 0
-
-        def on_step_end(pipe: DreamOmni2Pipeline, step: int, timestep: torch.Tensor, tensors: dict) -> dict:
-            done = steps_before + step + 1
-            if preview_due(done, preview_every):
-                estimate = pipe.denoised_latents(tensors["latents"], tensors["noise_pred"])
-                progress("denoise", done, total_steps, preview=render_preview(estimate))
-            else:
-                progress("denoise", done, total_steps)
-            if cancel():
-                raise JobCanceled(f"The job was canceled after denoising step {done} of {total_steps}.")
-            return {}
-
-        transformer = self.pipeline.transformer
-        cache = step_cache_config(
-            job.step_cache,
-            first_block_threshold=self.settings.first_block_threshold,
-            taylorseer_interval=self.settings.taylorseer_interval,
-            # fp8 storage makes the transformer report its codes' dtype; the cache keeps compute numbers.
-            dtype=compute_dtype_of(transformer) or transformer.dtype,
-        )
-        self.evaluations.count = 0
-        images: list[PIL.Image.Image] = []
-        image_seeds: list[int] = []
-        with self.placement.running(Group.TRANSFORMER):
-            # One after another, each from its own seed's generator and a fresh step cache: image n is
-            # bit for bit the image a one-image job with seed + n gives.
-            for image_seed in seeds:
-                generator = torch.Generator("cpu").manual_seed(image_seed)
-                with step_cache(self.pipeline.transformer, cache):
-                    sampled, stage_timings, fields = sampling.sample(embeddings, generator, on_step_end)
-                images.extend(sampled)
-                image_seeds.extend([image_seed] * len(sampled))
-                for name, seconds in stage_timings.items():
-                    timings[name] = timings.get(name, 0.0) + seconds
-                steps_before += job.steps
-        progress("decode", 1, 1)
-        timings["encode"] += encode_prompt_s
-        timings["total"] = time.perf_counter() - started
-        metadata = JobMetadata(
-            adapter=job.adapter,
-            task=job.task,
-            seed=seed,
-            seeds=image_seeds,
-            steps=job.steps,
-            guidance=job.guidance,
-            width=images[0].width,
-            height=images[0].height,
-            image_count=job.image_count,
-            speed_profile=self.profile.serving,
-            step_cache=job.step_cache,
-            transformer_evaluations=self.evaluations.count,
-            timings=timings,
-            **sampling.fields,
-            **fields,
-        )
-        return JobOutput(images=images, metadata=metadata)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from models.buckets import DEFAULT_MAX_AREA
 from models.modes import is_cpu, same_device
-from models.pipeline import DEFAULT_MAX_AREA
 from models.settings import EngineSettings, Preset, resolve_dtype
 
 if TYPE_CHECKING:
@@ -49,11 +49,13 @@ class MemoryCheck:
     """The start-up check's findings: the plan the worker runs under (None: not checked, e.g. on a
     CPU), whether a Feature Mixing pair's exact form fits too, and the pipeline GPU's memory left
     over beyond the planned peak and its headroom (where a compiled profile may keep its pristine
-    adapter weights)."""
+    adapter weights). `batch`: the output images of one job the worker samples together (the plan is
+    the one of that batch)."""
 
     plan: MemoryPlan | None = None
     exact_mixing_fits: bool = True
     spare_bytes: int = 0
+    batch: int = 1
 
 
 def check_memory(
@@ -67,7 +69,16 @@ def check_memory(
     """
     if is_cpu(device) or not torch.cuda.is_available():
         return MemoryCheck()
-    from models.memory import FIT_HEADROOM, available_host_bytes, check_fit, fits, layout_sizes, plan_memory
+    from models.memory import (
+        FIT_HEADROOM,
+        available_host_bytes,
+        check_fit,
+        fits,
+        layout_sizes,
+        max_batch_that_fits,
+        plan_memory,
+    )
+    from models.memory.user_loras import registered_lora_sizes
 
     dtype = resolve_dtype(settings.dtype, device)
     sizes = layout_sizes(layout.kontext, layout.edit_lora, layout.gen_lora, layout.vlm, dtype=dtype)
@@ -84,12 +95,28 @@ def check_memory(
         new_tokens=settings.translator_budget,
         sizes=sizes,
         speed=settings.speed,
+        user_loras=registered_lora_sizes(settings, dtype, sizes.lora_targets),
     )
-    plan = check_fit(settings.memory, settings.limits.max_images, free, host_free, **kwargs)
+    images = settings.limits.max_images
+    plan = check_fit(settings.memory, images, free, host_free, **kwargs)
+    batch = batch_size(settings)
+    if settings.batch_images == "auto":
+        batch = max_batch_that_fits(settings.memory, images, free, batch, host_free, **kwargs)
+    if batch > 1:
+        # A batch the operator asked for must fit as a one-image job must; `auto` fits by construction.
+        plan = check_fit(settings.memory, images, free, host_free, batch=batch, **kwargs)
     peak = next((n for d, n in plan.devices.items() if same_device(d, device)), 0)
     free_here = next(n for d, n in free.items() if same_device(d, device))
     return MemoryCheck(
         plan=plan,
         exact_mixing_fits=fits(plan_memory(settings.memory, 0, feature_mixing=True, **kwargs), free),
         spare_bytes=max(0, int(free_here - peak * (1 + FIT_HEADROOM))),
+        batch=batch,
     )
+
+
+def batch_size(settings: EngineSettings) -> int:
+    """The most output images of one job sampled together, before any memory check: the number set,
+    capped at `DREAMOMNI2_MAX_NUM_IMAGES`; `auto`: the cap (the check then lowers it to what fits)."""
+    cap = settings.limits.max_num_images
+    return cap if settings.batch_images == "auto" else min(settings.batch_images, cap)

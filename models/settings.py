@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -115,6 +115,18 @@ class EngineSettings(BaseSettings):
         le=1,
         description="Scale of the input resolution buckets; left out: 1 (tiny: 1/16).",
     )
+    batch_images: int | Literal["auto"] = Field(
+        default="auto",
+        description="Output images of one job (`num_images`) sampled together as one batch: `auto` (on a "
+        "GPU, as many as the memory plan fits with the job's largest image count; on a CPU, 1) or a "
+        "number; 1: one after another, each bit-identical to a one-image job with its seed.",
+    )
+    lora_cache_bytes: int = Field(
+        default=4 * 2**30,
+        ge=0,
+        description="Host memory for the registered LoRAs (DREAMOMNI2_LORAS) kept loaded; the least recently "
+        "used are dropped past it and read again when a job asks for them.",
+    )
     limits: JobLimits = Field(default_factory=JobLimits)
 
     @property
@@ -144,6 +156,21 @@ class EngineSettings(BaseSettings):
     @classmethod
     def _lowercase(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("batch_images", mode="before")
+    @classmethod
+    def _batch_images(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value != "auto":
+                try:
+                    value = int(value)
+                except ValueError:
+                    message = f"DREAMOMNI2_BATCH_IMAGES must be `auto` or a number, got {value!r}"
+                    raise ValueError(message) from None
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"DREAMOMNI2_BATCH_IMAGES must be `auto` or 1 or more, got {value}")
+        return value
 
     @field_validator("offload")
     @classmethod

@@ -36,7 +36,7 @@ import contextlib
 import itertools
 import logging
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ import torch.fx.experimental._config
 from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, ModelHook, TaylorSeerCacheConfig
 
 from api_schemas.common import AdapterChoice, StepCache
+from api_schemas.loras import AppliedLora
 from models.failures import summary
 from models.pinned import HostBlocks
 from models.profiles import SpeedProfile
@@ -53,6 +54,7 @@ from models.profiles import SpeedProfile
 if TYPE_CHECKING:
     from models.adapters import AdapterSet
     from models.pipeline import DreamOmni2Pipeline
+    from models.user_loras import UserLoras
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +237,21 @@ class FusedAdapters:
     a GPU: `models.pinned`).
     """
 
-    def __init__(self, targets: list[_Target]):
+    def __init__(
+        self,
+        targets: list[_Target],
+        user: UserLoras | None = None,
+        slots: dict[str, tuple[_Target, slice]] | None = None,
+    ):
         self.targets = targets
+        #: The operator's registered LoRAs, folded in per job; `slots`: where each module they adapt
+        #: (unfused name) lands: its target and rows (q, k and v are fused).
+        self.user = user
+        self.slots = slots or {}
         self.active: AdapterChoice | None = None
+        self._loras: tuple[AppliedLora, ...] = ()
+        #: The targets the current job's registered LoRAs rewrote.
+        self._touched: set[int] = set()
         #: Where the pristine copies are: the weights' device, or "cpu" (host blocks).
         self.pristine_device = str(targets[0].pristine.device) if targets else "cpu"
         self.host: HostBlocks | None = None
@@ -248,13 +262,18 @@ class FusedAdapters:
         return sum(t.pristine.numel() * t.pristine.element_size() for t in self.targets)
 
     @classmethod
-    def from_peft(
-        cls, pipeline: DreamOmni2Pipeline, names: dict[AdapterChoice, str], device_budget_bytes: int = 0
+    def from_peft(  # noqa: C901
+        cls,
+        pipeline: DreamOmni2Pipeline,
+        names: dict[AdapterChoice, str],
+        device_budget_bytes: int = 0,
+        user: UserLoras | None = None,
     ) -> FusedAdapters:
         """Take the LoRAs `pipeline` loaded (peft), remove peft, fuse q/k/v, and keep the updates.
 
         The pristine copies of the adapted weights stay on the weights' device if they fit in
-        `device_budget_bytes`, else go to host memory.
+        `device_budget_bytes`, else go to host memory. `user`: the registered LoRAs; every weight one
+        of them adapts gets a pristine copy too, so a job's LoRAs fold in and out without drift.
         """
         from peft.tuners.lora.layer import LoraLayer
 
@@ -279,12 +298,16 @@ class FusedAdapters:
 
         modules: dict[str, torch.nn.Linear] = {}
         slots: dict[str, list[tuple[int | None, dict]]] = {}
-        for name, updates in loras.items():
+        user_slots: dict[str, tuple[str, int | None]] = {}
+        for name in dict.fromkeys([*loras, *sorted(user.targets if user is not None else ())]):
             parent, _, leaf = name.rpartition(".")
             fused_leaf, position = _FUSED_SLOTS.get(leaf, (leaf, None))
             target_name = f"{parent}.{fused_leaf}" if parent else fused_leaf
             modules.setdefault(target_name, transformer.get_submodule(target_name))
-            slots.setdefault(target_name, []).append((position, updates))
+            slots.setdefault(target_name, [])
+            if name in loras:
+                slots[target_name].append((position, loras[name]))
+            user_slots[name] = (target_name, position)
         weights = [module.weight for module in modules.values()]
         on_device = sum(w.numel() * w.element_size() for w in weights) <= device_budget_bytes
         host = None
@@ -302,21 +325,46 @@ class FusedAdapters:
                     start = 0 if position is None else position * rows
                     target.updates.setdefault(choice, []).append((slice(start, start + rows), a, b, scale))
             targets.append(target)
-        fused = cls(targets)
+        by_name = {id(t.module): t for t in targets}
+        placed = {}
+        for name, (target_name, position) in user_slots.items():
+            target = by_name[id(modules[target_name])]
+            rows = target.module.weight.shape[0] // (1 if position is None else 3)
+            start = 0 if position is None else position * rows
+            placed[name] = (target, slice(start, start + rows))
+        fused = cls(targets, user, {n: s for n, s in placed.items() if user and n in user.targets})
         fused.host = host
         return fused
 
     @torch.no_grad()
-    def activate(self, choice: AdapterChoice) -> None:
-        """Make `choice` the adapter in effect; `BASE` restores the pristine weights."""
-        if choice is self.active:
+    def activate(self, choice: AdapterChoice, loras: Sequence[AppliedLora] = ()) -> None:
+        """Make `choice` the adapter in effect (`BASE`: the pristine weights) with the registered
+        `loras` folded on top, in order. Every weight the previous or this job's LoRAs touch, and
+        every DreamOmni2-adapted one, is rewritten from its pristine copy."""
+        loras = tuple(loras)
+        if choice is self.active and loras == self._loras:
             return
+        chosen = self.user.weights(loras) if self.user is not None and loras else []
+        folds: dict[int, list[tuple[slice, torch.Tensor, torch.Tensor, float]]] = {}
+        for weights, scale in chosen:
+            for module, update in weights.updates.items():
+                target, rows = self.slots[module]
+                folds.setdefault(id(target), []).append((rows, update.down, update.up, update.scale * scale))
+        # Unknown until rewritten: a failure half way (out of memory) leaves the next call a full rewrite.
+        self.active, self._loras = None, ()
+        touched, self._touched = self._touched | set(folds), set()
         for target in self.targets:
+            if not target.updates and id(target) not in touched:
+                continue  # adapted by registered LoRAs only, and pristine now
             weight = target.module.weight
             weight.copy_(target.pristine, non_blocking=True)
             for rows, a, b, scale in target.updates.get(choice, ()):
                 weight[rows].addmm_(b, a, alpha=scale)
-        self.active = choice
+            for rows, down, up, scale in folds.get(id(target), ()):
+                # Moved to the device for this job only; folded once, in the weights' dtype.
+                up, down = up.to(weight.device, non_blocking=True), down.to(weight.device, non_blocking=True)
+                weight[rows].addmm_(up, down, alpha=scale)
+        self.active, self._loras, self._touched = choice, loras, set(folds)
 
 
 def _drop_unfused_projections(transformer: torch.nn.Module) -> None:
@@ -421,7 +469,7 @@ def apply_profile(
         return adapters, report
     require_supported(profile, device)
     transformer = pipeline.transformer
-    fused = FusedAdapters.from_peft(pipeline, adapters.names, device_budget_bytes)
+    fused = FusedAdapters.from_peft(pipeline, adapters.names, device_budget_bytes, user=adapters.user)
     report.fused_targets = len(fused.targets)
     if profile is SpeedProfile.FP8:
         report.fp8_linears = quantize_fp8(transformer, skip={t.module for t in fused.targets})

@@ -109,12 +109,13 @@ class Block:
 sys.meta_path.insert(0, Block())
 import dreamomni2
 import dreamomni2.cli
+import dreamomni2.cli_common
 from dreamomni2 import AsyncClient, Client
 
 Client("http://127.0.0.1:1").close()
 AsyncClient("http://127.0.0.1:1")
 exit_code = dreamomni2.cli.main(["--server", "http://127.0.0.1:1", "status", "j_0"])
-assert exit_code == dreamomni2.cli.EXIT_UNAVAILABLE, exit_code
+assert exit_code == dreamomni2.cli_common.EXIT_UNAVAILABLE, exit_code
 print(sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED))
 """
     result = subprocess.run(

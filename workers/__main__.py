@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.memory import MemoryPlanError
     from models.settings import EngineSettings
     from models.speed import SpeedProfileError
+    from models.user_loras import LoraFileError
 
     try:
         settings = WorkerSettings()
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = WorkerRuntime(settings, engine_settings)
     try:
         runtime.start()
-    except (MemoryPlanError, SpeedProfileError) as exc:
+    except (MemoryPlanError, SpeedProfileError, LoraFileError) as exc:
         logger.error("refusing to start: %s", exc)
         runtime.stop()
         return EXIT_CONFIG

@@ -13,6 +13,7 @@ from api_schemas.api import Readiness
 from app.auth import BEARER
 from app.dependencies import Service
 from app.errors import ERROR_RESPONSES, RETRY_AFTER_S
+from app.service_info import readiness
 
 health_router = APIRouter(tags=["operations"])
 
@@ -52,7 +53,7 @@ def readyz(
 
     With API keys on, those details (and Redis's error) are for callers with a key; a probe without
     one gets the status alone."""
-    body, ready = service.readiness()
+    body, ready = readiness(service)
     if not request.app.state.keys.knows(credentials):
         body = Readiness(status=body.status, redis="ok" if ready else "unreachable")
     if ready:

@@ -57,7 +57,10 @@ async def create_job(
     key: IdempotencyKey,
     base_url: BaseUrl,
 ) -> Response:
-    """Queue an edit or a generation. Image 1 is the image to edit; the others are references.
+    """Queue an edit or a generation. Image 1 is the image to edit; the others are references. (Also a
+    Feature Mixing pair, and the text tasks: `judge`, whose images are a case's inputs and then the
+    output to score, last; `mixing_prompts`, an `attribute` and a `count`. Their result is the job's
+    JSON `output`.)
 
     `task` left out: `edit` with at least one image, else `generate`. Everything is checked before the
     job is queued; the answer is the job object (202) with links to itself and its result.
@@ -109,7 +112,9 @@ def get_job_result(
         ),
     ] = 0,
 ) -> Response:
-    """The image bytes; 409 while the job is not finished (or did not succeed), 404 once it expired."""
+    """The image bytes; 409 while the job is not finished (or did not succeed), 404 once it expired. A
+    text job (`judge`, `mixing_prompts`) has no image (404 `result_index`): its result is the job
+    object's `output`."""
     data, content_type = service.result(owner, job_id, index)
     return Response(content=data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from api_schemas.api import ServiceInfo
 from app.dependencies import Service
+from app.service_info import describe_service
 
 service_router = APIRouter(prefix="/v1", tags=["service"])
 
@@ -16,4 +17,4 @@ service_router = APIRouter(prefix="/v1", tags=["service"])
 def service_info(request: Request, service: Service) -> ServiceInfo:
     """Whether API keys are required, the limits every request is checked against, and the values
     `output_format` and `step_cache` take here. Public (no key needed) and read-only; no secrets."""
-    return service.describe(auth_required=request.app.state.keys.enabled)
+    return describe_service(service, auth_required=request.app.state.keys.enabled)

@@ -71,6 +71,11 @@
     edit_needs_image: 'file-input',
     invalid_mix_steps: 'mix-steps',
     invalid_mix_strength: 'mix-strength',
+    unknown_lora: 'lora-name',
+    lora_not_for_task: 'lora-name',
+    duplicate_lora: 'lora-name',
+    too_many_loras: 'lora-name',
+    invalid_lora_scale: 'lora-scale',
   };
   const ADVANCED_FIELDS = new Set(['steps', 'guidance', 'seed', 'num-images', 'width', 'height', 'step-cache']);
 
@@ -364,6 +369,7 @@
     caches.replaceChildren(...info.step_caches.map((value) => new Option(STEP_CACHES[value] || value, value)));
     caches.value = info.default_step_cache;
     $('step-cache-field').hidden = info.step_caches.length < 2;
+    window.DreamOmni2Loras.render(info);
     renderImages();
     renderInstructionCount();
   }
@@ -665,6 +671,8 @@
     if (!mixing && !$('step-cache-field').hidden && $('step-cache').value) {
       fields.step_cache = $('step-cache').value;
     }
+    const loras = window.DreamOmni2Loras.field();
+    if (loras) fields.loras = loras;
     return { files: mixing ? [] : state.images.map((image) => image.file), fields };
   }
 
@@ -1359,6 +1367,10 @@
       if (!state.info) loadService();
     });
 
+    window.DreamOmni2Loras.setUp((refusal) => {
+      clearErrors();
+      showFormError(new ApiError(0, refusal.code, refusal.message, refusal.details));
+    });
     loadService();
     checkReadiness();
   }

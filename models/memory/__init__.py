@@ -27,6 +27,7 @@ from models.memory.fit import (
     available_host_bytes,
     check_fit,
     fits,
+    max_batch_that_fits,
     max_images_that_fit,
 )
 from models.memory.mixing_cost import MixingCost, mixing_cost, transformer_flops
@@ -61,6 +62,7 @@ __all__ = [
     "job_shape",
     "kept_kv_bytes",
     "layout_sizes",
+    "max_batch_that_fits",
     "max_images_that_fit",
     "mixing_cost",
     "module_bytes",

@@ -39,6 +39,24 @@ def max_images_that_fit(
     return best
 
 
+def max_batch_that_fits(
+    mode: MemoryMode,
+    images: int,
+    free: dict[str, int],
+    limit: int,
+    host_free: int | None = None,
+    **plan_kwargs: Any,
+) -> int:
+    """The most output images (1..limit) a job of `images` inputs may sample together in `mode` and
+    still fit; 1 when even two do not (one image at a time is what `check_fit` checked)."""
+    best = 1
+    for batch in range(2, limit + 1):
+        if not fits(plan_memory(mode, images, batch=batch, **plan_kwargs), free, host_free):
+            break
+        best = batch
+    return best
+
+
 class MemoryPlanError(RuntimeError):
     """The configured memory mode cannot fit the GPU or the host; the message names what would."""
 
@@ -64,10 +82,11 @@ def check_fit(
             f"memory (+{HOST_OVERHEAD_BYTES / GiB:.0f} GiB for the process) but has "
             f"{host_free / GiB:.1f} GiB available"
         )
+    batch = plan_kwargs.get("batch", 1)
+    batched = f" and {batch} output images sampled together" if batch > 1 else ""
     message = (
-        f"DREAMOMNI2_MEMORY={mode.value} does not fit: with {images} input image(s) at {size}x{size}, "
-        + "; ".join(short)
-        + "."
+        f"DREAMOMNI2_MEMORY={mode.value} does not fit: with {images} input image(s) at {size}x{size}"
+        f"{batched}, " + "; ".join(short) + "."
     )
     options = []
     for other in MemoryMode:
@@ -80,6 +99,8 @@ def check_fit(
                 f"on the GPU, {other_plan.host_bytes / GiB:.1f} GiB of host memory)"
             )
             break
+    if batch > 1:
+        options.insert(0, "a smaller DREAMOMNI2_BATCH_IMAGES (or `auto`) samples fewer images together")
     if images:
         fewer = max_images_that_fit(mode, free, images - 1, host_free, **plan_kwargs)
         if fewer is not None:

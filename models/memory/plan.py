@@ -14,6 +14,7 @@ from typing import Any
 
 from models.memory.sizes import ArchitectureSizes, GiB, published_sizes
 from models.memory.tracing import activations, job_shape, mixing_activations
+from models.memory.user_loras import UserLoraSizes
 from models.modes import (
     GROUP_STAGES,
     MODES,
@@ -65,6 +66,8 @@ class MemoryPlan:
     mode: str
     images: int
     size: int
+    #: Output images sampled together (`DREAMOMNI2_BATCH_IMAGES`; 1: one after another).
+    batch: int
     device: str
     translator_device: str | None
     components: dict[str, ComponentPlan]
@@ -90,7 +93,9 @@ class MemoryPlan:
 
         lines = [
             f"memory mode {self.mode}: {MODES[MemoryMode(self.mode)].summary}",
-            f"{self.images} input image(s) at {self.size}x{self.size}; pipeline on {self.device}"
+            f"{self.images} input image(s) at {self.size}x{self.size}"
+            + (f", {self.batch} output images sampled together" if self.batch > 1 else "")
+            + f"; pipeline on {self.device}"
             + (f", translator on {self.translator_device}" if self.translator_device else ", no translator"),
             "",
             f"{'component':<12} {'weights':>11}  {'dtype':<22} {'device':<8} residency",
@@ -125,6 +130,8 @@ def plan_memory(
     mixing_batched: bool = False,
     include_cpu: bool = False,
     speed: str = "reference",
+    batch: int = 1,
+    user_loras: UserLoraSizes | None = None,
 ) -> MemoryPlan:
     """Predict the GPU peak of a job of `images` inputs at `size` in `mode`, without loading weights.
 
@@ -134,24 +141,32 @@ def plan_memory(
     input image, no translation; `mixing_batched`: its batch-2 form). `include_cpu`: plan a CPU
     device's stages too, as if it were an accelerator (the tests' live-memory ledger compares with it).
     `speed`: the speed profile; a compiled one keeps pristine copies of the adapted weights, counted
-    in host memory (a worker with room to spare on the GPU keeps them there instead).
+    in host memory (a worker with room to spare on the GPU keeps them there instead). `batch`: output
+    images of one job sampled together (a Feature Mixing pair is always one). `user_loras`: the
+    registered LoRAs (DREAMOMNI2_LORAS, `models.memory.user_loras`): the largest combination one job
+    may stack, counted on the pipeline's device for the whole job (they move there when the job sets
+    its adapters); their host cache; under a compiled profile, the pristine copies of the weights only
+    they adapt, packed with the DreamOmni2 LoRAs' ones.
     """
     from models.translator import DEFAULT_MAX_NEW_TOKENS
 
-    _check_job(images, size, feature_mixing)
+    _check_job(images, size, feature_mixing, batch)
     mode = MemoryMode(mode)
     sizes = sizes or published_sizes()
     new_tokens = DEFAULT_MAX_NEW_TOKENS if new_tokens is None else new_tokens
     if translator_device == "auto":
         translator_device = device
     shape = job_shape(images, size, sizes.vlm_pixels)
-    act = activations(sizes, shape, new_tokens if translator_device else 0, lora=images > 0)
+    act = activations(sizes, shape, new_tokens if translator_device else 0, lora=images > 0, batch=batch)
     if translator_device is None:
         act[Stage.TRANSLATE.value] = 0
     if feature_mixing:
         act.update(mixing_activations(sizes, shape, mixing_batched))
 
     components = plan_components(mode, sizes, device, translator_device)
+    if user_loras is not None and user_loras.device_bytes:
+        resident = Residency.RESIDENT.value
+        components["user_loras"] = ComponentPlan(user_loras.device_bytes, sizes.dtype, device, resident, None)
     stages = stage_totals(mode, sizes, components, act, device, translator_device, include_cpu)
     devices: dict[str, int] = {}
     for per_device in stages.values():
@@ -163,7 +178,11 @@ def plan_memory(
     )
     host = host_memory(mode, sizes, components)
     if speed != "reference":
-        host["pristine_adapted_weights"] = pack_blocks(sizes.adapted_weight_bytes).nbytes
+        # One set of host blocks holds them all (`FusedAdapters.from_peft`): packed together.
+        lora_only = user_loras.lora_only_weight_bytes if user_loras is not None else ()
+        host["pristine_adapted_weights"] = pack_blocks([*sizes.adapted_weight_bytes, *lora_only]).nbytes
+    if user_loras is not None and user_loras.cache_bytes:
+        host["user_lora_cache"] = user_loras.cache_bytes
     notes = []
     if sizes.lora_rank_assumed:
         notes.append(
@@ -179,6 +198,7 @@ def plan_memory(
         mode=mode.value,
         images=images,
         size=size,
+        batch=batch,
         device=str(device),
         translator_device=str(translator_device) if translator_device else None,
         components=components,
@@ -195,9 +215,11 @@ def plan_memory(
     )
 
 
-def _check_job(images: int, size: int, feature_mixing: bool) -> None:
+def _check_job(images: int, size: int, feature_mixing: bool, batch: int) -> None:
     if images < 0:
         raise ValueError(f"images must be 0 or more, got {images}")
+    if batch < 1 or (feature_mixing and batch != 1):
+        raise ValueError(f"batch must be 1 or more (1 for a Feature Mixing pair), got {batch}")
     if feature_mixing and images:
         raise ValueError(f"a Feature Mixing job takes no input image, got images={images}")
     if size < 64 or size % 16:

@@ -142,7 +142,7 @@ def job_shape(
     """The largest bucket (inputs) and output (edit of any bucket, or generation) at `size`."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    from models.pipeline import KONTEXT_BUCKETS, output_size, scale_buckets
+    from models.buckets import KONTEXT_BUCKETS, output_size, scale_buckets
 
     buckets = KONTEXT_BUCKETS if size == 1024 else scale_buckets(KONTEXT_BUCKETS, size / 1024)
     area = size * size
@@ -161,7 +161,7 @@ def job_shape(
 # Activations -----------------------------------------------------------------------------------------
 @functools.cache
 def _denoise_bytes(
-    config_json: str, lora_rank: int, lora_targets: tuple[str, ...], tokens: int, dtype: str
+    config_json: str, lora_rank: int, lora_targets: tuple[str, ...], tokens: int, dtype: str, batch: int = 1
 ) -> int:
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
@@ -181,11 +181,11 @@ def _denoise_bytes(
     def run(model: torch.nn.Module) -> object:
         dt = getattr(torch, dtype)
         return model(
-            hidden_states=torch.empty(1, tokens, config["in_channels"], dtype=dt),
-            encoder_hidden_states=torch.empty(1, T5_TOKENS, text_dim, dtype=dt),
-            pooled_projections=torch.empty(1, config["pooled_projection_dim"], dtype=dt),
-            timestep=torch.ones(1, dtype=dt),
-            guidance=torch.ones(1),
+            hidden_states=torch.empty(batch, tokens, config["in_channels"], dtype=dt),
+            encoder_hidden_states=torch.empty(batch, T5_TOKENS, text_dim, dtype=dt),
+            pooled_projections=torch.empty(batch, config["pooled_projection_dim"], dtype=dt),
+            timestep=torch.ones(batch, dtype=dt),
+            guidance=torch.ones(batch),
             img_ids=torch.zeros(tokens, 3, dtype=dt),
             txt_ids=torch.zeros(T5_TOKENS, 3, dtype=dt),
             return_dict=False,
@@ -342,14 +342,21 @@ def prompt_bytes(sizes: ArchitectureSizes) -> int:
     return sizes.itemsize * (T5_TOKENS * config["joint_attention_dim"] + config["pooled_projection_dim"])
 
 
-def activations(sizes: ArchitectureSizes, shape: JobShape, new_tokens: int, lora: bool) -> dict[str, int]:
+def activations(
+    sizes: ArchitectureSizes, shape: JobShape, new_tokens: int, lora: bool, batch: int = 1
+) -> dict[str, int]:
     """Peak activation bytes of each stage of one job of `shape` (the prompt's embeddings, made in
-    encode_prompt, counted in the stages after it: denoising's trace takes them as its input)."""
+    encode_prompt, counted in the stages after it: denoising's trace takes them as its input).
+
+    `batch`: output images sampled together. The prompt's embeddings are then repeated once per image
+    (next to the one encoded), each input image is still encoded once (its latents repeated), the
+    transformer steps `batch` rows at a time, and the images are decoded one at a time.
+    """
     width, height = shape.input_wh
     out_w, out_h = shape.output_wh
     vae, dtype = _json(sizes.vae_config), sizes.dtype
     lora_rank = sizes.lora_rank if lora else 0
-    prompt = prompt_bytes(sizes)
+    prompt = prompt_bytes(sizes) * (1 if batch == 1 else 1 + batch)
     return {
         Stage.TRANSLATE.value: translator_bytes(sizes, shape, new_tokens),
         Stage.ENCODE_PROMPT.value: _text_encoder_bytes(
@@ -358,7 +365,7 @@ def activations(sizes: ArchitectureSizes, shape: JobShape, new_tokens: int, lora
         Stage.ENCODE_IMAGES.value: prompt
         + (_vae_bytes(vae, width, height, False, dtype) if shape.images else 0),
         Stage.DENOISE.value: _denoise_bytes(
-            _json(sizes.transformer_config), lora_rank, sizes.lora_targets, shape.image_tokens, dtype
+            _json(sizes.transformer_config), lora_rank, sizes.lora_targets, shape.image_tokens, dtype, batch
         ),
         Stage.DECODE.value: prompt + _vae_bytes(vae, out_w, out_h, True, dtype),
     }

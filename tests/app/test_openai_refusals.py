@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from api_schemas.api import ErrorInfo, JobStatus
 from api_schemas.common import Task
 from api_schemas.errors import (
     ErrorCode,
@@ -15,7 +16,7 @@ from api_schemas.errors import (
     Unauthorized,
 )
 from api_schemas.openai import ImageRequest
-from app.openai_images import OpenAIRefusal, refusal_of, to_options
+from app.openai_images import OpenAIRefusal, job_failure, refusal_of, to_options
 
 
 @pytest.mark.parametrize(
@@ -89,3 +90,24 @@ def test_what_the_native_api_lacks_is_refused(request_, task, param):
         to_options(request_, task)
     assert raised.value.param == param
     assert raised.value.status == (404 if param == "model" else 400)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "answer", "type_", "retry"),
+    [
+        (JobStatus.FAILED, "image_too_small", 400, "invalid_request_error", None),
+        (JobStatus.FAILED, "out_of_memory", 409, "server_error", "false"),
+        (JobStatus.FAILED, "worker_lost", 409, "server_error", "false"),
+        (JobStatus.FAILED, "internal", 409, "server_error", "false"),
+        (JobStatus.FAILED, "no_such_code", 409, "server_error", "false"),
+        (JobStatus.CANCELED, "canceled", 409, "invalid_request_error", None),
+    ],
+)
+def test_a_job_that_ended_without_images_never_answers_a_5xx(status, code, answer, type_, retry):
+    # The call created a job: a 5xx would make the SDK send it again, and the GPU run it twice.
+    refusal = job_failure("j_1", status, ErrorInfo(code=code, message="it broke"))
+    assert (refusal.status, refusal.type) == (answer, type_)
+    assert (refusal.headers or {}).get("x-should-retry") == retry
+    assert refusal.message.startswith("Job j_1 ")
+    if answer == 409 and status is JobStatus.FAILED:
+        assert "GET /v1/jobs/j_1" in refusal.message and "it broke" in refusal.message

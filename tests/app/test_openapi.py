@@ -59,7 +59,11 @@ async def test_both_body_encodings_are_typed_with_the_deployments_ranges(gateway
         assert typed(fields["seed"], "integer")["maximum"] == 2**53 - 1
         assert fields["translate"]["type"] == "boolean"
     assert all("null" not in str(field) for field in form.values())
-    assert form["images"]["maxItems"] == 5 and form["images"]["items"]["format"] == "binary"
+    # DREAMOMNI2_MAX_IMAGES (5), and one more for a judge (the inputs, then the output).
+    assert form["images"]["maxItems"] == 6 and form["images"]["items"]["format"] == "binary"
+    for fields in (form, body):
+        count = typed(fields["count"], "integer")
+        assert (count["minimum"], count["maximum"]) == (1, 8)
 
 
 async def test_the_documented_example_is_accepted(gateway: Gateway):

@@ -255,3 +255,25 @@ def test_precision_bench_prints_fp8_and_lora_folding_against_their_baselines(tmp
         # Folding in bf16 is as far from fp64 as the unfused path, but not the same numbers.
         assert 0.5 < row["fused_error"] / row["unfused_error"] < 2 and row["fused_vs_unfused"] > 0
         assert 0 < row["rounded_away"] < 1 and row["fused_error"] < 0.01
+
+
+def test_batch_bench_prints_the_batch_against_one_after_another(tiny_cache):
+    stdout = run_script(
+        "bench/batch_bench.py",
+        "--repeats",
+        "1",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--cache-dir",
+        str(tiny_cache),
+    )
+    assert "batch / sequential = " in stdout and "most 8-bit levels apart: [" in stdout
+    assert "batch 2: " in stdout and "x batch 1" in stdout
+
+
+def test_structured_bench_measures_the_constraint_per_token(tiny_cache):
+    stdout = run_script("bench/structured_bench.py", "--repeats", "1", "--cache", str(tiny_cache))
+    assert "constrained" in stdout and "ratio" in stdout
+    assert "masking 152064 logits on" in stdout and "ms per step" in stdout

@@ -6,6 +6,7 @@ smaller stack; a second gateway with other limits can join the main stack's Redi
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ def main_stack(
     api_keys: dict[str, str],
     webhook_secrets: dict[str, str],
     result_url_secret: str,
+    tiny_loras: dict[str, dict],
 ) -> Iterator[LocalStack]:
     entries = ",".join(f"{name}:{hash_key(key)}" for name, key in api_keys.items())
     port = free_port()
@@ -98,6 +100,8 @@ def main_stack(
         DREAMOMNI2_WEBHOOK_SECRETS=f"alice:{webhook_secrets['alice']}",
         DREAMOMNI2_WEBHOOK_ALLOWLIST="127.0.0.1",
         DREAMOMNI2_WEBHOOK_BACKOFF_S=str(WEBHOOK_BACKOFF_S),
+        # Registered LoRAs (gateway and worker): `style`, `kohya` (edits only), `comfy`.
+        DREAMOMNI2_LORAS=json.dumps(tiny_loras),
     )
     with LocalStack(tmp_path_factory.mktemp("main-stack"), port=port, workers=1, env=env) as stack:
         yield stack

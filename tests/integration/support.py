@@ -57,6 +57,8 @@ def stack_env(cache: Path, **overrides: str) -> dict[str, str]:
         "DREAMOMNI2_PRESET": "tiny",
         "DREAMOMNI2_DEVICE": "cpu",
         "DREAMOMNI2_TRANSLATOR_MAX_NEW_TOKENS": "8",
+        # The random VLM writes every text to its length limit: short prompt pairs keep jobs quick.
+        "DREAMOMNI2_MIXING_PROMPT_MAX_CHARS": "16",
         "DREAMOMNI2_MAX_STEPS": str(MAX_STEPS),
         **overrides,
     }
@@ -291,7 +293,8 @@ class ReceivedWebhook:
 
 class LoopbackServer(abc.ABC):
     """An HTTP server on a loopback port for the stack to call (a customer's webhook endpoint, a trace
-    collector): each POST is answered by `answer(path, headers, body)` -> status, with no body."""
+    collector, an external service the client calls): each POST is answered by `answer(path, headers,
+    body)` -> a status with no body, or (status, JSON body bytes)."""
 
     def __init__(self, name: str) -> None:
         server = self
@@ -299,10 +302,14 @@ class LoopbackServer(abc.ABC):
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                status = server.answer(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                answer = server.answer(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                status, payload = answer if isinstance(answer, tuple) else (answer, b"")
                 self.send_response(status)
-                self.send_header("content-length", "0")
+                if payload:
+                    self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
                 self.end_headers()
+                self.wfile.write(payload)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -312,8 +319,8 @@ class LoopbackServer(abc.ABC):
         self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
 
     @abc.abstractmethod
-    def answer(self, path: str, headers: dict[str, str], body: bytes) -> int:
-        """The status to answer a POST with (its body read)."""
+    def answer(self, path: str, headers: dict[str, str], body: bytes) -> int | tuple[int, bytes]:
+        """The status to answer a POST with (its body read), and the answer's JSON body if any."""
 
     @property
     def port(self) -> int:

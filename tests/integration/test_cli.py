@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from app.stack import free_port
-from dreamomni2 import cli
+from dreamomni2 import cli_common as cli
 
 from .conftest import Service
 from .support import LONG_STEPS, example_images, get_job, is_denoising, png_bytes, wait_for_job
@@ -338,3 +338,23 @@ def test_a_terminal_gets_a_progress_bar(env: dict[str, str], images: list[Path],
     assert image_of(out).format == "PNG"
     # Not the plain lines a pipe gets.
     assert not re.search(r"j_[0-9a-f]{32}: denoise \d+/6", text), text
+
+
+def test_lora_options_reach_the_job_and_a_bad_one_is_a_usage_error(
+    service: Service, env: dict[str, str], tmp_path: Path
+) -> None:
+    done, no_scale, no_name, not_finite = run_all(
+        [["--json", "-q", "generate", "a kite", "--steps", "1", "-o", "kite.png",
+          "--lora", "style:0.25", "--lora", "comfy"],
+         ["generate", "a kite", "--lora", "style:"],
+         ["generate", "a kite", "--lora", ":0.5"],
+         ["generate", "a kite", "--lora", "style:nan"]],
+        env, tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    job = get_job(service.client("alice"), json.loads(done.stdout)["id"])
+    assert job["loras"] == [{"name": "style", "scale": 0.25}, {"name": "comfy", "scale": 1.0}]
+    for refused, problem in ((no_scale, "is not a finite number"), (no_name, "names no LoRA"),
+                             (not_finite, "is not a finite number")):  # fmt: skip
+        assert refused.returncode == 2, refused.stderr
+        assert "--lora" in refused.stderr and problem in refused.stderr and "NAME:SCALE" in refused.stderr

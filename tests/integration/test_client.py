@@ -37,6 +37,7 @@ from dreamomni2 import (
     WebhookVerificationError,
     verify_webhook,
 )
+from workers.config import WorkerSettings
 
 from .conftest import Service
 from .support import LONG_STEPS, WebhookReceiver, event_id_key, example_images, png_bytes, stack_env
@@ -278,10 +279,17 @@ class CuttingProxy:
 
 
 def test_num_images_gives_each_image_by_index_with_its_seed(service: Service, client: Client) -> None:
-    job = client.submit("a paper boat", task="generate", steps=2, seed=20, num_images=2, translate=False)
+    every = WorkerSettings.model_fields["preview_every"].default
+    job = client.submit("a paper boat", task="generate", steps=every, seed=20, num_images=2, translate=False)
     assert job.num_images == 2
-    done = client.wait(job, timeout=60)
+    updates: list[JobProgress] = []
+    done = client.wait(job, on_progress=updates.append, timeout=60)
     assert done.results is not None and [result.seed for result in done.results] == [20, 21]
+    # The live previews reach the client: one per image here (every Nth of the job's 2 x N steps).
+    previews = [(u.step, u.preview_bytes()) for u in updates if u.preview is not None]
+    assert [step for step, _ in previews] == [every, 2 * every]
+    assert all(Image.open(io.BytesIO(jpeg)).format == "JPEG" for _, jpeg in previews)
+    assert all(u.preview_bytes() is None for u in updates if u.preview is None)
     first, second = client.result_bytes(done, index=0), client.result_bytes(done, index=1)
     assert first != second
     with pytest.raises(InvalidInputError) as refused:

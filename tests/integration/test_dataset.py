@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dreamomni2 import Client, JobStatus
-from dreamomni2.cli import EXIT_FAILED
+from dreamomni2.cli_common import EXIT_FAILED
 from dreamomni2.dataset import DatasetFolder, PairOptions, parse_line
 
 from .conftest import Service

@@ -256,3 +256,39 @@ def test_a_stream_that_goes_away_cancels_its_job(service: Service, alice: httpx.
         what="the stream's job to cancel",
     )
     assert get_job(alice, busy_worker)["status"] == "running"
+
+
+def test_loras_as_an_extra_body_field(sdk: OpenAI, alice: httpx.Client):
+    # JSON for a generation; for an edit the SDK flattens them into `loras[][name]` / `loras[][scale]`
+    # form fields; a form may also carry them as JSON text in one `loras` field.
+    raw = sdk.images.with_raw_response.generate(
+        prompt="A red bag",
+        size="64x64",
+        extra_body={"loras": [{"name": "style", "scale": 0.5}, {"name": "comfy"}]},
+    )
+    assert get_job(alice, raw.headers["x-job-id"])["loras"] == [
+        {"name": "style", "scale": 0.5}, {"name": "comfy", "scale": 1.0}
+    ]  # fmt: skip
+    image = ("a.png", png_bytes(64, 48), "image/png")
+    raw = sdk.images.with_raw_response.edit(
+        image=image,
+        prompt=PROMPT,
+        extra_body={"loras": [{"name": "kohya"}, {"name": "style", "scale": -0.5}]},
+    )
+    assert get_job(alice, raw.headers["x-job-id"])["loras"] == [
+        {"name": "kohya", "scale": 0.5}, {"name": "style", "scale": -0.5}
+    ]  # fmt: skip
+    answer = alice.post(
+        "/v1/images/edits", files={"image": image},
+        data={"prompt": PROMPT, "loras": '[{"name": "style", "scale": 0.75}]'},
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    assert get_job(alice, answer.headers["x-job-id"])["loras"] == [{"name": "style", "scale": 0.75}]
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk.images.edit(image=image, prompt=PROMPT, extra_body={"loras": [{"name": "nope"}]})
+    assert raised.value.code == "unknown_lora"
+    assert "No LoRA named 'nope' is registered" in raised.value.message
+    with pytest.raises(openai.BadRequestError) as raised:
+        sdk.images.generate(prompt="A red bag", extra_body={"loras": [{"name": "kohya"}]})  # edits only
+    assert raised.value.code == "lora_not_for_task"

@@ -590,3 +590,30 @@ def test_several_images_show_each_with_its_seed_and_download(service: Service, a
         assert download.value.suggested_filename == f"dreamomni2-{job_id}-{index}.png"
         expected = alice.get(f"/v1/jobs/{job_id}/result?index={index}").content
         assert Path(download.value.path()).read_bytes() == expected
+
+
+def test_the_lora_picker_stacks_loras_into_the_job(service: Service, alice: httpx.Client, new_page):
+    web = new_page()
+    page = web.page
+    web.open("alice")
+    web.advanced(steps="1")
+    name, scale = page.get_by_label("LoRA", exact=True), page.get_by_label("Scale", exact=True)
+    expect(name.locator("option")).to_contain_text(
+        ["comfy (default scale 1", "kohya (default scale 0.5; edit)"]
+    )
+    name.select_option("style")
+    scale.fill("9")
+    scale.press("Enter")  # the keyboard adds; out of range, it is refused as the page refuses the others
+    assert "from -4 to 4; got 9" in web.form_error()
+    expect(scale).to_be_focused()
+    scale.fill("0.25")
+    scale.press("Enter")
+    name.select_option("comfy")
+    page.get_by_role("button", name="Add LoRA").press("Enter")  # its default scale
+    expect(page.locator("#lora-chosen li span")).to_have_text(["style at 0.25", "comfy at 1"])
+    page.get_by_label("Instruction", exact=True).fill("A red kite over the sea")
+    page.get_by_role("button", name="Run", exact=True).click()
+    web.status().to_contain_text("Succeeded", timeout=JOB_TIMEOUT_MS)
+    assert get_job(alice, web.job_id())["loras"] == [
+        {"name": "style", "scale": 0.25}, {"name": "comfy", "scale": 1.0}
+    ]  # fmt: skip

@@ -20,8 +20,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from api_schemas.jobs import JobParameters
 from models.architectures import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
+from models.buckets import KONTEXT_BUCKETS
 from models.engine import Engine
-from models.pipeline import KONTEXT_BUCKETS
 from models.settings import EngineSettings
 
 #: The reference's utils/vprocess.py list, as (width, height).

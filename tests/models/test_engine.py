@@ -279,3 +279,25 @@ def test_dreamomni2_preset_loads_the_published_layout_from_local_folders(tiny_ro
     assert not any(tmp_path.iterdir())  # nothing built: the given folders were used
     meta = engine.run([noise_image(64, 64, 1), noise_image(64, 64, 2)], params()).metadata
     assert meta.adapter is AdapterChoice.EDIT and meta.translation_raw is not None
+
+
+def test_images_sampled_as_one_batch_stay_close_to_one_image_jobs(engine, tiny_cache):
+    batched = Engine.from_settings(
+        EngineSettings(preset="tiny", cache_dir=tiny_cache, device="cpu", batch_images=2)
+    )
+    assert batched.batch_size == 2 and engine.batch_size == 1  # `auto` on a CPU: one after another
+    assert batched.describe()["batch_images"] == 2
+    images = [png_bytes(noise_image(64, 64, 1)), png_bytes(noise_image(48, 64, 2))]
+    events = []
+    several = batched.run(images, params(num_images=3), on_progress=lambda *e: events.append(e[:3]))
+    assert several.metadata.seeds == [11, 12, 13] and several.metadata.batch_size == 2
+    # Two rounds (seeds 11 and 12 together, then 13) of 3 steps, counted through.
+    assert [e for e in events if e[0] == "denoise"] == [("denoise", i, 6) for i in range(1, 7)]
+    for n, seed in enumerate([11, 12, 13]):
+        alone = pixels(engine.run(images, params(seed=seed)).image).astype(int)
+        got = pixels(several.images[n]).astype(int)
+        if n == 2:
+            assert np.array_equal(got, alone)  # a round of one is the one-image job, bit for bit
+        else:
+            assert np.abs(got - alone).max() <= 1, seed  # batched sums in another order: within a level
+    assert not np.array_equal(pixels(several.images[0]), pixels(several.images[1]))

@@ -207,3 +207,29 @@ def test_allocations_outside_every_stage_are_only_the_placements(reports):
     # preprocessing allocate; no activation outlives the job from there.
     _, after = reports[MemoryMode.LOW]
     assert BETWEEN not in after["by_stage"]
+
+
+def test_the_planner_counts_a_batch_of_images(engines, tiny_root):
+    # Three images sampled together: the denoising peak grows with the batch; each input is still
+    # encoded once and each output decoded alone, so those stages grow only by the prompt's copies.
+    engine = engines[MemoryMode.RESIDENT]
+    sizes = layout_sizes(
+        tiny_root / "kontext", tiny_root / "edit_lora", tiny_root / "gen_lora", tiny_root / "vlm-model",
+        dtype=torch.float32,
+    )  # fmt: skip
+    params = JobParameters(
+        instruction="x", task=Task.EDIT, steps=STEPS, seed=3, translate=False, num_images=3
+    )
+    engine.batch_size = 3
+    try:
+        report, _ = run_with_ledger(engine, params, IMAGES)
+    finally:
+        engine.batch_size = 1
+    one, three = (
+        plan_memory(MemoryMode.RESIDENT, 2, 64, device="cpu", sizes=sizes, include_cpu=True, batch=batch)
+        for batch in (1, 3)
+    )
+    assert three.batch == 3 and three.activations["denoise"] > 2 * one.activations["denoise"]
+    for stage in (Stage.ENCODE_IMAGES, Stage.DENOISE, Stage.DECODE):
+        measured, planned = report.peak_total(stage), three.stages[stage.value]["cpu"]
+        assert abs(planned - measured) <= PLAN_TOLERANCE * measured, (stage, planned, measured)

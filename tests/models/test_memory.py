@@ -216,3 +216,87 @@ def test_the_plan_command_checks_a_card(sizes, capsys):
     assert main(["plan", "--memory", "resident", "--images", "5", "--card", "40"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
     assert main(["plan", "--images", "-1"]) == 2
+    assert main(["plan", "--batch", "0"]) == 2
+    assert main(["plan", "--memory", "resident", "--images", "2", "--card", "80", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_batch"] >= 4  # 80 GiB: four outputs of a 2-image edit
+    assert main(["plan", "--memory", "resident", "--images", "2", "--batch", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch"] == 4
+
+
+def test_the_start_up_check_samples_as_many_images_together_as_fit(sizes, tiny_root, monkeypatch):
+    # The check on a stand-in GPU, planning the published models (at the tiny sizes the text encoders'
+    # peak hides the batch's).
+    import models.memory
+    from models.layout import check_memory, resolve_layout
+
+    monkeypatch.setenv("DREAMOMNI2_MAX_NUM_IMAGES", "4")
+    monkeypatch.setattr(models.memory, "layout_sizes", lambda *args, **kwargs: sizes)
+    plans = [plan_memory(MemoryMode.RESIDENT, 5, sizes=sizes, new_tokens=32, batch=b) for b in (1, 2, 3, 4)]
+    assert [p.batch for p in plans] == [1, 2, 3, 4]
+    assert plans[0].peak_bytes < plans[1].peak_bytes < plans[2].peak_bytes < plans[3].peak_bytes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def check(free: int, batch: str = "auto"):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+        settings = EngineSettings(
+            preset="tiny", cache_dir=tiny_root.parent, device="cuda", batch_images=batch
+        )
+        return check_memory(settings, resolve_layout(settings), "cuda", "cuda")
+
+    room_for = [int(p.peak_bytes * (1 + FIT_HEADROOM)) + 1 for p in plans]
+    assert check(room_for[0]).batch == 1
+    found = check(room_for[2])
+    assert found.batch == 3 and found.plan.batch == 3 and found.plan.peak_bytes == plans[2].peak_bytes
+    assert check(2 * room_for[3]).batch == 4  # never past DREAMOMNI2_MAX_NUM_IMAGES
+    assert check(2 * room_for[3], "9").batch == 4
+    assert check(room_for[1], "2").batch == 2
+    with pytest.raises(MemoryPlanError) as info:
+        check(room_for[1], "3")  # a batch the operator set must fit
+    message = str(info.value)
+    assert "3 output images sampled together" in message and "DREAMOMNI2_BATCH_IMAGES" in message
+
+
+def test_the_plan_counts_the_registered_loras_where_the_worker_keeps_them(tiny_root, tiny_loras):
+    # Against what the code really keeps: the loaded LoRAs' sizes, and a compiled profile's pristine
+    # copies (`FusedAdapters`) of the weights the DreamOmni2 LoRAs and the registered ones adapt.
+    from models.adapters import AdapterSet
+    from models.memory.user_loras import registered_lora_sizes
+    from models.pipeline import DreamOmni2Pipeline
+    from models.speed import FusedAdapters
+    from models.user_loras import load_user_loras
+
+    cap = 5_000
+    settings = EngineSettings(
+        preset="tiny", cache_dir=tiny_root.parent, device="cpu", translator=False, lora_cache_bytes=cap,
+        limits={"loras": json.dumps(tiny_loras), "max_loras_per_job": 2},
+    )  # fmt: skip
+    sizes = layout_sizes(
+        tiny_root / "kontext", tiny_root / "edit_lora", tiny_root / "gen_lora", tiny_root / "vlm-model",
+        dtype=torch.float32,
+    )  # fmt: skip
+    planned = registered_lora_sizes(settings, torch.float32, sizes.lora_targets)
+    pipe = DreamOmni2Pipeline.from_pretrained(tiny_root / "kontext")
+    user = load_user_loras(settings, pipe)
+    loaded = sorted(user.sizes.values(), reverse=True)
+    assert planned.device_bytes == sum(loaded[:2])
+    assert planned.cache_bytes == min(sum(loaded), cap + sum(loaded[:2])) == cap + sum(loaded[:2])
+    # ff.net.0.proj and the single block's proj_out: adapted by registered LoRAs only.
+    assert len(planned.lora_only_weight_bytes) == 2
+    adapters = AdapterSet.load(
+        pipe, edit=tiny_root / "edit_lora", generation=tiny_root / "gen_lora", user=user
+    )
+    fused = FusedAdapters.from_peft(pipe, adapters.names, user=user)
+    kept = fused.pristine_bytes
+    assert kept == sum(sizes.adapted_weight_bytes) + sum(planned.lora_only_weight_bytes)
+    assert fused.host is not None and fused.host.layout.nbytes >= kept
+
+    reference = plan_memory(MemoryMode.RESIDENT, 1, 64, sizes=sizes, user_loras=planned, include_cpu=True)
+    compiled = plan_memory(
+        MemoryMode.RESIDENT, 1, 64, sizes=sizes, user_loras=planned, include_cpu=True, speed="compiled"
+    )
+    plain = plan_memory(MemoryMode.RESIDENT, 1, 64, sizes=sizes, include_cpu=True, speed="compiled")
+    assert reference.components["user_loras"].bytes == planned.device_bytes
+    assert reference.host == {"user_lora_cache": planned.cache_bytes}
+    assert compiled.host["pristine_adapted_weights"] == fused.host.layout.nbytes
+    assert compiled.host["pristine_adapted_weights"] > plain.host["pristine_adapted_weights"]
+    assert "user_loras" not in plain.components and "user_lora_cache" not in plain.host

@@ -341,6 +341,7 @@ def test_a_worker_without_room_for_the_exact_form_runs_pairs_batched(tiny_cache,
     from models.memory import FIT_HEADROOM
 
     monkeypatch.setenv("DREAMOMNI2_MAX_IMAGES", "0")
+    monkeypatch.setenv("DREAMOMNI2_BATCH_IMAGES", "1")  # the plan of one image at a time
     settings = EngineSettings(
         preset="tiny", cache_dir=tiny_cache, device="cuda", translator=False, max_area=64 * 64
     )

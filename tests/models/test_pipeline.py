@@ -8,14 +8,8 @@ import pytest
 import torch
 from diffusers import FluxKontextPipeline
 
-from models.pipeline import (
-    KONTEXT_BUCKETS,
-    DreamOmni2Pipeline,
-    encode_reference_ids,
-    nearest_bucket,
-    output_size,
-    scale_buckets,
-)
+from models.buckets import KONTEXT_BUCKETS, nearest_bucket, output_size, scale_buckets
+from models.pipeline import DreamOmni2Pipeline, encode_reference_ids
 
 
 def solid(width: int, height: int, color=(200, 30, 60), mode: str = "RGB") -> PIL.Image.Image:

@@ -38,7 +38,8 @@ import PIL.Image
 import pytest
 import torch
 
-from models.pipeline import KONTEXT_BUCKETS, TOKEN_PIXELS, DreamOmni2Pipeline, encode_reference_ids
+from models.buckets import KONTEXT_BUCKETS, TOKEN_PIXELS
+from models.pipeline import DreamOmni2Pipeline, encode_reference_ids
 
 BF16 = torch.bfloat16
 

@@ -5,7 +5,9 @@ One compiled engine serves the module: its cold compile (the warm-up) is the exp
 
 from __future__ import annotations
 
+import json
 import os
+import random
 
 import numpy as np
 import PIL.Image
@@ -60,15 +62,18 @@ def run(
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_cache) -> Engine:
-    return Engine.from_settings(settings(tiny_cache))
+def reference(tiny_cache, tiny_loras) -> Engine:
+    return Engine.from_settings(settings(tiny_cache, limits={"loras": json.dumps(tiny_loras)}))
 
 
 @pytest.fixture(scope="module")
-def compiled(tiny_cache) -> Engine:
+def compiled(tiny_cache, tiny_loras) -> Engine:
     # As a worker finds it after any earlier torch.compile in the process: torch's /tmp default set.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir_utils.default_cache_dir()
-    return Engine.from_settings(settings(tiny_cache, speed="compiled"))
+    # Up to three images of a job sampled together: the warm-up covers batches as well.
+    # With the LoRAs of `tiny_loras` registered (ranks 2, 4 and 8; layers no DreamOmni2 LoRA adapts too).
+    loras = {"loras": json.dumps(tiny_loras)}
+    return Engine.from_settings(settings(tiny_cache, speed="compiled", batch_images=3, limits=loras))
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +102,9 @@ def test_nothing_recompiles_after_warm_up(compiled, warm_graphs):
                 continue
             run(compiled, count, task, steps=1)
     run(compiled, 2, Task.EDIT, step_cache=StepCache.TAYLORSEER)  # the cache hooks run outside
+    for num_images in (2, 3, 4):  # batches of 2 and 3, and 3 + 1
+        run(compiled, 1, Task.EDIT, steps=1, num_images=num_images)
+        run(compiled, 2, Task.GENERATE, steps=1, num_images=num_images)
     assert graphs() == warm_graphs
 
 
@@ -111,6 +119,41 @@ def test_fifty_adapter_switches_never_drift(compiled, warm_graphs):
         assert np.array_equal(image, first), (n, adapter)
     assert set(firsts) == set(JOBS.values())
     assert graphs() == warm_graphs
+
+
+#: Registered LoRAs of ranks 2, 4 and 8, alone, stacked, at several scales, on every adapter.
+LORA_JOBS = [
+    (2, Task.EDIT, None),
+    (2, Task.EDIT, [{"name": "style"}]),
+    (2, Task.EDIT, [{"name": "style", "scale": 0.3}]),
+    (1, Task.EDIT, [{"name": "kohya"}, {"name": "comfy", "scale": -1.0}]),
+    (2, Task.GENERATE, [{"name": "comfy", "scale": 2.0}, {"name": "style"}]),
+    (1, Task.EDIT, [{"name": "comfy"}]),
+]
+
+
+def test_compiled_loras_agree_with_the_reference_side_path(reference, compiled):
+    for count, task, loras in LORA_JOBS:
+        expected, meta = run(reference, count, task, loras=loras)
+        got, compiled_meta = run(compiled, count, task, loras=loras)
+        assert meta.loras == compiled_meta.loras
+        diff = np.abs(got - expected)
+        assert diff.max() <= MAX_LEVELS and diff.mean() <= MEAN_LEVELS, (loras, diff.max(), diff.mean())
+
+
+def test_switching_loras_scales_and_ranks_never_recompiles_or_drifts(compiled, warm_graphs):
+    # The first run of each job right after the warm-up is what a fresh worker gives.
+    firsts = [run(compiled, count, task, steps=1, loras=loras)[0] for count, task, loras in LORA_JOBS]
+    order = [n for n in range(len(LORA_JOBS)) for _ in range(3)]
+    random.Random(7).shuffle(order)
+    for n in order:
+        count, task, loras = LORA_JOBS[n]
+        assert np.array_equal(run(compiled, count, task, steps=1, loras=loras)[0], firsts[n]), (n, loras)
+    assert graphs() == warm_graphs
+    plain = run(compiled, 2, Task.EDIT, steps=1)[0]
+    scale_0 = [{"name": "kohya", "scale": 0}]
+    assert np.array_equal(run(compiled, 2, Task.EDIT, steps=1, loras=scale_0)[0], plain)
+    assert not np.array_equal(firsts[1], plain)
 
 
 def test_the_reference_adapters_never_drift_either(reference):
@@ -176,9 +219,11 @@ def test_the_compile_artifacts_land_in_the_compile_cache(tiny_cache, compiled):
 def test_the_worker_reports_its_profile(compiled):
     speed = compiled.describe()["speed"]
     assert speed["profile"] == "compiled" and speed["attention_backend"] == "native"
-    assert speed["fused_adapter_weights"] == 5 and speed["warmup_s"] > 0
+    # q/k/v, the added q/k/v, to_out and to_add_out; the registered LoRAs add an MLP and proj_out.
+    assert speed["fused_adapter_weights"] == 7 and speed["warmup_s"] > 0
 
 
+# The two tests below reset dynamo, which drops the shared compiled engine's graphs: they stay last.
 def test_a_machine_that_cannot_compile_serves_with_reference(tiny_cache, tmp_path, caplog):
     # As a GPU image without a C compiler (Triton builds a launcher with one): the profile is not
     # applied, the worker serves the reference path and says why, instead of crash-looping.
