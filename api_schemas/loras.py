@@ -13,7 +13,7 @@ import math
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_settings import NoDecode
 
 from api_schemas.common import Task
@@ -27,6 +27,8 @@ MAX_LORA_SCALE = 4.0
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: The tasks a registered LoRA serves when its entry names none.
 DEFAULT_LORA_TASKS = (Task.EDIT, Task.GENERATE)
+#: The tasks a LoRA may be registered for: those that sample FLUX.
+LORA_TASKS = (Task.EDIT, Task.GENERATE, Task.FEATURE_MIXING)
 
 
 def _finite_scale(value: float) -> float:
@@ -56,6 +58,17 @@ class RegisteredLora(BaseModel):
         min_length=1,
         description="The tasks it may run with: `edit`, `generate`, `feature_mixing`.",
     )
+
+    @field_validator("tasks")
+    @classmethod
+    def _image_tasks_only(cls, tasks: list[Task]) -> list[Task]:
+        # The text tasks (judge, mixing_prompts) run the VLM, which no FLUX LoRA adapts.
+        text = [t.value for t in tasks if t not in LORA_TASKS]
+        if text:
+            raise ValueError(
+                f"a LoRA adapts FLUX, so it serves edit, generate or feature_mixing, not {', '.join(text)}"
+            )
+        return tasks
 
 
 def _decode_registry(value: object) -> object:

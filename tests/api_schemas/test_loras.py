@@ -42,6 +42,7 @@ def test_the_registry_is_read_from_json_with_its_defaults(monkeypatch):
         ('{"x": {"path": "/x.safetensors", "scale": 9}}', "between -4.0 and 4.0"),
         ('{"x": {"path": "/x.safetensors", "tasks": []}}', "at least 1 item"),
         ('{"x": {"path": "/x.safetensors", "tasks": ["paint"]}}', "edit"),
+        ('{"x": {"path": "/x.safetensors", "tasks": ["edit", "judge"]}}', "not judge"),
         ('{"x": {"path": ""}}', "at least 1 character"),
         ('{"x": {"path": "/x.safetensors", "url": "http://example.com/x"}}', "Extra inputs"),
     ],

@@ -240,12 +240,28 @@ def test_kubernetes_validate_strict_rejects_unknown_fields(tmp_path):
             "externalRedis": {"tls": True, "sentinel": {"hosts": ["s-0:26379"], "masterName": "m"}},
         },
         {"config": {"redisMinReplicas": 1}},  # the in-chart Redis has no replica: every job refused
+        {"worker": {"batchImages": 0}},
+        {"worker": {"batchImages": "all"}},
+        {"loras": {"registry": {"-dash": {"path": "/loras/a.safetensors"}}}},
+        {"loras": {"registry": {"a": {"scale": 1}}}},
+        {"loras": {"registry": {"a": {"path": "someone/kontext-lora"}}}},  # a Hub id: the workers are offline
+        {"loras": {"registry": {"a": {"path": "/loras/a.safetensors", "scale": 4.5}}}},
+        {"loras": {"registry": {"a": {"path": "/loras/a.safetensors", "tasks": ["judge"]}}}},
+        {"loras": {"registry": {"a": {"path": "/loras/a.safetensors", "tasks": []}}}},
+        {"loras": {"registry": {"a": {"path": "/loras/a.safetensors", "rank": 4}}}},
+        {"loras": {"maxPerJob": -1}},
+        {"loras": {"maxRank": 0}},
+        {"loras": {"volume": {"existingClaim": "l", "mountPath": "/models/loras"}}},
+        {"loras": {"volume": {"existingClaim": "l", "subPath": "../weights"}}},
     ],
     ids=[
         "preset", "unknown-key", "external-redis-without-host", "api-key", "job-timeout", "weights-source",
         "webhook-secret", "webhook-per-key-secret", "webhook-concurrency", "webhook-allowlist-entry",
         "ingress-read-timeout", "memory-mode", "speed-profile", "sentinels-without-master",
         "sentinel-without-port", "sentinels-with-tls", "min-replicas-without-replicas",
+        "batch-images-zero", "batch-images-word", "lora-name", "lora-without-path", "lora-hub-id",
+        "lora-scale", "lora-text-task", "lora-no-task", "lora-unknown-key", "loras-per-job", "lora-rank",
+        "lora-volume-over-weights", "lora-volume-subpath-escape",
     ],
 )  # fmt: skip
 def test_values_schema_rejects_bad_values(helm, values):
