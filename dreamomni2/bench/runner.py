@@ -116,6 +116,7 @@ def job_record(case: BenchCase, key: str, job: Job, output: str | None, run_id: 
         "seed": job.seed,
         "steps": job.steps,
         "guidance": job.guidance,
+        "loras": [lora.model_dump(mode="json") for lora in job.loras],
         "created_at": job.created_at.isoformat(),
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "latency_s": _seconds_between(job),
@@ -136,7 +137,7 @@ def refused_record(
         "images": [str(path.resolve()) for path in case.images], "case_key": key, "job_id": None,
         "status": "failed", "error": {"code": code, "message": getattr(error, "message", str(error))},
         "output": None, "prompt": None, "translated": None, "seed": None, "steps": None, "guidance": None,
-        "created_at": None, "finished_at": None, "latency_s": None, "timings": {}, "run": run_id,
+        "loras": [], "created_at": None, "finished_at": None, "latency_s": None, "timings": {}, "run": run_id,
         "judge": None,
     }  # fmt: skip
 
