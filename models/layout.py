@@ -96,6 +96,7 @@ def check_memory(
         sizes=sizes,
         speed=settings.speed,
         user_loras=registered_lora_sizes(settings, dtype, sizes.lora_targets),
+        text_jobs=settings.limits,
     )
     images = settings.limits.max_images
     plan = check_fit(settings.memory, images, free, host_free, **kwargs)

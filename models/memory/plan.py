@@ -10,10 +10,10 @@ and any model placed on the CPU.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.memory.sizes import ArchitectureSizes, GiB, published_sizes
-from models.memory.tracing import activations, job_shape, mixing_activations
+from models.memory.tracing import activations, job_shape, mixing_activations, text_job_bytes
 from models.memory.user_loras import UserLoraSizes
 from models.modes import (
     GROUP_STAGES,
@@ -27,6 +27,9 @@ from models.modes import (
     translator_residency,
 )
 from models.pinned import pack_blocks
+
+if TYPE_CHECKING:
+    from api_schemas.jobs import JobLimits
 
 #: The components of each group that moves (the VAE never does).
 GROUP_COMPONENTS: dict[Group, tuple[str, ...]] = {
@@ -132,6 +135,7 @@ def plan_memory(
     speed: str = "reference",
     batch: int = 1,
     user_loras: UserLoraSizes | None = None,
+    text_jobs: JobLimits | None = None,
 ) -> MemoryPlan:
     """Predict the GPU peak of a job of `images` inputs at `size` in `mode`, without loading weights.
 
@@ -146,7 +150,9 @@ def plan_memory(
     registered LoRAs (DREAMOMNI2_LORAS, `models.memory.user_loras`): the largest combination one job
     may stack, counted on the pipeline's device for the whole job (they move there when the job sets
     its adapters); their host cache; under a compiled profile, the pristine copies of the weights only
-    they adapt, packed with the DreamOmni2 LoRAs' ones.
+    they adapt, packed with the DreamOmni2 LoRAs' ones. `text_jobs`: the limits of the text tasks
+    (judge, mixing_prompts) the translator also runs; its stage is then the larger of a translation
+    and the worst text job they admit.
     """
     from models.translator import DEFAULT_MAX_NEW_TOKENS
 
@@ -160,6 +166,9 @@ def plan_memory(
     act = activations(sizes, shape, new_tokens if translator_device else 0, lora=images > 0, batch=batch)
     if translator_device is None:
         act[Stage.TRANSLATE.value] = 0
+    elif text_jobs is not None:
+        worst = text_job_bytes(sizes, shape, text_jobs)
+        act[Stage.TRANSLATE.value] = max(act[Stage.TRANSLATE.value], worst)
     if feature_mixing:
         act.update(mixing_activations(sizes, shape, mixing_batched))
 
@@ -183,17 +192,7 @@ def plan_memory(
         host["pristine_adapted_weights"] = pack_blocks([*sizes.adapted_weight_bytes, *lora_only]).nbytes
     if user_loras is not None and user_loras.cache_bytes:
         host["user_lora_cache"] = user_loras.cache_bytes
-    notes = []
-    if sizes.lora_rank_assumed:
-        notes.append(
-            f"LoRA sizes assume rank {sizes.lora_rank_assumed} (the release does not state it); "
-            "with the adapter files local, their headers are read instead."
-        )
-    if is_cpu(device) and not include_cpu:
-        notes.append("the pipeline runs on the CPU: nothing is planned on a GPU.")
-    if feature_mixing:
-        form = "one batch-2 pass" if mixing_batched else "two batch-1 passes, the source's keys kept"
-        notes.append(f"a Feature Mixing pair: every layer mixing, {form} per step; no translation.")
+    notes = plan_notes(sizes, device, include_cpu, feature_mixing, mixing_batched)
     return MemoryPlan(
         mode=mode.value,
         images=images,
@@ -213,6 +212,24 @@ def plan_memory(
         lora_rank_assumed=sizes.lora_rank_assumed,
         notes=notes,
     )
+
+
+def plan_notes(
+    sizes: ArchitectureSizes, device: str, include_cpu: bool, feature_mixing: bool, mixing_batched: bool
+) -> list[str]:
+    """What a reader of the plan should know about its assumptions."""
+    notes = []
+    if sizes.lora_rank_assumed:
+        notes.append(
+            f"LoRA sizes assume rank {sizes.lora_rank_assumed} (the release does not state it); "
+            "with the adapter files local, their headers are read instead."
+        )
+    if is_cpu(device) and not include_cpu:
+        notes.append("the pipeline runs on the CPU: nothing is planned on a GPU.")
+    if feature_mixing:
+        form = "one batch-2 pass" if mixing_batched else "two batch-1 passes, the source's keys kept"
+        notes.append(f"a Feature Mixing pair: every layer mixing, {form} per step; no translation.")
+    return notes
 
 
 def _check_job(images: int, size: int, feature_mixing: bool, batch: int) -> None:

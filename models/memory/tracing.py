@@ -9,12 +9,13 @@ in the dtype the models are stored in (`ArchitectureSizes.dtype`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,6 +23,9 @@ from torch.utils._pytree import tree_flatten
 
 from models.memory.sizes import CLIP_TOKENS, T5_TOKENS, TRANSLATOR_TEXT_TOKENS, ArchitectureSizes
 from models.modes import Stage
+
+if TYPE_CHECKING:
+    from api_schemas.jobs import JobLimits
 
 
 # Tensor counting on fake tensors ---------------------------------------------------------------------
@@ -327,6 +331,30 @@ def translator_bytes(sizes: ArchitectureSizes, shape: JobShape, new_tokens: int)
     language = seq * (2 * bf16 * h + layer) + (seq + new_tokens) * kv_per_token + fp32 * t["vocab_size"]
     vision_output = merged * bf16 * v["out_hidden_size"]
     return max(vision, vision_output + language)
+
+
+def text_job_bytes(sizes: ArchitectureSizes, shape: JobShape, limits: JobLimits) -> int:
+    """Peak activation bytes of the worst text job `limits` admit (`models.text_jobs`): a judge of
+    DREAMOMNI2_MAX_IMAGES + 1 images, each seen at `JUDGE_MAX_PIXELS` at most, with the budget of
+    the longest judge answer; or DREAMOMNI2_MAX_MIXING_PROMPTS pairs of
+    DREAMOMNI2_MIXING_PROMPT_MAX_CHARS, with no image, whose answer budget grows with both."""
+    from api_schemas.common import Task
+    from api_schemas.text_tasks import judge_answer_schema, mixing_prompts_schema
+    from models.structured import max_answer_bytes
+    from models.text_jobs import JUDGE_MAX_PIXELS
+
+    patch, merge = 14, 2
+    # The processor rounds each side up to whole merged patches.
+    side = int(JUDGE_MAX_PIXELS**0.5) // (patch * merge) * (patch * merge) + patch * merge
+    judge = dataclasses.replace(
+        shape, images=limits.max_images_for(Task.JUDGE), vision_patches=(side // patch) ** 2
+    )
+    pairs = dataclasses.replace(shape, images=0)
+    pairs_schema = mixing_prompts_schema(limits.max_mixing_prompts, limits.mixing_prompt_max_chars)
+    return max(
+        translator_bytes(sizes, judge, max_answer_bytes(judge_answer_schema()) + 1),
+        translator_bytes(sizes, pairs, max_answer_bytes(pairs_schema) + 1),
+    )
 
 
 def _json(config: dict[str, Any]) -> str:

@@ -4,7 +4,6 @@ a job cleanly, and the worst cases stay within the planner's translator peak."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -166,23 +165,21 @@ def test_the_judge_sees_each_image_at_most_at_its_pixel_budget():
 
 
 def test_the_worst_text_jobs_stay_within_the_translators_planned_peak():
-    # The planner's own count for the published Qwen2.5-VL-7B (bf16): a translation of the default
-    # DREAMOMNI2_MAX_IMAGES with its 1024-token budget is what the memory check makes room for.
+    # The planner's own count for the published Qwen2.5-VL-7B (bf16): at the default limits a
+    # translation of DREAMOMNI2_MAX_IMAGES with its 1024-token budget is the larger, so the memory
+    # check needs no more room for text jobs; limits raised far past them make the plan (and so the
+    # start-up check) count the worst text job instead.
+    from models.memory import plan_memory
     from models.memory.sizes import published_sizes
-    from models.memory.tracing import job_shape, translator_bytes
+    from models.memory.tracing import job_shape, text_job_bytes, translator_bytes
 
     limits = JobLimits()
     sizes = published_sizes()
     shape = job_shape(limits.max_images, 1024, sizes.vlm_pixels)
-    planned = translator_bytes(sizes, shape, 1024)
-    side = int(JUDGE_MAX_PIXELS**0.5) // 28 * 28 + 28  # the processor rounds up to multiples of 28
-    judge = dataclasses.replace(
-        shape, images=limits.max_images_for(Task.JUDGE), vision_patches=(side // 14) ** 2
-    )
-    judge_budget = max_answer_bytes(judge_answer_schema()) + 1
-    pairs = dataclasses.replace(shape, images=0)
-    pairs_budget = (
-        max_answer_bytes(mixing_prompts_schema(limits.max_mixing_prompts, limits.mixing_prompt_max_chars)) + 1
-    )
-    assert translator_bytes(sizes, judge, judge_budget) < planned
-    assert translator_bytes(sizes, pairs, pairs_budget) < planned
+    translation = translator_bytes(sizes, shape, 1024)
+    assert text_job_bytes(sizes, shape, limits) < translation
+    plan = plan_memory("resident", limits.max_images, sizes=sizes, text_jobs=limits)
+    assert plan.activations["translate"] == translation
+    raised = JobLimits(max_mixing_prompts=64, mixing_prompt_max_chars=2000)
+    bigger = plan_memory("resident", limits.max_images, sizes=sizes, text_jobs=raised)
+    assert bigger.activations["translate"] == text_job_bytes(sizes, shape, raised) > 4 * translation
