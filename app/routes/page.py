@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-#: The page's files: index.html, app.js, app.css (package data, see pyproject.toml).
+#: The page's files: index.html, its scripts and app.css (package data, see pyproject.toml).
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
 #: The page runs only its own script and style and talks only to this origin; images it shows are

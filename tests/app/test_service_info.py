@@ -76,12 +76,18 @@ async def test_the_page_and_its_files(gateway: Gateway):
     assert "script-src 'self'" in policy and "connect-src 'self'" in policy
     assert "frame-ancestors 'none'" in policy
     referenced = re.findall(r'(?:src|href)="(static/[^"]+)"', page.text)
-    assert sorted(referenced) == ["static/app.css", "static/app.js", "static/loras.js"]
-    types = {
-        "static/app.css": "text/css",
-        "static/app.js": "text/javascript",
-        "static/loras.js": "text/javascript",
-    }
+    scripts = [
+        "static/api.js",
+        "static/app.js",
+        "static/history.js",
+        "static/images.js",
+        "static/job.js",
+        "static/loras.js",
+        "static/results.js",
+        "static/shared.js",
+    ]
+    assert sorted(referenced) == sorted(["static/app.css", *scripts])
+    types = {"static/app.css": "text/css", **dict.fromkeys(scripts, "text/javascript")}
     for path in referenced:
         asset = await client.get(f"/{path}")
         assert asset.status_code == 200, path
