@@ -301,7 +301,7 @@ def job_failure(job_id: str, status: JobStatus, error: ErrorInfo | None) -> Open
         return OpenAIRefusal(409, f"Job {job_id} was canceled.", code=ErrorCode.JOB_CANCELED.value)
     code = error.code if error else ErrorCode.JOB_FAILED.value
     message = f"Job {job_id} failed: {error.message if error else 'no reason given'}"
-    known = next((info for c, info in ERROR_CODES.items() if c.value == code), None)
+    known = ERROR_CODES.get(code)  # type: ignore[call-overload]  # a StrEnum key is found by its value
     if known is not None and known.status < 500 and code != ErrorCode.JOB_FAILED.value:
         return OpenAIRefusal(400, message, code=code)
     return OpenAIRefusal(

@@ -262,7 +262,7 @@ class FusedAdapters:
         return sum(t.pristine.numel() * t.pristine.element_size() for t in self.targets)
 
     @classmethod
-    def from_peft(  # noqa: C901
+    def from_peft(
         cls,
         pipeline: DreamOmni2Pipeline,
         names: dict[AdapterChoice, str],
@@ -296,18 +296,16 @@ class FusedAdapters:
         transformer.fuse_qkv_projections()
         _drop_unfused_projections(transformer)
 
+        user_targets = sorted(user.targets) if user is not None else []
+        # Each adapted module (unfused name) -> the Linear it lands in, and its place in a fused q/k/v.
         modules: dict[str, torch.nn.Linear] = {}
-        slots: dict[str, list[tuple[int | None, dict]]] = {}
-        user_slots: dict[str, tuple[str, int | None]] = {}
-        for name in dict.fromkeys([*loras, *sorted(user.targets if user is not None else ())]):
+        placement: dict[str, tuple[str, int | None]] = {}
+        for name in dict.fromkeys([*loras, *user_targets]):
             parent, _, leaf = name.rpartition(".")
             fused_leaf, position = _FUSED_SLOTS.get(leaf, (leaf, None))
             target_name = f"{parent}.{fused_leaf}" if parent else fused_leaf
             modules.setdefault(target_name, transformer.get_submodule(target_name))
-            slots.setdefault(target_name, [])
-            if name in loras:
-                slots[target_name].append((position, loras[name]))
-            user_slots[name] = (target_name, position)
+            placement[name] = (target_name, position)
         weights = [module.weight for module in modules.values()]
         on_device = sum(w.numel() * w.element_size() for w in weights) <= device_budget_bytes
         host = None
@@ -316,23 +314,24 @@ class FusedAdapters:
         else:
             host = HostBlocks([w.detach() for w in weights], pin=weights[0].device.type == "cuda")
             pristines = host.views
-        targets = []
-        for (target_name, module), pristine in zip(modules.items(), pristines, strict=True):
-            target = _Target(module, pristine)
-            for position, updates in slots[target_name]:
-                for choice, (a, b, scale) in updates.items():
-                    rows = b.shape[0]
-                    start = 0 if position is None else position * rows
-                    target.updates.setdefault(choice, []).append((slice(start, start + rows), a, b, scale))
-            targets.append(target)
-        by_name = {id(t.module): t for t in targets}
-        placed = {}
-        for name, (target_name, position) in user_slots.items():
-            target = by_name[id(modules[target_name])]
+        targets = {
+            target_name: _Target(module, pristine)
+            for (target_name, module), pristine in zip(modules.items(), pristines, strict=True)
+        }
+
+        def slot(name: str) -> tuple[_Target, slice]:
+            """The target of module `name` and its rows there (a third of a fused q/k/v)."""
+            target_name, position = placement[name]
+            target = targets[target_name]
             rows = target.module.weight.shape[0] // (1 if position is None else 3)
             start = 0 if position is None else position * rows
-            placed[name] = (target, slice(start, start + rows))
-        fused = cls(targets, user, {n: s for n, s in placed.items() if user and n in user.targets})
+            return target, slice(start, start + rows)
+
+        for name, updates in loras.items():
+            target, rows = slot(name)
+            for choice, (a, b, scale) in updates.items():
+                target.updates.setdefault(choice, []).append((rows, a, b, scale))
+        fused = cls(list(targets.values()), user, {name: slot(name) for name in user_targets})
         fused.host = host
         return fused
 

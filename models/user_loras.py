@@ -383,6 +383,8 @@ class SidePath:
 
     def __init__(self, transformer: torch.nn.Module, modules: Iterable[str]):
         self.active: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        #: What `active` holds: (name, scale) of each LoRA in order, and the device.
+        self._key: tuple = ((), None)
         self._handles = [
             transformer.get_submodule(name).register_forward_hook(self._hook(name))
             for name in sorted(modules)
@@ -404,20 +406,29 @@ class SidePath:
         return add_loras
 
     def set(self, loras: list[tuple[LoraWeights, float]], device: torch.device | str) -> None:
-        """Make `loras` (with their scales) the ones in effect, their weights moved to `device`."""
+        """Make `loras` (with their scales) the ones in effect, their weights moved to `device`.
+
+        The same LoRAs at the same scales keep the device copies they have: a name stands for one file,
+        unchanged since start (`UserLoras.weights` checks), so there is nothing to copy again.
+        """
+        key = (tuple((weights.name, scale) for weights, scale in loras), str(device))
+        if key == self._key:
+            return
+        # The previous job's device copies go first: they are not held through the copies below (nor
+        # left behind in the hooks if one fails), and the next call after a failure sets all anew.
+        self.active, self._key = {}, ((), None)
         active: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
         for weights, scale in loras:
             for module, update in weights.updates.items():
                 active.setdefault(module, []).append(
                     (update.down.to(device), update.up.to(device), update.scale * scale)
                 )
-        # Replaced whole: the previous job's device copies are dropped with the old dict.
-        self.active = active
+        self.active, self._key = active, key
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self.active = {}
+        self.active, self._key = {}, ((), None)
 
 
 def load_user_loras(settings: EngineSettings, pipeline: torch.nn.Module) -> UserLoras | None:

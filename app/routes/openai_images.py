@@ -36,6 +36,8 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
         400: "Invalid request (`param` names the field).",
         401: "Missing or unknown API key.",
         404: "Unknown model.",
+        409: "The job failed on the service's side or was canceled; the message names the job (never "
+        "retried: `x-should-retry: false`).",
         429: "A quota: `Retry-After` says when to try again.",
         503: "Redis is unreachable.",
         408: "The job did not end within DREAMOMNI2_MAX_WAIT_S; the message names the job to fetch later.",
